@@ -1,0 +1,147 @@
+"""The chapter's layers with the fused attention core: drop-in replacements, line for line.
+
+Each class subclasses its counterpart in ``attention.reference`` and keeps its constructor, so
+parameters, buffers (the ``mask`` stays, for checkpoints both ways), ``state_dict`` keys and the weights
+drawn after ``torch.manual_seed`` are the very same. Only ``forward`` changes: the projections are
+read from ``W_query``/``W_key``/``W_value``/``out_proj`` at call time (GPT-2 weight loading assigns new
+Parameters to them) and the attention itself is one ``kernels.flash_attention`` call, with no
+``(b, num_heads, T, T)`` tensor and no copies around the kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention import reference
+from attention.reference import _check_context, _check_rank, _check_width
+from kernels import flash_attention
+
+_MAX_TRITON_HEAD_DIM = 256
+_warned_head_dim: set[int] = set()
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, **kw) -> torch.Tensor:
+    """flash_attention, or its eager PyTorch path (with one warning) for heads wider than the kernel's 256."""
+    head_dim = q.shape[-1]
+    if head_dim > _MAX_TRITON_HEAD_DIM:
+        if head_dim not in _warned_head_dim:
+            _warned_head_dim.add(head_dim)
+            warnings.warn(
+                f"head_dim {head_dim} exceeds the Triton kernel's {_MAX_TRITON_HEAD_DIM}; using the eager PyTorch path",
+                stacklevel=3,
+            )
+        kw["backend"] = "torch"
+    return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, **kw)
+
+
+def _dropout_p(dropout: nn.Dropout) -> float:
+    # nn.Dropout semantics: active only while the module is in training mode.
+    return dropout.p if dropout.training else 0.0
+
+
+def _as_batch(x: torch.Tensor, layer: str) -> tuple[torch.Tensor, bool]:
+    """v1/v2 take the chapter's (T, d_in) and also a batch (b, T, d_in)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 2:
+        return x.unsqueeze(0), True
+    if x.dim() == 3:
+        return x, False
+    raise ValueError(f"{layer} expects input of shape (num_tokens, d_in) or (batch, num_tokens, d_in), got {tuple(x.shape)}")
+
+
+def simplified_self_attention(x: torch.Tensor) -> torch.Tensor:
+    """Step 1 fused: softmax(x x^T) x, unscaled (softmax_scale = 1)."""
+    _check_rank(x, 2, "(num_tokens, d)", "simplified_self_attention")
+    xs = x[None, None]  # (1, 1, T, d)
+    return _attend(xs, xs, xs, causal=False, dropout_p=0.0, softmax_scale=1.0)[0, 0]  # (T, d)
+
+
+class SelfAttention_v1(reference.SelfAttention_v1):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, squeeze = _as_batch(x, type(self).__name__)
+        _check_width(x, self.W_query.shape[0], type(self).__name__)
+        queries = (x @ self.W_query).unsqueeze(1)  # (b, 1, T, d_out)
+        keys = (x @ self.W_key).unsqueeze(1)
+        values = (x @ self.W_value).unsqueeze(1)
+        context = _attend(queries, keys, values, causal=False, dropout_p=0.0).squeeze(1)  # (b, T, d_out)
+        return context[0] if squeeze else context
+
+
+class SelfAttention_v2(reference.SelfAttention_v2):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, squeeze = _as_batch(x, type(self).__name__)
+        _check_width(x, self.W_query.in_features, type(self).__name__)
+        queries = self.W_query(x).unsqueeze(1)  # (b, 1, T, d_out)
+        keys = self.W_key(x).unsqueeze(1)
+        values = self.W_value(x).unsqueeze(1)
+        context = _attend(queries, keys, values, causal=False, dropout_p=0.0).squeeze(1)  # (b, T, d_out)
+        return context[0] if squeeze else context
+
+
+class CausalAttention(reference.CausalAttention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
+        _check_width(x, self.W_query.in_features, type(self).__name__)
+        num_tokens = x.shape[1]
+        _check_context(num_tokens, self.mask.shape[0], type(self).__name__)
+        queries = self.W_query(x).unsqueeze(1)  # (b, 1, T, d_out): one head of width d_out
+        keys = self.W_key(x).unsqueeze(1)
+        values = self.W_value(x).unsqueeze(1)
+        context = _attend(queries, keys, values, causal=True, dropout_p=_dropout_p(self.dropout))
+        return context.squeeze(1)  # (b, T, d_out)
+
+
+class MultiHeadAttentionWrapper(reference.MultiHeadAttentionWrapper):
+    """All heads in one kernel launch; the heads stay separate CausalAttention modules (same state_dict)."""
+
+    def __init__(
+        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
+    ):
+        nn.Module.__init__(self)
+        self.heads = nn.ModuleList(
+            [CausalAttention(d_in, d_out, context_length, dropout, qkv_bias) for _ in range(num_heads)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = list(self.heads)
+        p = {_dropout_p(h.dropout) for h in heads}
+        shapes = {(h.W_query.in_features, h.d_out, h.mask.shape[0]) for h in heads}
+        if len(p) != 1 or len(shapes) != 1:
+            # Heads edited to differ from each other: run them one by one, each still fused.
+            return torch.cat([head(x) for head in heads], dim=-1)
+        _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
+        _check_width(x, heads[0].W_query.in_features, type(self).__name__)
+        b, num_tokens, _ = x.shape
+        _check_context(num_tokens, heads[0].mask.shape[0], type(self).__name__)
+        d_out, nh = heads[0].d_out, len(heads)
+
+        def project(name: str) -> torch.Tensor:
+            # One matmul for all heads: the heads' (d_out, d_in) weights stacked to (nh * d_out, d_in).
+            layers = [getattr(h, name) for h in heads]
+            bias = None if layers[0].bias is None else torch.cat([lin.bias for lin in layers])
+            y = F.linear(x, torch.cat([lin.weight for lin in layers]), bias)  # (b, T, nh * d_out)
+            return y.view(b, num_tokens, nh, d_out).transpose(1, 2)  # (b, nh, T, d_out)
+
+        context = _attend(project("W_query"), project("W_key"), project("W_value"), causal=True, dropout_p=p.pop())
+        # (b, nh, T, d_out) -> (b, T, nh * d_out): the heads' outputs concatenated on the last dim.
+        return context.transpose(1, 2).reshape(b, num_tokens, nh * d_out)
+
+
+class MultiHeadAttention(reference.MultiHeadAttention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
+        _check_width(x, self.W_query.in_features, type(self).__name__)
+        b, num_tokens, _ = x.shape
+        _check_context(num_tokens, self.mask.shape[0], type(self).__name__)
+        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (b, nh, T, hs)
+        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        context = _attend(queries, keys, values, causal=True, dropout_p=_dropout_p(self.dropout))  # (b, nh, T, hs)
+        # The kernel writes the output in q's (b, T, nh, hs) memory layout, so this reshape is a view.
+        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)  # (b, T, d_out)
+        return self.out_proj(context)

@@ -1,0 +1,996 @@
+"""Fused causal attention in Triton: FlashAttention-2's algorithm, forward and backward, with dropout.
+
+Computes ``dropout(softmax(q @ k^T * softmax_scale + causal_mask)) @ v`` without ever storing the
+``(Nq, Nk)`` score matrix: each program owns a tile of query rows, streams key/value tiles through
+an online softmax (running row max ``m_i``, running normalizer ``l_i``, unnormalized output ``acc``)
+and writes the output plus one float32 log-sum-exp per row. The backward recomputes the attention
+probabilities tile by tile from that log-sum-exp.
+
+Layout: ``q`` is ``(B, Hq, Nq, D)``, ``k`` and ``v`` are ``(B, Hkv, Nk, D)``, any strides. Query head
+``h`` reads key/value head ``h // (Hq // Hkv)`` (grouped-query / multi-query attention).
+
+Causal alignment is bottom-right: query ``i`` sees keys ``j <= i + (Nk - Nq)``, so the ``Nq`` queries
+are the newest positions of a sequence of ``Nk`` (a KV cache, chunked prefill). A query row that sees
+no key at all (possible when ``Nq > Nk``) returns zeros and gets zero gradients.
+
+Head dims 1..256 are padded inside the kernel to a power of two ``BLOCK_D >= 16`` with load masks;
+ragged ``Nq``/``Nk`` are masked too. No host-side padding or copies.
+
+Dropout: attention weight ``(b, h, i, j)`` is kept with probability ``1 - dropout_p`` and scaled by
+``1 / (1 - dropout_p)``, exactly ``dropout(softmax(s)) @ v``; the normalizer uses the weights before
+dropout. The keep bit comes from Philox keyed by a per-call 64-bit seed, with counter
+``(j // 4, i, b * Hq + h, 0)`` whose four outputs cover keys ``4*(j//4) .. 4*(j//4)+3``. It depends on
+the element's position only, never on tile sizes, so the backward regenerates the forward's mask and
+nothing of size ``N^2`` is stored. The seed is drawn from PyTorch's default generator of the input's
+device on every call (reproducible under ``torch.manual_seed``; fine under CUDA graph capture, where
+PyTorch's RNG is graph-safe).
+
+Launch grids: forward and dQ ``(cdiv(Nq, BLOCK_M), Hq, B)``; dK/dV ``(cdiv(Nk, BLOCK_N), Hkv, B)``,
+one program summing over the query heads of its group, so no atomics and deterministic gradients.
+
+Exponentials are base 2: ``softmax_scale * log2(e)`` is folded into one multiplier ``qk_scale`` so
+the inner loop uses ``exp2`` (one MUFU instruction) instead of ``exp``; the stored log-sum-exp is in
+the same base-2 units.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter must be chosen before the @triton.jit functions below are defined.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = 1.4426950408889634
+_MAX_GRID_YZ = 65535  # CUDA limit on grid dims y and z (heads, batch)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout bits
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_keep(seed, off_zh, offs_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep mask (BLOCK_M, BLOCK_N) for query rows offs_m and keys start_n + [0, BLOCK_N).
+
+    One Philox call yields four 32-bit words; they cover four neighbouring keys, so the counter is
+    the key group j // 4. start_n is a multiple of BLOCK_N (itself a multiple of 4), so the mapping
+    from (row, key) to bits is the same whatever the tile sizes.
+    """
+    tl.static_assert(BLOCK_N % 4 == 0)
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, BLOCK_N // 4)).to(tl.uint32)
+    c1 = tl.broadcast_to(offs_m[:, None], (BLOCK_M, BLOCK_N // 4)).to(tl.uint32)
+    c3 = tl.zeros((BLOCK_M, BLOCK_N // 4), tl.uint32)
+    c2 = c3 + off_zh.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    # (M, N/4, 2, 2) -> (M, N): key 4g + t takes word (r0, r2, r1, r3)[t], row-major reshape.
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
+    # P(bits >= threshold) = 1 - threshold / 2^32 = 1 - dropout_p.
+    return bits >= threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kk,
+    stride_vn,
+    stride_vk,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    qk_scale,
+    seed,
+    off_zh,
+    drop_threshold,
+    N_K,
+    diag,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = q.shape[0]
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kT_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk  # (D, BLOCK_N)
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vk  # (BLOCK_N, D)
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=mask_d[:, None] & (cols[None, :] < N_K), other=0.0)
+        else:
+            kT = tl.load(kT_ptrs, mask=mask_d[:, None], other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)
+        if MASKED:
+            # Only the blocks on the causal diagonal or past N_K pay for the mask.
+            visible = cols[None, :] < N_K
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        else:
+            qk = qk * qk_scale
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = m_ij
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        # The normalizer sums the weights before dropout: dropout(softmax(s)), not softmax(dropout(s)).
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, off_zh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=mask_d[None, :] & (cols[:, None] < N_K), other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    SEED,
+    qk_scale,
+    dropout_p,
+    drop_threshold,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qk,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kk,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vk,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_ok,
+    H,
+    GROUP,
+    N_Q,
+    N_K,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    if CAUSAL:
+        # Causal rows near the end see the most keys: launch them first to shorten the tail.
+        start_m = tl.num_programs(0) - 1 - start_m
+    off_h = tl.program_id(1)
+    off_z = tl.program_id(2)
+    off_zh = off_z * H + off_h
+    off_hk = off_h // GROUP
+    # Batch/head offsets in int64: B*H*N*D passes 2^31 on long sequences.
+    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
+    o_base = O + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < N_Q
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+        mask=row_mask[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Query i sees keys j <= i + diag (bottom-right aligned causal diagonal).
+    diag = N_K - N_Q
+    if CAUSAL:
+        hi = tl.minimum(N_K, start_m * BLOCK_M + BLOCK_M + diag)
+        # Keys below the block's first row's limit are visible to every row of the block.
+        full_end = tl.minimum(start_m * BLOCK_M + diag + 1, hi)
+    else:
+        hi = N_K
+        full_end = N_K
+    # Blocks fully visible and fully inside N_K skip every mask; the rest (the diagonal, the ragged end).
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
+        0, full_end, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
+        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
+        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
+        full_end, hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
+        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
+        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+    )  # fmt: skip
+
+    # Rows that saw no key: output 0 and lse = +inf, so the backward's exp2(s - lse) is 0 there.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(LSE + off_zh.to(tl.int64) * N_Q + offs_m, lse, mask=row_mask)
+    tl.store(
+        o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
+        acc.to(O.dtype.element_ty),
+        mask=row_mask[:, None] & mask_d[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O,
+    DO,
+    DELTA,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_ok,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dok,
+    H,
+    N_Q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax backward's correction term.
+
+    With dropout it still holds: O already carries the kept, rescaled weights.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_h = tl.program_id(1)
+    off_z = tl.program_id(2)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
+    o_base = O + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+    do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    off_zh = (off_z * H + off_h).to(tl.int64)
+    tl.store(DELTA + off_zh * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qm,
+    stride_qk,
+    stride_dom,
+    stride_dok,
+    start_n,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    qk_scale,
+    inv_keep,
+    seed,
+    off_zh,
+    drop_threshold,
+    N_Q,
+    diag,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi), in the transposed (keys, queries)
+    orientation so that dV += P^T dO and dK += dS^T Q need no transposed accumulator.
+
+    Rows past N_Q load q = 0, dO = 0, lse = +inf, delta = 0, so their P and dS are exactly 0 without a
+    row mask; keys past N_K produce garbage rows of dK/dV that are never stored.
+    """
+    BLOCK_N: tl.constexpr = k.shape[0]
+    mask_d = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < N_Q
+        qT = tl.load(
+            q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qk,
+            mask=mask_d[:, None] & row_mask[None, :],
+            other=0.0,
+        )  # (D, BLOCK_M)
+        lse = tl.load(lse_base + offs_m, mask=row_mask, other=float("inf"))
+        if UPCAST:
+            qT = qT.to(tl.float32)
+        qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
+        do = tl.load(
+            do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
+            mask=row_mask[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # (BLOCK_M, D)
+        if UPCAST:
+            do = do.to(tl.float32)
+        if DROPOUT:
+            keepT = tl.trans(_dropout_keep(seed, off_zh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N))
+            pT_drop = tl.where(keepT, pT * inv_keep, 0.0)
+        else:
+            pT_drop = pT
+        dv = tl.dot(pT_drop.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=row_mask, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    SEED,
+    softmax_scale,
+    qk_scale,
+    dropout_p,
+    drop_threshold,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qk,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kk,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vk,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dok,
+    stride_dkz,
+    stride_dkh,
+    stride_dkn,
+    stride_dkk,
+    stride_dvz,
+    stride_dvh,
+    stride_dvn,
+    stride_dvk,
+    H,
+    GROUP,
+    N_Q,
+    N_K,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_hk = tl.program_id(1)
+    off_z = tl.program_id(2)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_mask = offs_n < N_K
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = col_mask[:, None] & mask_d[None, :]
+    k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    seed = 0
+    inv_keep = 1.0
+    if DROPOUT:
+        seed = tl.load(SEED)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+
+    diag = N_K - N_Q
+    m_end = tl.cdiv(N_Q, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # Query i sees key j iff i >= j - diag: start at the block holding row start_n - diag ...
+        lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+        # ... and from row start_n + BLOCK_N - 1 - diag on, every key of this block is visible.
+        full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+        full_start = tl.minimum(tl.maximum(full_start, lo), m_end)
+    else:
+        lo = 0
+        full_start = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # dK and dV of a shared key/value head sum over the query heads of its group, in this program.
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        off_zh = off_z * H + off_h
+        q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+        do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+        lse_base = LSE + off_zh.to(tl.int64) * N_Q
+        delta_base = DELTA + off_zh.to(tl.int64) * N_Q
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk, stride_dom, stride_dok,
+            start_n, offs_n, offs_d, lo, full_start, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, diag,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASKED=CAUSAL, DROPOUT=DROPOUT,
+            INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        )  # fmt: skip
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk, stride_dom, stride_dok,
+            start_n, offs_n, offs_d, full_start, m_end, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, diag,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASKED=False, DROPOUT=DROPOUT,
+            INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        )  # fmt: skip
+
+    # dS was taken w.r.t. the scaled scores s = softmax_scale * q.k, hence one more factor here.
+    dk = dk * softmax_scale
+    dk_base = DK + off_z.to(tl.int64) * stride_dkz + off_hk.to(tl.int64) * stride_dkh
+    dv_base = DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh
+    tl.store(
+        dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk, dk.to(DK.dtype.element_ty), mask=kv_mask
+    )
+    tl.store(
+        dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvk, dv.to(DV.dtype.element_ty), mask=kv_mask
+    )
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kk,
+    stride_vn,
+    stride_vk,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    qk_scale,
+    inv_keep,
+    seed,
+    off_zh,
+    drop_threshold,
+    N_K,
+    diag,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = q.shape[0]
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = mask_d[:, None] & (cols[None, :] < N_K)
+        else:
+            kv_mask = mask_d[:, None]
+        kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk, mask=kv_mask, other=0.0)
+        vT = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vk, mask=kv_mask, other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:
+            visible = cols[None, :] < N_K
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, off_zh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    SEED,
+    softmax_scale,
+    qk_scale,
+    dropout_p,
+    drop_threshold,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qk,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kk,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vk,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dok,
+    stride_dqz,
+    stride_dqh,
+    stride_dqm,
+    stride_dqk,
+    H,
+    GROUP,
+    N_Q,
+    N_K,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    if CAUSAL:
+        start_m = tl.num_programs(0) - 1 - start_m
+    off_h = tl.program_id(1)
+    off_z = tl.program_id(2)
+    off_zh = off_z * H + off_h
+    off_hk = off_h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < N_Q
+    qo_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+    k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qo_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=qo_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + off_zh.to(tl.int64) * N_Q + offs_m, mask=row_mask, other=float("inf"))
+    delta = tl.load(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, mask=row_mask, other=0.0)
+    seed = 0
+    inv_keep = 1.0
+    if DROPOUT:
+        seed = tl.load(SEED)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+
+    # The same key range as the forward: unmasked full blocks, then the diagonal / ragged tail.
+    diag = N_K - N_Q
+    if CAUSAL:
+        hi = tl.minimum(N_K, start_m * BLOCK_M + BLOCK_M + diag)
+        full_end = tl.minimum(start_m * BLOCK_M + diag + 1, hi)
+    else:
+        hi = N_K
+        full_end = N_K
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
+        0, full_end, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag,
+        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
+        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+    )  # fmt: skip
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
+        full_end, hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag,
+        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
+        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+    )  # fmt: skip
+    dq = dq * softmax_scale
+    dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
+    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk, dq.to(DQ.dtype.element_ty), mask=qo_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    # tl.dot needs every dimension >= 16; smaller head dims are zero-padded by the load masks.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
+    """Tile sizes, warps and pipeline depth per kernel, by padded head dim and element size.
+
+    Fixed per (head dim, dtype) rather than autotuned per sequence length, so a new N never
+    recompiles or re-benchmarks. Under the interpreter: small tiles with BLOCK_M != BLOCK_N, so even
+    small test inputs cross several blocks and an off-centre causal diagonal.
+    """
+    if _INTERPRET:
+        return {
+            "fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+            "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+            "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+        }
+    wide = dtype == torch.float32  # 4-byte tiles: half the tile area fits in shared memory
+    if block_d <= 64:
+        return {
+            "fwd": dict(BLOCK_M=128, BLOCK_N=64 if not wide else 32, num_warps=4, num_stages=3),
+            "dkdv": dict(BLOCK_M=32, BLOCK_N=128 if not wide else 64, num_warps=4, num_stages=3),
+            "dq": dict(BLOCK_M=128 if not wide else 64, BLOCK_N=32, num_warps=4, num_stages=3),
+        }
+    if block_d <= 128:
+        return {
+            "fwd": dict(BLOCK_M=128 if not wide else 64, BLOCK_N=64 if not wide else 32, num_warps=8, num_stages=3),
+            "dkdv": dict(BLOCK_M=32, BLOCK_N=128 if not wide else 64, num_warps=8, num_stages=2),
+            "dq": dict(BLOCK_M=128 if not wide else 64, BLOCK_N=32, num_warps=8, num_stages=2),
+        }
+    return {
+        "fwd": dict(BLOCK_M=64 if not wide else 32, BLOCK_N=32, num_warps=8, num_stages=2),
+        "dkdv": dict(BLOCK_M=16 if wide else 32, BLOCK_N=64 if not wide else 32, num_warps=8, num_stages=1),
+        "dq": dict(BLOCK_M=64 if not wide else 32, BLOCK_N=32 if not wide else 16, num_warps=8, num_stages=1),
+    }
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # float32 follows PyTorch's own matmul setting, so a drop-in layer is as exact as the eager one.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _drop_threshold(dropout_p: float) -> int:
+    return min(int(dropout_p * 2**32), 2**32 - 1)
+
+
+def _kernel_flags(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
+    return dict(
+        HEAD_DIM=q.shape[-1],
+        BLOCK_D=_block_d(q.shape[-1]),
+        CAUSAL=causal,
+        DROPOUT=dropout_p > 0.0,
+        INPUT_PRECISION=_input_precision(q.dtype),
+        # The interpreter's tl.dot on bfloat16 operands is wrong; do those dots in float32 there.
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+    )
+
+
+def _new_seed(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    if dropout_p == 0.0:
+        return torch.zeros(1, dtype=torch.int64, device=q.device)
+    # Drawn on the input's device from its default generator: advances it, honours manual_seed,
+    # and stays on the device (no host sync, capturable in a CUDA graph).
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+
+
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, softmax_scale: float):
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    # Same memory layout as q: for a (B, N, H, D) projection viewed as (B, H, N, D) the output's
+    # transpose back to (B, N, H*D) is then free.
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, N_Q), dtype=torch.float32, device=q.device)
+    seed = _new_seed(q, dropout_p)
+    flags = _kernel_flags(q, causal, dropout_p)
+    cfg = _configs(flags["BLOCK_D"], q.dtype)["fwd"]
+    grid = (triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)
+    _attn_fwd[grid](
+        q, k, v, o, lse, seed,
+        softmax_scale * _LOG2E, dropout_p, _drop_threshold(dropout_p),
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, H // k.shape[1], N_Q, N_K,
+        **flags, **cfg,
+    )  # fmt: skip
+    return o, lse, seed
+
+
+def _bwd(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, softmax_scale: float):
+    B, H, N_Q, D = q.shape
+    H_KV, N_K = k.shape[1], k.shape[2]
+    flags = _kernel_flags(q, causal, dropout_p)
+    cfgs = _configs(flags["BLOCK_D"], q.dtype)
+
+    delta = torch.empty_like(lse)
+    pre_block_m = 64 if not _INTERPRET else 32
+    _attn_bwd_preprocess[(triton.cdiv(N_Q, pre_block_m), H, B)](
+        o, do, delta, *o.stride(), *do.stride(), H, N_Q,
+        HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block_m,
+    )  # fmt: skip
+
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    common = (softmax_scale, softmax_scale * _LOG2E, dropout_p, _drop_threshold(dropout_p))
+    cfg = cfgs["dkdv"]
+    _attn_bwd_dkdv[(triton.cdiv(N_K, cfg["BLOCK_N"]), H_KV, B)](
+        q, k, v, do, dk, dv, lse, delta, seed, *common,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, H // H_KV, N_Q, N_K,
+        **flags, **cfg,
+    )  # fmt: skip
+    cfg = cfgs["dq"]
+    _attn_bwd_dq[(triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)](
+        q, k, v, do, dq, lse, delta, seed, *common,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, H // H_KV, N_Q, N_K,
+        **flags, **cfg,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile: no graph break) and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("chapter3_flash::attn_fwd", mutates_args=())
+def _attn_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, softmax_scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, causal, dropout_p, softmax_scale)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, causal, dropout_p, softmax_scale):
+    B, H, N_Q, _ = q.shape
+    return (
+        torch.empty_like(q),
+        q.new_empty((B, H, N_Q), dtype=torch.float32),
+        q.new_empty((1,), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("chapter3_flash::attn_bwd", mutates_args=())
+def _attn_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    seed: torch.Tensor,
+    causal: bool,
+    dropout_p: float,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(do, q, k, v, o, lse, seed, causal, dropout_p, softmax_scale)
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, seed, causal, dropout_p, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, dropout_p, softmax_scale = inputs
+    o, lse, seed = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
+    ctx.mark_non_differentiable(lse, seed)
+
+
+def _backward(ctx, do, _dlse, _dseed):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None
+
+
+_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# The PyTorch path: same semantics, for CPU tensors without Triton's interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+def _attention_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, softmax_scale: float
+) -> torch.Tensor:
+    """Readable eager attention with the kernel's semantics. Materializes (B, Hq, Nq, Nk)."""
+    B, H, N_Q, D = q.shape
+    H_KV, N_K = k.shape[1], k.shape[2]
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if H_KV != H:
+        k = k.repeat_interleave(H // H_KV, dim=1)  # (B, Hq, Nk, D)
+        v = v.repeat_interleave(H // H_KV, dim=1)  # (B, Hq, Nk, D)
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * softmax_scale  # (B, Hq, Nq, Nk)
+    if causal:
+        rows = torch.arange(N_Q, device=q.device)[:, None]
+        cols = torch.arange(N_K, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows + (N_K - N_Q), float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    # Rows that see no key: softmax gives NaN; the kernel's answer is zeros.
+    weights = torch.nan_to_num(weights, nan=0.0)
+    if dropout_p > 0.0:
+        weights = torch.nn.functional.dropout(weights, p=dropout_p, training=True)
+    return torch.matmul(weights, v.to(compute)).to(q.dtype)  # (B, Hq, Nq, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, causal, dropout_p, softmax_scale, backend) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    if B != Bk:
+        raise ValueError(f"batch {B} of q does not match batch {Bk} of k and v")
+    if D != Dk:
+        raise ValueError(f"head_dim {D} of q does not match {Dk} of k")
+    if min(q.shape) == 0 or min(k.shape) == 0:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every dimension must be >= 1")
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads {Hq} must be a multiple of key/value heads {Hkv}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def _use_triton(q: torch.Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    runnable = q.is_cuda or (_INTERPRET and q.device.type == "cpu")
+    if backend == "triton":
+        if not runnable:
+            raise ValueError(
+                f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before importing kernels "
+                f"for a CPU tensor; got a tensor on {q.device}"
+            )
+        return True
+    return runnable
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention ``dropout(softmax(q k^T * softmax_scale [+ causal mask])) v`` without the N x N matrix.
+
+    Args:
+        q: ``(B, Hq, Nq, D)``; k, v: ``(B, Hkv, Nk, D)`` with ``Hq % Hkv == 0``; any strides;
+            float16, bfloat16 or float32 (one dtype for all three); D from 1 to 256 on the Triton path.
+        causal: mask keys after the query, aligned bottom-right: query ``i`` sees keys
+            ``j <= i + (Nk - Nq)``. Query rows that see no key return zeros.
+        dropout_p: probability of dropping an attention weight (kept ones scale by ``1/(1-p)``).
+            Pass ``0.0`` for evaluation; the layers do this for you in ``eval()`` mode.
+        softmax_scale: defaults to ``D ** -0.5``.
+        backend: ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"``
+            (eager PyTorch, any device) or ``"auto"`` (Triton where it can run, else PyTorch).
+
+    Returns:
+        ``(B, Hq, Nq, D)`` in q's dtype (and, on the Triton path, q's memory layout).
+    """
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        # Like scaled_dot_product_attention, attention runs in autocast's lower precision.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
+    _check_inputs(q, k, v, causal, dropout_p, softmax_scale, backend)
+    dropout_p = float(dropout_p)
+    softmax_scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    if not _use_triton(q, backend):
+        return _attention_torch(q, k, v, causal, dropout_p, softmax_scale)
+    if q.shape[-1] > 256:
+        raise ValueError(f"head_dim {q.shape[-1]} is not supported by the Triton kernel (1 to 256)")
+    if q.shape[0] > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:
+        raise ValueError(f"batch {q.shape[0]} and heads {q.shape[1]} must each be at most {_MAX_GRID_YZ}")
+    o, _, _ = _attn_fwd_op(q, k, v, causal, dropout_p, softmax_scale)
+    return o

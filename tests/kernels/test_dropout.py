@@ -1,0 +1,117 @@
+"""Dropout inside the kernel: reproducible, the right keep rate and scale, one mask for forward and backward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import assert_close_to_reference, attention_eager
+
+from kernels import flash_attention
+
+
+def recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal, seed, backend="triton"):
+    """The keep mask a call with this seed uses, read through the public function.
+
+    With q = 0 every visible key gets the same weight 1/n_i, and with v = I (D = Nk) the output row
+    is the weight row itself: out[i, j] = keep[i, j] / ((1 - p) * n_i).
+    """
+    q = torch.zeros(B, Hq, Nq, Nk, device=DEVICE)
+    k = torch.randn(B, Hkv, Nk, Nk, device=DEVICE)
+    v = torch.eye(Nk, device=DEVICE).expand(B, Hkv, Nk, Nk)
+    torch.manual_seed(seed)
+    out = flash_attention(q, k, v, causal=causal, dropout_p=p, backend=backend)
+    visible = torch.ones(Nq, Nk, dtype=torch.bool, device=DEVICE)
+    if causal:
+        visible = visible.tril(Nk - Nq)
+    n_visible = visible.sum(-1, keepdim=True).clamp(min=1).float()
+    scaled = out * (1 - p) * n_visible  # 1 where kept, 0 where dropped
+    keep = scaled.round()
+    # Kept weights are scaled by exactly 1/(1-p): the recovered values sit on 0 and 1 up to rounding.
+    assert torch.allclose(scaled, keep, atol=1e-4), "kept weights are not scaled by 1/(1-p)"
+    assert not keep[..., ~visible].any(), "a masked (future) key was kept"
+    return keep.bool() & visible
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_rate(p, backend):
+    keep = recover_keep_mask(2, 2, 2, 96, 96, p, causal=False, seed=1, backend=backend)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    # Rows, heads and batches draw their own bits.
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+    assert not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+def test_same_seed_same_result_different_seed_differs():
+    shape = (2, 3, 50, 16)
+    q, k, v = (torch.randn(*shape, device=DEVICE) for _ in range(3))
+    results = []
+    for seed in (7, 7, 8):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        torch.manual_seed(seed)
+        out = flash_attention(qq, kk, vv, causal=True, dropout_p=0.2)
+        out.backward(torch.ones_like(out))
+        results.append((out, qq.grad, kk.grad, vv.grad))
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1])), "same seed gave different results"
+    assert not torch.equal(results[0][0], results[2][0]), "different seeds gave the same output"
+
+
+def test_consecutive_calls_differ():
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
+    a = flash_attention(q, k, v, causal=True, dropout_p=0.3)
+    b = flash_attention(q, k, v, causal=True, dropout_p=0.3)
+    assert not torch.equal(a, b), "the generator did not advance between calls"
+
+
+def test_p0_is_the_no_dropout_path():
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
+    assert torch.equal(flash_attention(q, k, v, causal=True, dropout_p=0.0), flash_attention(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, Nq, Nk, D",
+    [
+        (1, 2, 2, 64, 64, 32),  # plain causal self-attention
+        (2, 4, 2, 37, 61, 24),  # grouped heads, Nq < Nk, ragged sizes
+        (1, 3, 1, 48, 20, 16),  # multi-query, Nq > Nk: rows with no visible key
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_and_backward_share_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype):
+    p, seed = 0.25, 1234
+    # The mask is recovered with head dim Nk; the real call uses D: on a GPU that means other tiles.
+    keep = recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal=True, seed=seed)
+    q = torch.randn(B, Hq, Nq, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    torch.manual_seed(seed)
+    out = flash_attention(q, k, v, causal=True, dropout_p=p)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+
+    refs = {}
+    for label, compute in (("ref64", torch.float64), ("lowp", torch.float32)):
+        qq, kk, vv = (t.detach().to(compute).requires_grad_() for t in (q, k, v))
+        o = attention_eager(qq, kk, vv, causal=True, keep=keep, p=p)
+        o.backward(dout.to(compute))
+        refs[label] = [t.to(dtype) if label == "lowp" else t for t in (o, qq.grad, kk.grad, vv.grad)]
+    for name, ours, ref, low in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), *refs.values()):
+        assert_close_to_reference(name, ours, ref, low)
+
+
+def test_torch_path_has_the_same_semantics():
+    # The eager path's mask comes from torch's RNG, but keep rate, scale and reproducibility hold.
+    q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
+    torch.manual_seed(3)
+    a = flash_attention(q, k, v, causal=True, dropout_p=0.4, backend="torch")
+    torch.manual_seed(3)
+    b = flash_attention(q, k, v, causal=True, dropout_p=0.4, backend="torch")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, flash_attention(q, k, v, causal=True, backend="torch"))
