@@ -21,12 +21,15 @@ from attention.reference import _check_context, _check_rank, _check_width
 from kernels import flash_attention
 
 _MAX_TRITON_HEAD_DIM = 256
+# flash_attention's backend for every layer: "auto" (Triton where it can run), "triton" or "torch".
+_BACKEND = "auto"
 _warned_head_dim: set[int] = set()
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, **kw) -> torch.Tensor:
     """flash_attention, or its eager PyTorch path (with one warning) for heads wider than the kernel's 256."""
     head_dim = q.shape[-1]
+    kw["backend"] = _BACKEND
     if head_dim > _MAX_TRITON_HEAD_DIM:
         if head_dim not in _warned_head_dim:
             _warned_head_dim.add(head_dim)
@@ -51,7 +54,9 @@ def _as_batch(x: torch.Tensor, layer: str) -> tuple[torch.Tensor, bool]:
         return x.unsqueeze(0), True
     if x.dim() == 3:
         return x, False
-    raise ValueError(f"{layer} expects input of shape (num_tokens, d_in) or (batch, num_tokens, d_in), got {tuple(x.shape)}")
+    raise ValueError(
+        f"{layer} expects input of shape (num_tokens, d_in) or (batch, num_tokens, d_in), got {tuple(x.shape)}"
+    )
 
 
 def simplified_self_attention(x: torch.Tensor) -> torch.Tensor:

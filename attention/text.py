@@ -83,8 +83,8 @@ def text_to_embeddings(
 
     The token table is ``(50257, width)`` and the position table ``(num_tokens, width)``, both drawn
     from ``N(0, 1)`` by a private generator seeded with ``seed`` (the global RNG is left alone).
-    ``num_tokens`` repeats the text's tokens to that length (or cuts them); ``batch`` rows hold
-    successive windows of the repeated token stream, so they differ.
+    ``num_tokens`` repeats the text's tokens to that length (or cuts them); the ``batch`` rows start
+    at evenly spaced offsets into the text, so they differ.
     """
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be a positive int, got {width!r}")
@@ -94,8 +94,10 @@ def text_to_embeddings(
     n = len(ids) if num_tokens is None else num_tokens
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
-    stream = ids.repeat((batch * n) // len(ids) + 1)[: batch * n].view(batch, n)  # (batch, T)
+    step = max(1, len(ids) // batch)
+    stream = ids.repeat(n // len(ids) + 2)  # long enough for any start offset below len(ids)
+    rows = torch.stack([stream[(r * step) % len(ids) :][:n] for r in range(batch)])  # (batch, T)
     gen = torch.Generator().manual_seed(seed)
     token_table = torch.randn(GPT2_VOCAB_SIZE, width, generator=gen)  # (vocab, width)
     pos_table = torch.randn(n, width, generator=gen)  # (T, width)
-    return token_table[stream] + pos_table  # (batch, T, width)
+    return token_table[rows] + pos_table  # (batch, T, width)

@@ -14,7 +14,9 @@ are the newest positions of a sequence of ``Nk`` (a KV cache, chunked prefill). 
 no key at all (possible when ``Nq > Nk``) returns zeros and gets zero gradients.
 
 Head dims 1..256 are padded inside the kernel to a power of two ``BLOCK_D >= 16`` with load masks;
-ragged ``Nq``/``Nk`` are masked too. No host-side padding or copies.
+ragged ``Nq``/``Nk`` are masked too. No host-side padding or copies. The head dim and the sequence
+lengths are run-time arguments (Triton specializes them only on divisibility by 16), so a new ``N`` or
+``D`` within one ``BLOCK_D`` does not recompile.
 
 Dropout: attention weight ``(b, h, i, j)`` is kept with probability ``1 - dropout_p`` and scaled by
 ``1 / (1 - dropout_p)``, exactly ``dropout(softmax(s)) @ v``; the normalizer uses the weights before
@@ -103,7 +105,7 @@ def _attn_fwd_inner(
     drop_threshold,
     N_K,
     diag,
-    HEAD_DIM: tl.constexpr,
+    head_dim,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -113,7 +115,7 @@ def _attn_fwd_inner(
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
     offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < HEAD_DIM
+    mask_d = offs_d < head_dim
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -163,7 +165,7 @@ def _attn_fwd(
     Q,
     K,
     V,
-    O,
+    Out,
     LSE,
     SEED,
     qk_scale,
@@ -189,7 +191,7 @@ def _attn_fwd(
     GROUP,
     N_Q,
     N_K,
-    HEAD_DIM: tl.constexpr,
+    head_dim,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -210,12 +212,12 @@ def _attn_fwd(
     q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
-    o_base = O + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = offs_m < N_Q
-    mask_d = offs_d < HEAD_DIM
+    mask_d = offs_d < head_dim
     q = tl.load(
         q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
         mask=row_mask[:, None] & mask_d[None, :],
@@ -245,13 +247,13 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
         0, full_end, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
-        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
+        head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
         full_end, hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
-        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
+        head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
     )  # fmt: skip
 
@@ -265,7 +267,7 @@ def _attn_fwd(
     tl.store(LSE + off_zh.to(tl.int64) * N_Q + offs_m, lse, mask=row_mask)
     tl.store(
         o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
-        acc.to(O.dtype.element_ty),
+        acc.to(Out.dtype.element_ty),
         mask=row_mask[:, None] & mask_d[None, :],
     )
 
@@ -277,7 +279,7 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_preprocess(
-    O,
+    Out,
     DO,
     DELTA,
     stride_oz,
@@ -290,7 +292,7 @@ def _attn_bwd_preprocess(
     stride_dok,
     H,
     N_Q,
-    HEAD_DIM: tl.constexpr,
+    head_dim,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -302,8 +304,8 @@ def _attn_bwd_preprocess(
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
-    o_base = O + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < head_dim)
+    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
     do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
     o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=mask, other=0.0)
@@ -338,7 +340,7 @@ def _attn_bwd_dkdv_inner(
     drop_threshold,
     N_Q,
     diag,
-    HEAD_DIM: tl.constexpr,
+    head_dim,
     BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -352,7 +354,7 @@ def _attn_bwd_dkdv_inner(
     row mask; keys past N_K produce garbage rows of dK/dV that are never stored.
     """
     BLOCK_N: tl.constexpr = k.shape[0]
-    mask_d = offs_d < HEAD_DIM
+    mask_d = offs_d < head_dim
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -434,7 +436,7 @@ def _attn_bwd_dkdv(
     GROUP,
     N_Q,
     N_K,
-    HEAD_DIM: tl.constexpr,
+    head_dim,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -449,7 +451,7 @@ def _attn_bwd_dkdv(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_mask = offs_n < N_K
-    mask_d = offs_d < HEAD_DIM
+    mask_d = offs_d < head_dim
     kv_mask = col_mask[:, None] & mask_d[None, :]
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
@@ -489,13 +491,13 @@ def _attn_bwd_dkdv(
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk, stride_dom, stride_dok,
             start_n, offs_n, offs_d, lo, full_start, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, diag,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASKED=CAUSAL, DROPOUT=DROPOUT,
+            head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=CAUSAL, DROPOUT=DROPOUT,
             INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
         )  # fmt: skip
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk, stride_dom, stride_dok,
             start_n, offs_n, offs_d, full_start, m_end, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, diag,
-            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASKED=False, DROPOUT=DROPOUT,
+            head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=False, DROPOUT=DROPOUT,
             INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
         )  # fmt: skip
 
@@ -535,7 +537,7 @@ def _attn_bwd_dq_inner(
     drop_threshold,
     N_K,
     diag,
-    HEAD_DIM: tl.constexpr,
+    head_dim,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -545,7 +547,7 @@ def _attn_bwd_dq_inner(
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
     offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < HEAD_DIM
+    mask_d = offs_d < head_dim
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -612,7 +614,7 @@ def _attn_bwd_dq(
     GROUP,
     N_Q,
     N_K,
-    HEAD_DIM: tl.constexpr,
+    head_dim,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -631,7 +633,7 @@ def _attn_bwd_dq(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = offs_m < N_Q
-    qo_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    qo_mask = row_mask[:, None] & (offs_d[None, :] < head_dim)
     q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
@@ -662,18 +664,20 @@ def _attn_bwd_dq(
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
         0, full_end, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag,
-        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
+        head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
         full_end, hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag,
-        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
+        head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
     )  # fmt: skip
     dq = dq * softmax_scale
     dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk, dq.to(DQ.dtype.element_ty), mask=qo_mask)
+    tl.store(
+        dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk, dq.to(DQ.dtype.element_ty), mask=qo_mask
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,7 +736,7 @@ def _drop_threshold(dropout_p: float) -> int:
 
 def _kernel_flags(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
     return dict(
-        HEAD_DIM=q.shape[-1],
+        head_dim=q.shape[-1],
         BLOCK_D=_block_d(q.shape[-1]),
         CAUSAL=causal,
         DROPOUT=dropout_p > 0.0,
@@ -781,7 +785,7 @@ def _bwd(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, softmax_scal
     pre_block_m = 64 if not _INTERPRET else 32
     _attn_bwd_preprocess[(triton.cdiv(N_Q, pre_block_m), H, B)](
         o, do, delta, *o.stride(), *do.stride(), H, N_Q,
-        HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block_m,
+        head_dim=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block_m,
     )  # fmt: skip
 
     dq = torch.empty_like(q)

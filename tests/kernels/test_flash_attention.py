@@ -188,7 +188,9 @@ GOOD = dict(B=1, H=2, N=8, D=16)
 
 
 def _t(*shape, dtype=torch.float32, device=DEVICE):
-    return torch.randn(*shape, dtype=dtype, device=device) if dtype.is_floating_point else torch.zeros(*shape, dtype=dtype)
+    return (
+        torch.randn(*shape, dtype=dtype, device=device) if dtype.is_floating_point else torch.zeros(*shape, dtype=dtype)
+    )
 
 
 @pytest.mark.parametrize(
@@ -283,7 +285,8 @@ def test_autocast_runs_in_lower_precision():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N, D", [(1024, 64), (2047, 128), (8192, 64), (4096, 256)])
 def test_large_shapes_gpu(N, D, dtype):
-    check_against_reference(*make_qkv(2, 4, 2, N, N, D, dtype), causal=True)
+    # Grouped heads at long N; small B*H keeps the float64 reference (B, H, N, N) within a few GB.
+    check_against_reference(*make_qkv(1, 2, 1, N, N, D, dtype), causal=True)
 
 
 @requires_gpu

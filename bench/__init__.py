@@ -1,0 +1,1 @@
+"""Benchmarks, the main job (python -m bench) and the chapter-4 GPT workload."""

@@ -1,0 +1,137 @@
+"""attention.reference reproduces the chapter: printed values, parameters, state_dict, dropout, errors."""
+
+import pytest
+import torch
+
+from attention import reference as ref
+
+INPUTS = torch.tensor(
+    [
+        [0.43, 0.15, 0.89],
+        [0.55, 0.87, 0.66],
+        [0.57, 0.85, 0.64],
+        [0.22, 0.58, 0.33],
+        [0.77, 0.25, 0.10],
+        [0.05, 0.80, 0.55],
+    ]
+)
+V1_OUT = [[0.2996, 0.8053], [0.3061, 0.8210], [0.3058, 0.8203], [0.2948, 0.7939], [0.2927, 0.7891], [0.2990, 0.8040]]
+CAUSAL_OUT = [
+    [-0.4519, 0.2216],
+    [-0.5874, 0.0058],
+    [-0.6300, -0.0632],
+    [-0.5675, -0.0843],
+    [-0.5526, -0.0981],
+    [-0.5299, -0.1081],
+]
+
+
+def test_simplified_attention_printed_values():
+    weights = torch.softmax(INPUTS @ INPUTS.T, dim=-1)
+    torch.testing.assert_close(
+        weights[1], torch.tensor([0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581]), atol=1e-4, rtol=0
+    )
+    out = ref.simplified_self_attention(INPUTS)
+    torch.testing.assert_close(out[1], torch.tensor([0.4419, 0.6515, 0.5683]), atol=1e-4, rtol=0)
+
+
+def test_self_attention_v1_printed_values():
+    torch.manual_seed(123)
+    out = ref.SelfAttention_v1(3, 2)(INPUTS)
+    torch.testing.assert_close(out, torch.tensor(V1_OUT), atol=1e-4, rtol=0)
+
+
+def test_v2_with_v1_weights_matches_v1():
+    # The chapter's exercise: copy v2's Linear weights (transposed) into v1 and get the same output.
+    torch.manual_seed(789)
+    v2 = ref.SelfAttention_v2(3, 2)
+    v1 = ref.SelfAttention_v1(3, 2)
+    with torch.no_grad():
+        v1.W_query.copy_(v2.W_query.weight.T)
+        v1.W_key.copy_(v2.W_key.weight.T)
+        v1.W_value.copy_(v2.W_value.weight.T)
+    torch.testing.assert_close(v1(INPUTS), v2(INPUTS))
+
+
+def test_causal_attention_printed_values():
+    batch = torch.stack((INPUTS, INPUTS))
+    torch.manual_seed(123)
+    out = ref.CausalAttention(3, 2, 6, 0.0)(batch)
+    assert out.shape == (2, 6, 2)
+    for b in range(2):
+        torch.testing.assert_close(out[b], torch.tensor(CAUSAL_OUT), atol=1e-4, rtol=0)
+
+
+def test_wrapper_concatenates_heads():
+    batch = torch.stack((INPUTS, INPUTS))
+    torch.manual_seed(123)
+    mha = ref.MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2)
+    out = mha(batch)
+    assert out.shape == (2, 6, 4)
+    # The first head was built first, from the same seed: it is CausalAttention's printed output.
+    torch.testing.assert_close(out[0, :, :2], torch.tensor(CAUSAL_OUT), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[..., 2:], mha.heads[1](batch))
+
+
+def test_gpt2_small_parameter_count():
+    mha = ref.MultiHeadAttention(768, 768, 1024, 0.0, 12)
+    assert sum(p.numel() for p in mha.parameters()) == 2_360_064
+
+
+def test_state_dict_keys_in_order():
+    mha = ref.MultiHeadAttention(4, 6, 5, 0.0, 2)
+    assert list(mha.state_dict()) == [
+        "mask", "W_query.weight", "W_key.weight", "W_value.weight", "out_proj.weight", "out_proj.bias",
+    ]  # fmt: skip
+    mha_bias = ref.MultiHeadAttention(4, 6, 5, 0.0, 2, qkv_bias=True)
+    assert list(mha_bias.state_dict()) == [
+        "mask", "W_query.weight", "W_query.bias", "W_key.weight", "W_key.bias", "W_value.weight", "W_value.bias",
+        "out_proj.weight", "out_proj.bias",
+    ]  # fmt: skip
+    wrapper = ref.MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2)
+    assert list(wrapper.state_dict())[:4] == [
+        "heads.0.mask",
+        "heads.0.W_query.weight",
+        "heads.0.W_key.weight",
+        "heads.0.W_value.weight",
+    ]
+    ca = ref.CausalAttention(3, 2, 6, 0.0)
+    mask = ca.state_dict()["mask"]
+    assert mask.dtype == torch.float32 and torch.equal(mask, torch.triu(torch.ones(6, 6), diagonal=1))
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(1)
+    mha = ref.MultiHeadAttention(8, 8, 16, 0.5, 2)
+    x = torch.randn(2, 16, 8)
+    mha.eval()
+    assert torch.equal(mha(x), mha(x))
+    mha.train()
+    assert not torch.equal(mha(x), mha(x))
+
+
+@pytest.mark.parametrize(
+    "make, x, words",
+    [
+        (lambda: ref.MultiHeadAttention(4, 6, 5, 0.0, 4), None, "d_out 6 must be divisible by num_heads 4"),
+        (
+            lambda: ref.MultiHeadAttention(4, 4, 5, 0.0, 2),
+            torch.randn(1, 6, 4),
+            "num_tokens 6 exceeds context_length 5",
+        ),
+        (lambda: ref.CausalAttention(4, 4, 5, 0.0), torch.randn(1, 7, 4), "num_tokens 7 exceeds context_length 5"),
+        (lambda: ref.CausalAttention(4, 4, 5, 0.0), torch.randn(5, 4), r"\(batch, num_tokens, d_in\)"),
+        (lambda: ref.MultiHeadAttention(4, 4, 5, 0.0, 2), torch.randn(2, 5, 3), "d_in=4"),
+        (lambda: ref.SelfAttention_v1(3, 2), torch.randn(1, 6, 3), r"\(num_tokens, d_in\)"),
+        (lambda: ref.SelfAttention_v2(3, 2), torch.randn(6), r"\(num_tokens, d_in\)"),
+    ],
+)
+def test_bad_input_raises_value_error(make, x, words):
+    with pytest.raises(ValueError, match=words):
+        layer = make()
+        layer(x)
+
+
+def test_simplified_attention_rank():
+    with pytest.raises(ValueError, match="num_tokens, d"):
+        ref.simplified_self_attention(torch.randn(1, 6, 3))
