@@ -17,6 +17,7 @@ def plot_sweep(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     panels = sorted({(r["dtype"], r["head_dim"], r["dropout_p"], r["mode"]) for r in rows})
     if not panels:
         return []
