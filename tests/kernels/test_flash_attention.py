@@ -131,8 +131,12 @@ def test_rows_without_keys_are_zero_with_zero_grad():
 def test_every_element_is_written(monkeypatch):
     """Outputs and gradients allocated as NaN: any element the kernels skip stays NaN."""
     real_empty_like, real_empty = torch.empty_like, torch.empty
-    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(math.nan))
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(math.nan))
+
+    def poison(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: poison(real_empty_like(t, **kw)))
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, 70, 53, 40, torch.float16))
     out = flash_attention(q, k, v, causal=True, backend="triton")
     out.backward(torch.randn_like(out))
