@@ -35,7 +35,7 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.
 }
 
 stage tests "${TESTS_LIMIT:-150}" $PY -m pytest tests -v -n 16 -p no:cacheprovider --timeout 120 -rfE \
-  -W ignore::pytest_benchmark.logger.PytestBenchmarkWarning
+  -p no:benchmark
 grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -20
 stage sanitizer "${SANITIZER_LIMIT:-40}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 # shellcheck disable=SC2086
