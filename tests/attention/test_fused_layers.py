@@ -66,15 +66,16 @@ def test_outputs_and_all_gradients_match(name, args, shape, backend):
 
 
 def test_chapter_printed_values(backend):
+    inputs = INPUTS.to(DEVICE)
     torch.manual_seed(123)
-    v1 = attention.SelfAttention_v1(3, 2)
-    torch.testing.assert_close(v1(INPUTS), torch.tensor(V1_OUT), atol=1e-4, rtol=0)
-    batch = torch.stack((INPUTS, INPUTS))
+    v1 = attention.SelfAttention_v1(3, 2).to(DEVICE)
+    torch.testing.assert_close(v1(inputs).cpu(), torch.tensor(V1_OUT), atol=1e-4, rtol=0)
+    batch = torch.stack((inputs, inputs))
     torch.manual_seed(123)
-    out = attention.CausalAttention(3, 2, 6, 0.0)(batch)
+    out = attention.CausalAttention(3, 2, 6, 0.0).to(DEVICE)(batch).cpu()
     for b in range(2):
         torch.testing.assert_close(out[b], torch.tensor(CAUSAL_OUT), atol=1e-4, rtol=0)
-    simple = attention.simplified_self_attention(INPUTS)
+    simple = attention.simplified_self_attention(inputs).cpu()
     torch.testing.assert_close(simple[1], torch.tensor([0.4419, 0.6515, 0.5683]), atol=1e-4, rtol=0)
     torch.testing.assert_close(simple, ref.simplified_self_attention(INPUTS), atol=1e-6, rtol=1e-5)
 
