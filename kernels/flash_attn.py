@@ -1,4 +1,4 @@
-"""Fused causal attention in Triton: FlashAttention-2's algorithm, forward and backward, with dropout.
+"""Fused attention in Triton: FlashAttention-2's algorithm, forward and backward, with dropout.
 
 Computes ``dropout(softmax(q @ k^T * softmax_scale + causal_mask)) @ v`` without ever storing the
 ``(Nq, Nk)`` score matrix: each program owns a tile of query rows, streams key/value tiles through
@@ -25,8 +25,9 @@ dropout. The keep bit comes from Philox keyed by a per-call 64-bit seed, with co
 ``8*(j//8) .. 8*(j//8)+7`` (so ``p`` acts rounded to a multiple of ``2^-16``). It depends on the
 element's position only, never on tile sizes, so the backward regenerates the forward's mask and
 nothing of size ``N^2`` is stored. The seed is drawn from PyTorch's default generator of the input's
-device on every call (reproducible under ``torch.manual_seed``; fine under CUDA graph capture, where
-PyTorch's RNG is graph-safe).
+device on every call, inside the op: reproducible under ``torch.manual_seed``, the same bits eager
+and under ``torch.compile``, and a fresh seed on every replay of a captured CUDA graph (PyTorch's
+CUDA RNG is graph-safe).
 
 Launch grids: forward and dQ ``(cdiv(Nq, BLOCK_M), Hq, B)``; dK/dV ``(cdiv(Nk, BLOCK_N), Hkv, B)``,
 one program summing over the query heads of its group, so no atomics and deterministic gradients.
@@ -50,6 +51,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOG2E = 1.4426950408889634
 _MAX_GRID_YZ = 65535  # CUDA limit on grid dims y and z (heads, batch)
+_MAX_TILE_SPAN = 2**31 // 256  # row and head-dim strides below this keep in-tile offsets in int32
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -123,8 +125,9 @@ def _attn_fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        kT_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk  # (D, BLOCK_N)
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vk  # (BLOCK_N, D)
+        # Row start in int64 (N * stride can pass 2^31), offsets inside the tile in int32.
+        kT_ptrs = k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kk
+        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
         if MASKED:
             kT = tl.load(kT_ptrs, mask=mask_d[:, None] & (cols[None, :] < N_K), other=0.0)
         else:
@@ -212,18 +215,21 @@ def _attn_fwd(
     off_z = tl.program_id(2)
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
-    # Batch/head offsets in int64: B*H*N*D passes 2^31 on long sequences.
-    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    # Tile bases (batch, head, first row) in int64: N * stride passes 2^31 on long sequences. Offsets
+    # inside a tile stay int32: the host checks that 256 rows or head dims of any stride fit in 2^31.
+    row0 = (start_m * BLOCK_M).to(tl.int64)
+    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh + row0 * stride_qm
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
-    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)  # offsets inside the tile; offs_m the absolute query rows
+    offs_m = start_m * BLOCK_M + rows
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = offs_m < N_Q
     mask_d = offs_d < head_dim
     q = tl.load(
-        q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+        q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk,
         mask=row_mask[:, None] & mask_d[None, :],
         other=0.0,
     )
@@ -270,7 +276,7 @@ def _attn_fwd(
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     tl.store(LSE + off_zh.to(tl.int64) * N_Q + offs_m, lse, mask=row_mask)
     tl.store(
-        o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
+        o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok,
         acc.to(Out.dtype.element_ty),
         mask=row_mask[:, None] & mask_d[None, :],
     )
@@ -304,15 +310,17 @@ def _attn_bwd_preprocess(
 
     With dropout it still holds: O already carries the kept, rescaled weights.
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    offs_m = row0 + rows
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < head_dim)
-    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-    do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=mask, other=0.0)
+    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0.to(tl.int64) * stride_om
+    do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh + row0.to(tl.int64) * stride_dom
+    o = tl.load(o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     off_zh = (off_z * H + off_h).to(tl.int64)
     tl.store(DELTA + off_zh * N_Q + offs_m, delta, mask=offs_m < N_Q)
@@ -361,10 +369,11 @@ def _attn_bwd_dkdv_inner(
     mask_d = offs_d < head_dim
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = start_m + rows
         row_mask = offs_m < N_Q
         qT = tl.load(
-            q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qk,
+            q_base + start_m.to(tl.int64) * stride_qm + rows[None, :] * stride_qm + offs_d[:, None] * stride_qk,
             mask=mask_d[:, None] & row_mask[None, :],
             other=0.0,
         )  # (D, BLOCK_M)
@@ -376,7 +385,7 @@ def _attn_bwd_dkdv_inner(
         if MASKED:
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
         do = tl.load(
-            do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
+            do_base + start_m.to(tl.int64) * stride_dom + rows[:, None] * stride_dom + offs_d[None, :] * stride_dok,
             mask=row_mask[:, None] & mask_d[None, :],
             other=0.0,
         )  # (BLOCK_M, D)
@@ -452,15 +461,17 @@ def _attn_bwd_dkdv(
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1)
     off_z = tl.program_id(2)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)  # offsets inside the key tile; offs_n the absolute key rows
+    offs_n = start_n + cols
     offs_d = tl.arange(0, BLOCK_D)
     col_mask = offs_n < N_K
     mask_d = offs_d < head_dim
     kv_mask = col_mask[:, None] & mask_d[None, :]
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+    col0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh + col0 * stride_kn
+    v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh + col0 * stride_vn
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -507,13 +518,13 @@ def _attn_bwd_dkdv(
 
     # dS was taken w.r.t. the scaled scores s = softmax_scale * q.k, hence one more factor here.
     dk = dk * softmax_scale
-    dk_base = DK + off_z.to(tl.int64) * stride_dkz + off_hk.to(tl.int64) * stride_dkh
-    dv_base = DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh
+    dk_base = DK + off_z.to(tl.int64) * stride_dkz + off_hk.to(tl.int64) * stride_dkh + col0 * stride_dkn
+    dv_base = DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh + col0 * stride_dvn
     tl.store(
-        dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk, dk.to(DK.dtype.element_ty), mask=kv_mask
+        dk_base + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkk, dk.to(DK.dtype.element_ty), mask=kv_mask
     )
     tl.store(
-        dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvk, dv.to(DV.dtype.element_ty), mask=kv_mask
+        dv_base + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvk, dv.to(DV.dtype.element_ty), mask=kv_mask
     )
 
 
@@ -559,8 +570,10 @@ def _attn_bwd_dq_inner(
             kv_mask = mask_d[:, None] & (cols[None, :] < N_K)
         else:
             kv_mask = mask_d[:, None]
-        kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kk, mask=kv_mask, other=0.0)
-        vT = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vk, mask=kv_mask, other=0.0)
+        kT_ptrs = k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kk
+        vT_ptrs = v_base + start_n.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vk
+        kT = tl.load(kT_ptrs, mask=kv_mask, other=0.0)
+        vT = tl.load(vT_ptrs, mask=kv_mask, other=0.0)
         if UPCAST:
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
@@ -634,16 +647,18 @@ def _attn_bwd_dq(
     off_z = tl.program_id(2)
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)  # offsets inside the query tile; offs_m the absolute query rows
+    offs_m = start_m * BLOCK_M + rows
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = offs_m < N_Q
     qo_mask = row_mask[:, None] & (offs_d[None, :] < head_dim)
-    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+    row0 = (start_m * BLOCK_M).to(tl.int64)
+    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh + row0 * stride_qm
+    do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh + row0 * stride_dom
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qo_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=qo_mask, other=0.0)
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qo_mask, other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=qo_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -678,9 +693,9 @@ def _attn_bwd_dq(
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
     )  # fmt: skip
     dq = dq * softmax_scale
-    dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
+    dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh + row0 * stride_dqm
     tl.store(
-        dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk, dq.to(DQ.dtype.element_ty), mask=qo_mask
+        dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqk, dq.to(DQ.dtype.element_ty), mask=qo_mask
     )
 
 
@@ -789,6 +804,10 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropou
     return o, lse, seed
 
 
+def _in_tile_offsets_fit(t: torch.Tensor) -> bool:
+    return t.stride(2) < _MAX_TILE_SPAN and t.stride(3) < _MAX_TILE_SPAN
+
+
 def _bwd(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, softmax_scale: float):
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
@@ -802,6 +821,8 @@ def _bwd(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, softmax_scal
         head_dim=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block_m,
     )  # fmt: skip
 
+    if not _in_tile_offsets_fit(do):
+        do = do.contiguous()  # a gradient with absurd strides: a copy beats wrong addresses
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -1034,4 +1055,10 @@ def flash_attention(
         raise ValueError(f"head_dim {q.shape[-1]} is not supported by the Triton kernel (1 to 256)")
     if q.shape[0] > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:
         raise ValueError(f"batch {q.shape[0]} and heads {q.shape[1]} must each be at most {_MAX_GRID_YZ}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not _in_tile_offsets_fit(t):
+            raise ValueError(
+                f"{name} has strides {t.stride()}: the Triton kernel needs sequence and head-dim strides below "
+                f"{_MAX_TILE_SPAN} elements; pass {name}.contiguous()"
+            )
     return _attention_triton(q, k, v, causal, dropout_p, softmax_scale)

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
-requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: compiled Triton kernels, large shapes")
+requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton kernels, GPU-sized shapes)")
 
 
 @pytest.fixture(autouse=True)

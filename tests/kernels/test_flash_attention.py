@@ -224,6 +224,13 @@ def test_bad_input(q, k, v, kwargs, error, words):
         flash_attention(q, k, v, **kwargs)
 
 
+def test_strides_too_large_for_int32_tile_offsets():
+    q = torch.empty(2**23 * 4 + 16, device=DEVICE).as_strided((1, 1, 4, 16), (0, 0, 2**23, 1))
+    k = torch.randn(1, 1, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="q has strides"):
+        flash_attention(q, k, k, causal=True, backend="triton")
+
+
 def test_causal_must_be_given_as_bool():
     q = _t(1, 1, 4, 16)
     with pytest.raises(TypeError, match="causal"):
@@ -304,3 +311,26 @@ def test_tf32_follows_torch_setting(monkeypatch):
     err_ieee = (ieee.double() - ref).abs().max().item()
     err_tf32 = (tf32.double() - ref).abs().max().item()
     assert err_ieee < 1e-5 < err_tf32, (err_ieee, err_tf32)
+
+
+def _spread_rows(values: torch.Tensor, row_stride: int) -> torch.Tensor:
+    """A view of values whose rows sit row_stride elements apart, in a storage left mostly untouched."""
+    N, D = values.shape[-2:]
+    storage = torch.empty((N - 1) * row_stride + D, dtype=values.dtype, device=values.device)
+    view = storage.as_strided(values.shape, (0, 0, row_stride, 1))
+    view.copy_(values)
+    return view
+
+
+@pytest.mark.parametrize("spread", ["q", "kv"])
+def test_row_offsets_past_2_pow_31(spread):
+    # Rows 2^20 elements apart (as in a (B, N, H, D) layout with H*D = 2^20): row 2048 starts at
+    # element 2^31, where int32 offsets wrap. Long on one side, short on the other, to stay quick.
+    long, short = 2049, 3
+    Nq, Nk = (long, short) if spread == "q" else (short, long)
+    q, k, v = make_qkv(1, 1, 1, Nq, Nk, 16, torch.float16)
+    if spread == "q":
+        q = _spread_rows(q, 2**20)
+    else:
+        k, v = _spread_rows(k, 2**20), _spread_rows(v, 2**20)
+    check_against_reference(q, k, v, causal=False)
