@@ -983,8 +983,8 @@ def _check_inputs(q, k, v, causal, dropout_p, softmax_scale, backend) -> None:
         raise ValueError(f"batch {B} of q does not match batch {Bk} of k and v")
     if D != Dk:
         raise ValueError(f"head_dim {D} of q does not match {Dk} of k")
-    if min(q.shape) == 0 or min(k.shape) == 0:
-        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every dimension must be >= 1")
+    if D == 0:
+        raise ValueError(f"head_dim must be at least 1, got shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
     if Hq % Hkv != 0:
         raise ValueError(f"query heads {Hq} must be a multiple of key/value heads {Hkv}")
     if not isinstance(causal, bool):
@@ -1051,6 +1051,9 @@ def flash_attention(
     softmax_scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     if not _use_triton(q, backend):
         return _attention_torch(q, k, v, causal, dropout_p, softmax_scale)
+    if q.numel() == 0 or k.shape[2] == 0:
+        # No query or no key: an empty output, or rows that see no key (zeros), as the eager path gives.
+        return q.mul(0.0)
     if q.shape[-1] > 256:
         raise ValueError(f"head_dim {q.shape[-1]} is not supported by the Triton kernel (1 to 256)")
     if q.shape[0] > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:

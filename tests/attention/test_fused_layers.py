@@ -240,3 +240,11 @@ def test_gpt2_small_layer_on_gpu():
     ours, theirs = build("MultiHeadAttention", (768, 768, 1024, 0.0, 12))
     x = torch.randn(4, 1024, 768, device="cuda")
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name, args, shape", CASES[2:], ids=[c[0] for c in CASES[2:]])
+def test_zero_tokens_like_the_chapter(name, args, shape, backend):
+    ours, theirs = build(name, args)
+    x = torch.randn(shape[0], 0, shape[2], device=DEVICE)
+    out = ours(x)
+    assert out.shape == theirs(x).shape
