@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU, requires_gpu
-from test_reference import CAUSAL_OUT, INPUTS, V1_OUT
+from test_reference import BAD_INPUTS, CAUSAL_OUT, INPUTS, V1_OUT, assert_refuses
 
 import attention
 from attention import fused
@@ -209,30 +209,9 @@ def test_wide_head_falls_back_with_one_warning():
     torch.testing.assert_close(out, theirs(x), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "make, x, words",
-    [
-        (lambda: attention.MultiHeadAttention(4, 6, 5, 0.0, 4), None, "d_out 6 must be divisible by num_heads 4"),
-        (
-            lambda: attention.MultiHeadAttention(4, 4, 5, 0.0, 2),
-            torch.randn(1, 6, 4),
-            "num_tokens 6 exceeds context_length 5",
-        ),
-        (
-            lambda: attention.CausalAttention(4, 4, 5, 0.0),
-            torch.randn(1, 7, 4),
-            "num_tokens 7 exceeds context_length 5",
-        ),
-        (lambda: attention.MultiHeadAttentionWrapper(4, 4, 5, 0.0, 2), torch.randn(1, 7, 4), "num_tokens 7"),
-        (lambda: attention.CausalAttention(4, 4, 5, 0.0), torch.randn(5, 4), r"\(batch, num_tokens, d_in\)"),
-        (lambda: attention.MultiHeadAttention(4, 4, 5, 0.0, 2), torch.randn(2, 5, 3), "d_in=4"),
-        (lambda: attention.SelfAttention_v1(3, 2), torch.randn(1, 1, 6, 3), r"\(num_tokens, d_in\)"),
-        (lambda: attention.SelfAttention_v2(3, 2), torch.randn(6), r"\(num_tokens, d_in\)"),
-    ],
-)
-def test_bad_input(make, x, words):
-    with pytest.raises(ValueError, match=words):
-        make()(x)
+@pytest.mark.parametrize("name, args, shape, words", BAD_INPUTS)
+def test_bad_input(name, args, shape, words):
+    assert_refuses(attention, name, args, shape, words)
 
 
 @requires_gpu

@@ -110,26 +110,29 @@ def test_dropout_only_in_training():
     assert not torch.equal(mha(x), mha(x))
 
 
-@pytest.mark.parametrize(
-    "make, x, words",
-    [
-        (lambda: ref.MultiHeadAttention(4, 6, 5, 0.0, 4), None, "d_out 6 must be divisible by num_heads 4"),
-        (
-            lambda: ref.MultiHeadAttention(4, 4, 5, 0.0, 2),
-            torch.randn(1, 6, 4),
-            "num_tokens 6 exceeds context_length 5",
-        ),
-        (lambda: ref.CausalAttention(4, 4, 5, 0.0), torch.randn(1, 7, 4), "num_tokens 7 exceeds context_length 5"),
-        (lambda: ref.CausalAttention(4, 4, 5, 0.0), torch.randn(5, 4), r"\(batch, num_tokens, d_in\)"),
-        (lambda: ref.MultiHeadAttention(4, 4, 5, 0.0, 2), torch.randn(2, 5, 3), "d_in=4"),
-        (lambda: ref.SelfAttention_v1(3, 2), torch.randn(1, 6, 3), r"\(num_tokens, d_in\)"),
-        (lambda: ref.SelfAttention_v2(3, 2), torch.randn(6), r"\(num_tokens, d_in\)"),
-    ],
-)
-def test_bad_input_raises_value_error(make, x, words):
+# (class name, constructor args, input shape or None for a constructor error, message): shared with
+# the fused layers' tests, which must refuse the same input with the same words.
+BAD_INPUTS = [
+    ("MultiHeadAttention", (4, 6, 5, 0.0, 4), None, "d_out 6 must be divisible by num_heads 4"),
+    ("MultiHeadAttention", (4, 4, 5, 0.0, 2), (1, 6, 4), "num_tokens 6 exceeds context_length 5"),
+    ("CausalAttention", (4, 4, 5, 0.0), (1, 7, 4), "num_tokens 7 exceeds context_length 5"),
+    ("MultiHeadAttentionWrapper", (4, 4, 5, 0.0, 2), (1, 7, 4), "num_tokens 7"),
+    ("CausalAttention", (4, 4, 5, 0.0), (5, 4), r"\(batch, num_tokens, d_in\)"),
+    ("MultiHeadAttention", (4, 4, 5, 0.0, 2), (2, 5, 3), "d_in=4"),
+    ("SelfAttention_v1", (3, 2), (1, 1, 6, 3), r"\(num_tokens, d_in\)"),
+    ("SelfAttention_v2", (3, 2), (6,), r"\(num_tokens, d_in\)"),
+]
+
+
+def assert_refuses(module, name, args, shape, words):
     with pytest.raises(ValueError, match=words):
-        layer = make()
-        layer(x)
+        layer = getattr(module, name)(*args)
+        layer(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("name, args, shape, words", BAD_INPUTS)
+def test_bad_input_raises_value_error(name, args, shape, words):
+    assert_refuses(ref, name, args, shape, words)
 
 
 def test_simplified_attention_rank():
