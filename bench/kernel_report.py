@@ -15,7 +15,7 @@ import kernels.flash_attn as fa
 from bench.common import measure
 from kernels import flash_attention
 
-KERNELS = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
+KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
 
 
 def compiled_kernels(jit_fn) -> list:

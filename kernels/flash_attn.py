@@ -4,7 +4,8 @@ Computes ``dropout(softmax(q @ k^T * softmax_scale + causal_mask)) @ v`` without
 ``(Nq, Nk)`` score matrix: each program owns a tile of query rows, streams key/value tiles through
 an online softmax (running row max ``m_i``, running normalizer ``l_i``, unnormalized output ``acc``)
 and writes the output plus one float32 log-sum-exp per row. The backward recomputes the attention
-probabilities tile by tile from that log-sum-exp.
+probabilities tile by tile from that log-sum-exp, in two launches: the dQ kernel (which also writes
+``delta = rowsum(dO * O)`` for its rows) and then the dK/dV kernel (which reads it).
 
 Layout: ``q`` is ``(B, Hq, Nq, D)``, ``k`` and ``v`` are ``(B, Hkv, Nk, D)``, any strides. Query head
 ``h`` reads key/value head ``h // (Hq // Hkv)`` (grouped-query / multi-query attention).
@@ -20,11 +21,12 @@ lengths are run-time arguments (Triton specializes them only on divisibility by 
 
 Dropout: attention weight ``(b, h, i, j)`` is kept with probability ``1 - dropout_p`` and scaled by
 ``1 / (1 - dropout_p)``, exactly ``dropout(softmax(s)) @ v``; the normalizer uses the weights before
-dropout. The keep bit comes from Philox keyed by a per-call 64-bit seed, with counter
-``(j // 8, i, b * Hq + h, 0)`` whose four 32-bit outputs, split in 16-bit halves, cover keys
-``8*(j//8) .. 8*(j//8)+7`` (so ``p`` acts rounded to a multiple of ``2^-16``). It depends on the
-element's position only, never on tile sizes, so the backward regenerates the forward's mask and
-nothing of size ``N^2`` is stored. The seed is drawn from PyTorch's default generator of the input's
+dropout. The keep bit comes from Philox4x32-7 keyed by a per-call 64-bit seed: one call's four
+32-bit outputs, split in 16-bit halves, decide the eight weights rows ``{i, i+8}`` by keys
+``{j, j+1, j+8, j+9}`` (``i % 16 < 8``, ``j % 16 < 8``, ``j`` even) with counter
+``((j//16)*4 + (j%8)//2, (i//16)*8 + i%8, b*Hq + h, 0)``, so ``p`` acts rounded to a multiple of
+``2^-16`` (details in ``_keep_mma_groups``). It depends on the element's position only, never on tile
+sizes, so the backward regenerates the forward's mask and nothing of size ``N^2`` is stored. The seed is drawn from PyTorch's default generator of the input's
 device on every call, inside the op: reproducible under ``torch.manual_seed``, the same bits eager
 and under ``torch.compile``, and a fresh seed on every replay of a captured CUDA graph (PyTorch's
 CUDA RNG is graph-safe).
@@ -53,6 +55,12 @@ _LOG2E = 1.4426950408889634
 _MAX_GRID_YZ = 65535  # CUDA limit on grid dims y and z (heads, batch)
 _MAX_TILE_SPAN = 2**31 // 256  # row and head-dim strides below this keep in-tile offsets in int32
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Which weights one Philox call decides (see _dropout_keep): "mma" (default) or "key-runs", the first
+# design, kept so a GPU session can measure one against the other (bench/dropout_cost.py).
+_DROPOUT_GROUPING = os.environ.get("CHAPTER3_FLASH_DROPOUT_GROUPS", "mma")
+if _DROPOUT_GROUPING not in ("mma", "key-runs"):
+    raise ValueError(f"CHAPTER3_FLASH_DROPOUT_GROUPS must be 'mma' or 'key-runs', got {_DROPOUT_GROUPING!r}")
+_DROPOUT_GROUPS = tl.constexpr(1 if _DROPOUT_GROUPING == "mma" else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,16 +69,71 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _dropout_keep(seed, off_zh, offs_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keep mask (BLOCK_M, BLOCK_N) for query rows offs_m and keys start_n + [0, BLOCK_N).
+def _dropout_keep(
+    seed, off_zh, row0, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr = False
+):
+    """Keep mask for query rows row0 + [0, BLOCK_M) and keys start_n + [0, BLOCK_N): (BLOCK_M, BLOCK_N),
+    or (BLOCK_N, BLOCK_M) with TRANS (the dK/dV kernel's keys-by-queries orientation).
 
-    One Philox4x32-7 call yields four 32-bit words, split into eight 16-bit numbers that decide
-    eight neighbouring keys, so the counter is the key group j // 8 and Philox runs once per eight
-    weights (its ALU work, not the matmuls, is what dropout costs on Hopper). Seven rounds: the
-    smallest Philox4x32 that passes TestU01's BigCrush (Salmon et al., SC'11). start_n is a
-    multiple of BLOCK_N (itself a multiple of 8), so the bits of (row, key) do not depend on tiles.
+    One Philox4x32-7 call yields four 32-bit words, split into eight 16-bit numbers that decide eight
+    weights, so Philox runs once per eight weights (its ALU work, not the matmuls, is what dropout costs
+    on Hopper). Seven rounds: the smallest Philox4x32 that passes TestU01's BigCrush (Salmon et al.,
+    SC'11). The bits of (row, key) depend on the position only: row0 and start_n are multiples of 16.
     """
+    if _DROPOUT_GROUPS == 0:
+        keep = _keep_key_runs(seed, off_zh, row0, start_n, threshold, BLOCK_M, BLOCK_N)
+        if TRANS:
+            keep = tl.trans(keep)
+    else:
+        keep = _keep_mma_groups(seed, off_zh, row0, start_n, threshold, BLOCK_M, BLOCK_N, TRANS)
+    return keep
+
+
+@triton.jit
+def _keep_mma_groups(
+    seed, off_zh, row0, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr
+):
+    """The default grouping: one Philox call decides the eight weights one thread holds in a Hopper
+    wgmma accumulator, rows {i, i + 8} by keys {j, j + 1, j + 8, j + 9} with i = 16a + (0..7) and
+    j = 16b + 2 * (0..3). Counter (c0, c1, c2, c3) = ((j // 16) * 4 + (j % 8) // 2,
+    (i // 16) * 8 + i % 8, b * Hq + h, 0); word 2 * (row + 8) + (key + 8), low 16 bits for the even key,
+    high 16 bits for the odd one. The mask then lands in the registers that use it: no layout conversion
+    through shared memory in the forward and dQ kernels (bench/sm90.py: 14 -> 4 conversions in the
+    forward, 15 -> 5 in dQ, against the eight-consecutive-keys grouping).
+    """
+    tl.static_assert(BLOCK_M % 16 == 0)
+    tl.static_assert(BLOCK_N % 16 == 0)
+    rows = row0 // 2 + tl.arange(0, BLOCK_M // 2)
+    keys = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    c0 = tl.broadcast_to(keys[None, :], (BLOCK_M // 2, BLOCK_N // 4)).to(tl.uint32)
+    c1 = tl.broadcast_to(rows[:, None], (BLOCK_M // 2, BLOCK_N // 4)).to(tl.uint32)
+    c3 = tl.zeros((BLOCK_M // 2, BLOCK_N // 4), tl.uint32)
+    c2 = c3 + off_zh.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
+    # P(bits >= threshold) = 1 - threshold / 2^16 = 1 - dropout_p, p rounded to a multiple of 2^-16.
+    k0 = tl.join((r0 & 0xFFFF) >= threshold, (r0 >> 16) >= threshold)
+    k1 = tl.join((r1 & 0xFFFF) >= threshold, (r1 >> 16) >= threshold)
+    k2 = tl.join((r2 & 0xFFFF) >= threshold, (r2 >> 16) >= threshold)
+    k3 = tl.join((r3 & 0xFFFF) >= threshold, (r3 >> 16) >= threshold)
+    keep = tl.join(tl.join(k0, k1), tl.join(k2, k3))  # (M/2, N/4, key + 1, key + 8, row + 8)
+    keep = tl.reshape(keep, (BLOCK_M // 16, 8, BLOCK_N // 16, 4, 2, 2, 2))
+    if TRANS:
+        keep = tl.permute(keep, (2, 5, 3, 4, 0, 6, 1))  # (j / 16, +8, (j % 8) / 2, +1, i / 16, +8, i % 8)
+        keep = tl.reshape(keep, (BLOCK_N, BLOCK_M))
+    else:
+        keep = tl.permute(keep, (0, 6, 1, 2, 5, 3, 4))  # (i / 16, +8, i % 8, j / 16, +8, (j % 8) / 2, +1)
+        keep = tl.reshape(keep, (BLOCK_M, BLOCK_N))
+    return keep
+
+
+@triton.jit
+def _keep_key_runs(seed, off_zh, row0, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The first grouping (kept to measure against): one Philox call decides eight consecutive keys of
+    one row, counter (j // 8, i, b * Hq + h, 0); key 8g + e reads word 2 * (e % 2) + (e // 2) % 2, half
+    e // 4 (the order of the joins). Every tile pays a layout conversion to spread each run of eight
+    over the four threads that hold it."""
     tl.static_assert(BLOCK_N % 8 == 0)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
     c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, BLOCK_N // 8)).to(tl.uint32)
     c1 = tl.broadcast_to(offs_m[:, None], (BLOCK_M, BLOCK_N // 8)).to(tl.uint32)
@@ -79,8 +142,7 @@ def _dropout_keep(seed, off_zh, offs_m, start_n, threshold, BLOCK_M: tl.constexp
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
     w01 = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))  # (M, N/8, 2, 2)
     w23 = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
-    bits = tl.reshape(tl.join(w01, w23), (BLOCK_M, BLOCK_N))  # row-major: 8 keys per group
-    # P(bits >= threshold) = 1 - threshold / 2^16 = 1 - dropout_p, p rounded to a multiple of 2^-16.
+    bits = tl.reshape(tl.join(w01, w23), (BLOCK_M, BLOCK_N))
     return bits >= threshold
 
 
@@ -101,6 +163,7 @@ def _attn_fwd_inner(
     stride_kk,
     stride_vn,
     stride_vk,
+    row0,
     offs_m,
     offs_d,
     lo,
@@ -153,7 +216,7 @@ def _attn_fwd_inner(
         # The normalizer sums the weights before dropout: dropout(softmax(s)), not softmax(dropout(s)).
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, off_zh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, off_zh, row0, start_n, drop_threshold, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         if MASKED:
             v = tl.load(v_ptrs, mask=mask_d[None, :] & (cols[:, None] < N_K), other=0.0)
@@ -165,6 +228,24 @@ def _attn_fwd_inner(
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
+
+
+@triton.jit
+def _key_range(row0, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys a query tile (rows row0 + [0, BLOCK_M)) reads: [0, full_end) in whole blocks every row sees
+    and inside N_K (no mask needed), then [full_end, hi): the causal diagonal and the ragged end.
+
+    Query i sees keys j <= i + diag, diag = N_K - N_Q (bottom-right aligned causal diagonal).
+    """
+    diag = N_K - N_Q
+    if CAUSAL:
+        hi = tl.minimum(N_K, row0 + BLOCK_M + diag)
+        full_end = tl.minimum(row0 + diag + 1, hi)  # the tile's first row sees keys up to row0 + diag
+    else:
+        hi = N_K
+        full_end = N_K
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    return diag, full_end, hi
 
 
 @triton.jit
@@ -243,25 +324,15 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # Query i sees keys j <= i + diag (bottom-right aligned causal diagonal).
-    diag = N_K - N_Q
-    if CAUSAL:
-        hi = tl.minimum(N_K, start_m * BLOCK_M + BLOCK_M + diag)
-        # Keys below the block's first row's limit are visible to every row of the block.
-        full_end = tl.minimum(start_m * BLOCK_M + diag + 1, hi)
-    else:
-        hi = N_K
-        full_end = N_K
-    # Blocks fully visible and fully inside N_K skip every mask; the rest (the diagonal, the ragged end).
-    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    diag, full_end, hi = _key_range(start_m * BLOCK_M, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
         0, full_end, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
         full_end, hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
@@ -285,45 +356,6 @@ def _attn_fwd(
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _attn_bwd_preprocess(
-    Out,
-    DO,
-    DELTA,
-    stride_oz,
-    stride_oh,
-    stride_om,
-    stride_ok,
-    stride_doz,
-    stride_doh,
-    stride_dom,
-    stride_dok,
-    H,
-    N_Q,
-    head_dim,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax backward's correction term.
-
-    With dropout it still holds: O already carries the kept, rescaled weights.
-    """
-    rows = tl.arange(0, BLOCK_M)
-    row0 = tl.program_id(0) * BLOCK_M
-    offs_m = row0 + rows
-    off_h = tl.program_id(1)
-    off_z = tl.program_id(2)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < head_dim)
-    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0.to(tl.int64) * stride_om
-    do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh + row0.to(tl.int64) * stride_dom
-    o = tl.load(o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
-    do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    off_zh = (off_z * H + off_h).to(tl.int64)
-    tl.store(DELTA + off_zh * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
 @triton.jit
@@ -392,7 +424,7 @@ def _attn_bwd_dkdv_inner(
         if UPCAST:
             do = do.to(tl.float32)
         if DROPOUT:
-            keepT = tl.trans(_dropout_keep(seed, off_zh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N))
+            keepT = _dropout_keep(seed, off_zh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, TRANS=True)
             pT_drop = tl.where(keepT, pT * inv_keep, 0.0)
         else:
             pT_drop = pT
@@ -541,6 +573,7 @@ def _attn_bwd_dq_inner(
     stride_kk,
     stride_vn,
     stride_vk,
+    row0,
     offs_m,
     offs_d,
     lo,
@@ -586,7 +619,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, off_zh, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, off_zh, row0, start_n, drop_threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
@@ -598,6 +631,7 @@ def _attn_bwd_dq(
     Q,
     K,
     V,
+    Out,
     DO,
     DQ,
     LSE,
@@ -619,6 +653,10 @@ def _attn_bwd_dq(
     stride_vh,
     stride_vn,
     stride_vk,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_ok,
     stride_doz,
     stride_doh,
     stride_dom,
@@ -663,7 +701,13 @@ def _attn_bwd_dq(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse = tl.load(LSE + off_zh.to(tl.int64) * N_Q + offs_m, mask=row_mask, other=float("inf"))
-    delta = tl.load(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, mask=row_mask, other=0.0)
+    # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax backward's correction term (O already
+    # carries dropout's kept, rescaled weights). Computed here, where dO is loaded anyway, and stored for
+    # the dK/dV kernel launched after this one: no separate launch for it.
+    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
+    o = tl.load(o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=qo_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, delta, mask=row_mask)
     seed = 0
     inv_keep = 1.0
     if DROPOUT:
@@ -671,23 +715,16 @@ def _attn_bwd_dq(
         inv_keep = 1.0 / (1.0 - dropout_p)
 
     # The same key range as the forward: unmasked full blocks, then the diagonal / ragged tail.
-    diag = N_K - N_Q
-    if CAUSAL:
-        hi = tl.minimum(N_K, start_m * BLOCK_M + BLOCK_M + diag)
-        full_end = tl.minimum(start_m * BLOCK_M + diag + 1, hi)
-    else:
-        hi = N_K
-        full_end = N_K
-    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    diag, full_end, hi = _key_range(start_m * BLOCK_M, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
         0, full_end, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, offs_m, offs_d,
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
         full_end, hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
@@ -822,30 +859,25 @@ def _bwd(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, softmax_scal
     flags = _kernel_flags(q, causal, dropout_p)
     cfgs = _configs(flags["BLOCK_D"], q.dtype, flags["DROPOUT"])
 
-    delta = torch.empty_like(lse)
-    pre_block_m = 64 if not _INTERPRET else 32
-    _attn_bwd_preprocess[(triton.cdiv(N_Q, pre_block_m), H, B)](
-        o, do, delta, *o.stride(), *do.stride(), H, N_Q,
-        head_dim=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block_m,
-    )  # fmt: skip
-
     if not _in_tile_offsets_fit(do):
         do = do.contiguous()  # a gradient with absurd strides: a copy beats wrong addresses
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    delta = torch.empty_like(lse)
     common = (softmax_scale, softmax_scale * _LOG2E, dropout_p, _drop_threshold(dropout_p))
+    # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
+    cfg = cfgs["dq"]
+    _attn_bwd_dq[(triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)](
+        q, k, v, o, do, dq, lse, delta, seed, *common,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+        H, H // H_KV, N_Q, N_K,
+        **flags, **cfg,
+    )  # fmt: skip
     cfg = cfgs["dkdv"]
     _attn_bwd_dkdv[(triton.cdiv(N_K, cfg["BLOCK_N"]), H_KV, B)](
         q, k, v, do, dk, dv, lse, delta, seed, *common,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, H // H_KV, N_Q, N_K,
-        **flags, **cfg,
-    )  # fmt: skip
-    cfg = cfgs["dq"]
-    _attn_bwd_dq[(triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)](
-        q, k, v, do, dq, lse, delta, seed, *common,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, H // H_KV, N_Q, N_K,
         **flags, **cfg,
     )  # fmt: skip

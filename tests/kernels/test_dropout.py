@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, requires_gpu
 from helpers import assert_close_to_reference, attention_eager
 
+import kernels.flash_attn as fa
 from kernels import flash_attention
 
 
@@ -47,6 +49,43 @@ def test_keep_rate(p, backend):
     assert not torch.equal(keep[0, 0], keep[0, 1])
     assert not torch.equal(keep[0, 0], keep[1, 0])
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 7):
+    """Philox4x32 (Salmon et al., SC'11) in numpy, as tl.philox computes it: key = the seed's two halves."""
+    mask = np.uint64(0xFFFFFFFF)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    c = [np.asarray(x, dtype=np.uint64) for x in (c0, c1, c2, c3)]
+    for _ in range(rounds):
+        p0, p2 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
+        c = [(p2 >> np.uint64(32)) ^ c[1] ^ k0, p2 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c
+
+
+def documented_keep_mask(seed: int, B: int, H: int, Nq: int, Nk: int, p: float) -> torch.Tensor:
+    """The keep bits the module docstring promises for weight (b, h, i, j), computed without Triton."""
+    b, h, i, j = np.meshgrid(np.arange(B), np.arange(H), np.arange(Nq), np.arange(Nk), indexing="ij")
+    if fa._DROPOUT_GROUPING == "mma":  # rows {i, i+8} x keys {j, j+1, j+8, j+9} per Philox call
+        counter = ((j // 16) * 4 + (j % 8) // 2, (i // 16) * 8 + i % 8, b * H + h, 0 * i)
+        word, half = 2 * ((i // 8) % 2) + (j // 8) % 2, j % 2
+    else:  # eight consecutive keys of one row per Philox call, e = j % 8 in the kernel's join order
+        counter = (j // 8, i, b * H + h, 0 * i)
+        e = j % 8
+        word, half = 2 * (e % 2) + (e // 2) % 2, e // 4
+    words = np.choose(word, philox4x32(seed, *counter))
+    bits = (words >> (16 * half).astype(np.uint64)) & np.uint64(0xFFFF)
+    return torch.from_numpy(bits >= fa._drop_threshold(p))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.6])
+def test_keep_bits_follow_the_documented_philox_counter(p):
+    # Anyone can reproduce a mask: Philox4x32-7 on the documented counter, nothing tile-dependent.
+    B, H, N, seed = 2, 2, 72, 5
+    keep = recover_keep_mask(B, H, H, N, N, p, causal=False, seed=seed)
+    torch.manual_seed(seed)
+    philox_seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEVICE))  # what the op draws
+    assert torch.equal(keep.cpu(), documented_keep_mask(philox_seed, B, H, N, N, p))
 
 
 def test_same_seed_same_result_different_seed_differs():

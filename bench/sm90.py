@@ -1,0 +1,203 @@
+"""Compile every kernel for Hopper (sm_90) on any machine, no GPU needed, and report what came out.
+
+The host launchers run exactly as on a GPU (the same configs, the same argument specialization from
+real tensors' strides and alignment), but against a stand-in driver that names an sm_90 device, and
+each launch only compiles (Triton's warmup path). Triton ships its own ptxas and cuobjdump, so the
+result is the real cubin an H100/H200 would run. Per kernel it reports registers per thread, local
+memory (register spills), shared memory against Hopper's 227 KiB per block, whether the matrix
+products became wgmma (HGMMA) instructions, the layout conversions left in the Triton GPU IR, and a
+static count of SASS instructions by kind (a proxy for the non-matmul work, not a timing).
+
+    python -m bench.sm90                        # GPT-2 shape, bf16 and fp32, dropout 0 and 0.1
+    python -m bench.sm90 --head-dims 64 128 --dtypes bf16 --dropout 0.1 --sass
+
+A compile error, a config that overflows shared memory, or spills show here on a laptop, before a GPU
+session spends its minutes on them. Must run without TRITON_INTERPRET (the module refuses otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("bench.sm90 compiles real kernels: run it without TRITON_INTERPRET=1")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+import kernels.flash_attn as fa
+
+SM90 = GPUTarget("cuda", 90, 32)
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
+# fp32: TF32 allowed (wgmma in TF32); fp32-ieee: PyTorch's default, exact float32 products (FMA).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-ieee": torch.float32}
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# An instruction line of cuobjdump -sass: "/*0a50*/  @!P0 HGMMA.64x64x16.F32.BF16 R24, ..."
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+class _OfflineDriver:
+    """Just enough of Triton's active driver for the JIT to specialize and compile for sm_90."""
+
+    def get_current_target(self):
+        return SM90
+
+    def get_current_device(self):
+        return "sm90-offline"
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"the offline sm_90 driver cannot {name}: nothing runs without a GPU")
+
+
+@contextlib.contextmanager
+def compile_only(found: dict[str, list]):
+    """Every launch of the module's kernels compiles for sm_90 and records the kernel; none runs."""
+    driver = triton.runtime.driver
+    active = driver._active  # reset_active() would look for a real GPU driver, which may not exist
+    driver.set_active(_OfflineDriver())
+    saved = {}
+    for name in KERNELS:
+        jit = getattr(fa, name)
+        saved[name] = jit.__dict__.get("run")
+
+        def run(*args, grid, warmup, _jit=jit, _name=name, **kwargs):
+            kernel = type(_jit).run(_jit, *args, grid=grid, warmup=True, **kwargs)
+            found.setdefault(_name, []).append(kernel)
+            return kernel
+
+        jit.run = run
+    try:
+        yield
+    finally:
+        for name in KERNELS:
+            jit = getattr(fa, name)
+            if saved[name] is None:
+                del jit.run
+            else:
+                jit.run = saved[name]
+        driver._active = active
+
+
+@dataclasses.dataclass
+class Report:
+    case: str
+    kernel: str
+    regs: int
+    local_bytes: int  # stack frame + local memory per thread: register spills (0 when none)
+    shared_bytes: int
+    num_warps: int
+    num_stages: int
+    hgmma: int  # wgmma instructions in the SASS (0: the dots fell back to mma.sync or FMA)
+    convert_layout: int  # layout conversions in the Triton GPU IR (each one a trip through shared memory or shuffles)
+    sass: dict[str, int]
+
+    def line(self) -> str:
+        return (
+            f"{self.case:<24} {self.kernel:<21} regs {self.regs:>3}  local {self.local_bytes:>4} B  "
+            f"smem {self.shared_bytes:>6} B  warps {self.num_warps}  stages {self.num_stages}  "
+            f"HGMMA {self.hgmma:>3}  convert_layout {self.convert_layout:>3}  SASS {sum(self.sass.values()):>5}"
+        )
+
+
+def _tool(name: str, *args: str) -> str:
+    out = subprocess.run([os.path.join(_BIN, name), *args], capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def inspect(case: str, name: str, kernel) -> Report:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = _tool("cuobjdump", "--dump-resource-usage", path)
+        sass = _tool("cuobjdump", "-sass", path)
+    reg = re.search(r"REG:(\d+)", usage)
+    spill = [int(x) for x in re.findall(r"(?:STACK|LOCAL):(\d+)", usage)]
+    ops = collections.Counter(m.split(".")[0] for m in _SASS_OP.findall(sass))
+    meta = kernel.metadata
+    return Report(
+        case=case,
+        kernel=name,
+        regs=int(reg.group(1)) if reg else -1,
+        local_bytes=sum(spill),
+        shared_bytes=meta.shared,
+        num_warps=meta.num_warps,
+        num_stages=meta.num_stages,
+        hgmma=ops.get("HGMMA", 0),
+        convert_layout=kernel.asm["ttgir"].count("ttg.convert_layout"),
+        sass=dict(ops.most_common()),
+    )
+
+
+def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float, tf32: bool = True, h_kv=None):
+    """Run the forward and backward launchers on CPU tensors of this shape; returns {kernel: [compiled]}."""
+    h_kv = h_kv or H
+    q = torch.zeros(B, H, N, D, dtype=dtype)
+    k = torch.zeros(B, h_kv, N, D, dtype=dtype)
+    v = torch.zeros(B, h_kv, N, D, dtype=dtype)
+    found: dict[str, list] = {}
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with compile_only(found):
+            o, lse, seed = fa._fwd(q, k, v, causal, dropout_p, D**-0.5)
+            fa._bwd(torch.zeros_like(o), q, k, v, o, lse, seed, causal, dropout_p, D**-0.5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    return found
+
+
+def reports(head_dims, dtypes, dropouts, causal=True) -> list[Report]:
+    out = []
+    for D in head_dims:
+        for dname in dtypes:
+            for p in dropouts:
+                case = f"D{D} {dname} p{p}{'' if causal else ' non-causal'}"
+                tf32 = dname != "fp32-ieee"
+                for name, compiled in compile_case(1, 2, 256, D, DTYPES[dname], causal, p, tf32).items():
+                    out += [inspect(case, name, kernel) for kernel in compiled]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.sm90", description=__doc__.split("\n")[0])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
+    ap.add_argument("--non-causal", action="store_true", help="compile the non-causal kernels instead")
+    ap.add_argument("--sass", action="store_true", help="print each kernel's SASS histogram too")
+    ap.add_argument("--json", help="write the reports to this file")
+    args = ap.parse_args(argv)
+    print(f"triton {triton.__version__}, target {SM90}")
+    found = reports(args.head_dims, args.dtypes, args.dropout, causal=not args.non_causal)
+    bad = []
+    for r in found:
+        print(r.line())
+        if args.sass:
+            print("    " + ", ".join(f"{op} {n}" for op, n in r.sass.items() if n >= 4))
+        if r.shared_bytes > SMEM_LIMIT:
+            bad.append(f"{r.case} {r.kernel}: {r.shared_bytes} B of shared memory > {SMEM_LIMIT}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in found], f, indent=1)
+    for line in bad:
+        print("FAIL", line)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Every kernel compiles for Hopper (sm_90), with the configs and argument specializations a GPU run uses.
+
+The interpreter runs the kernels' arithmetic but never the compiler: a construct the interpreter
+accepts and Triton's compiler rejects (a non-constexpr global, a layout the backend cannot lower, a
+config that overflows shared memory) would only show on a GPU. bench/sm90.py compiles the real thing
+on any machine, with Triton's bundled ptxas, so these tests catch it here. Each case runs in a
+subprocess: the test process has already imported the kernels for the interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import triton
+from conftest import ON_GPU
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+KERNELS = {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"}
+SMEM_LIMIT = 232448  # bytes per block on sm_90
+HAS_TOOLS = (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
+
+# name: (head dim, dtypes, extra flags). Head dim 40 is not a multiple of 16, so the loads cannot assume
+# aligned rows (another specialization). fp32-ieee: PyTorch's default exact float32 products.
+CASES = {
+    "D16": (16, ["bf16", "fp32"], []),
+    "D40": (40, ["bf16", "fp32"], []),
+    "D64": (64, ["bf16", "fp16", "fp32", "fp32-ieee"], []),
+    "D64-non-causal": (64, ["bf16", "fp32"], ["--non-causal"]),
+    "D128": (128, ["bf16", "fp32", "fp32-ieee"], []),
+    "D256": (256, ["bf16", "fp32"], []),
+}
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the rest of the suite compiles and runs the real kernels")
+@pytest.mark.skipif(not HAS_TOOLS, reason="this Triton has no bundled NVIDIA tools (cuobjdump) to read a cubin")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_kernel_compiles_for_hopper(case, tmp_path):
+    out = tmp_path / "sm90.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default; set to quiet its deprecation warning
+    head_dim, dtypes, extra = CASES[case]
+    cmd = [sys.executable, "-m", "bench.sm90", "--head-dims", str(head_dim), "--dtypes", *dtypes, *extra]
+    cmd += ["--dropout", "0", "0.1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+    reports = json.loads(out.read_text())
+    by_case: dict[str, set] = {}
+    for r in reports:
+        by_case.setdefault(r["case"], set()).add(r["kernel"])
+        assert r["shared_bytes"] <= SMEM_LIMIT, f"{r['case']} {r['kernel']}: {r['shared_bytes']} B shared memory"
+        assert r["regs"] > 0, f"{r['case']} {r['kernel']}: no register count in the cubin"
+        half = " bf16 " in r["case"] or " fp16 " in r["case"]
+        if half:  # half precision must reach Hopper's warpgroup matrix instructions
+            assert r["hgmma"] > 0, f"{r['case']} {r['kernel']}: no HGMMA (wgmma) in the SASS"
+    assert len(by_case) == len(dtypes) * 2, f"expected every dtype with dropout 0 and 0.1, got {sorted(by_case)}"
+    for name, kernels in by_case.items():
+        assert kernels == KERNELS, f"{name}: compiled {sorted(kernels)}, expected {sorted(KERNELS)}"
