@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", type=_csv(str), default=["layers", "sweep", "e2e"], help="any of layers,sweep,e2e")
     ap.add_argument("--seq-lens", type=_csv(int), default=list(sweep.SEQ_LENS), help="sweep sequence lengths")
-    ap.add_argument("--dtypes", type=_csv(str), default=["bf16", "fp16", "fp32"], help="sweep dtypes")
+    ap.add_argument(
+        "--dtypes", type=_csv(str), default=["bf16", "fp16", "fp32", "fp32-ieee"], help="sweep dtypes (fp32: TF32 on)"
+    )
     ap.add_argument("--head-dims", type=_csv(int), default=[64, 128], help="64 (12 heads) and/or 128 (16 heads)")
     ap.add_argument("--modes", type=_csv(str), default=["fwd", "fwd_bwd"], help="fwd and/or fwd_bwd")
     ap.add_argument("--dropouts", type=_csv(float), default=[0.0, 0.1], help="sweep dropout probabilities")

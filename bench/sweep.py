@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from bench.common import is_oom, measure, peak_memory
 from kernels import flash_attention
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# fp32: TF32 matmuls allowed, as most PyTorch users run float32 on tensor cores; fp32-ieee: PyTorch's
+# default (torch.backends.cuda.matmul.allow_tf32 = False), exact float32 products for everyone.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-ieee": torch.float32}
 ALL_PROVIDERS = (
     "ours",
     "sdpa_flash",
@@ -154,7 +156,8 @@ def _priority(dtype: str, head_dim: int, dropout_p: float, provider: str) -> tup
         ("bf16", 64, 0.1): 3,
         ("fp16", 64, 0.0): 4,
         ("fp16", 128, 0.0): 5,
-    }.get((dtype, head_dim, dropout_p), 6)
+        ("fp32-ieee", 64, 0.0): 6,
+    }.get((dtype, head_dim, dropout_p), 7)
     return (provider == "flex", tier)
 
 
@@ -246,6 +249,8 @@ def _measure_case(case: Case, mode: str, fn: Callable, tensors, batch: int, devi
     p = case.dropout_p
     if case.dtype == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True  # as PyTorch users run float32 on tensor cores
+    if case.dtype == "fp32-ieee":
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 products, for us and for SDPA
     try:
         if mode == "fwd":
             with torch.no_grad():

@@ -257,7 +257,7 @@ def _attn_fwd(
     LSE,
     SEED,
     qk_scale,
-    dropout_p,
+    inv_keep,
     drop_threshold,
     stride_qz,
     stride_qh,
@@ -342,7 +342,7 @@ def _attn_fwd(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     if DROPOUT:
-        acc = acc * (1.0 / (1.0 - dropout_p))
+        acc = acc * inv_keep
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     tl.store(LSE + off_zh.to(tl.int64) * N_Q + offs_m, lse, mask=row_mask)
@@ -451,7 +451,7 @@ def _attn_bwd_dkdv(
     SEED,
     softmax_scale,
     qk_scale,
-    dropout_p,
+    inv_keep,
     drop_threshold,
     stride_qz,
     stride_qh,
@@ -508,10 +508,8 @@ def _attn_bwd_dkdv(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     seed = 0
-    inv_keep = 1.0
     if DROPOUT:
         seed = tl.load(SEED)
-        inv_keep = 1.0 / (1.0 - dropout_p)
 
     diag = N_K - N_Q
     m_end = tl.cdiv(N_Q, BLOCK_M) * BLOCK_M
@@ -639,7 +637,7 @@ def _attn_bwd_dq(
     SEED,
     softmax_scale,
     qk_scale,
-    dropout_p,
+    inv_keep,
     drop_threshold,
     stride_qz,
     stride_qh,
@@ -709,10 +707,8 @@ def _attn_bwd_dq(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, delta, mask=row_mask)
     seed = 0
-    inv_keep = 1.0
     if DROPOUT:
         seed = tl.load(SEED)
-        inv_keep = 1.0 / (1.0 - dropout_p)
 
     # The same key range as the forward: unmasked full blocks, then the diagonal / ragged tail.
     diag, full_end, hi = _key_range(start_m * BLOCK_M, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
@@ -746,19 +742,49 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _configs(block_d: int, dtype: torch.dtype, dropout: bool) -> dict[str, dict[str, int]]:
+def _configs(
+    block_d: int, dtype: torch.dtype, dropout: bool, *, ieee: bool = False, aligned: bool = True
+) -> dict[str, dict[str, int]]:
     """Tile sizes, warps and pipeline depth per kernel, by padded head dim and element size.
 
     Fixed per (head dim, dtype) rather than autotuned per sequence length, so a new N never
     recompiles or re-benchmarks. Under the interpreter: small tiles with BLOCK_M != BLOCK_N, so even
     small test inputs cross several blocks and an off-centre causal diagonal. With dropout the
-    mask's Philox words need registers: 8 warps share each tile (4 warps spilled on an H200, run 1).
+    mask's Philox words need registers: 8 warps share each tile (4 warps spilled on an H200, run 1);
+    so do head dims that are not a multiple of 16 (element-wise loads: 632 B of spills per thread in
+    the forward at head dim 40 with 4 warps, none with 8; bench/sm90.py). ``ieee``: float32 with exact
+    products (TF32 not allowed), whose FMA dots hold whole operand strips in registers: tiles of their
+    own, chosen so that no kernel spills (bench/sm90.py, Triton 3.6).
     """
+    if ieee and not _INTERPRET:
+        return _ieee_configs(block_d)
     cfgs = _base_configs(block_d, dtype)
-    if dropout and not _INTERPRET:
+    if (dropout or not aligned) and not _INTERPRET:
         for cfg in cfgs.values():
             cfg["num_warps"] = 8
     return cfgs
+
+
+def _ieee_configs(block_d: int) -> dict[str, dict[str, int]]:
+    # Registers per thread, no spills, on sm_90 with Triton 3.6 (bench/sm90.py): where the TF32 configs
+    # spilled 992 B (forward), 104 B (dQ) and 792 B (dK/dV) at head dim 64, and 696 / 504 / 1200 B at 128.
+    if block_d <= 64:  # 94, 120, 104 registers
+        return {
+            "fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+            "dkdv": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+            "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        }
+    if block_d <= 128:  # 79, 168, 128 registers (dQ with 4 warps spilled 768 B with dropout)
+        return {
+            "fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2),
+            "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+            "dq": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+        }
+    return {  # 217, 255, 168 registers (dQ spills 8 B)
+        "fwd": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+        "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
+        "dq": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2),
+    }
 
 
 def _base_configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
@@ -771,7 +797,10 @@ def _base_configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]
     wide = dtype == torch.float32  # 4-byte tiles: half the tile area fits in shared memory
     if block_d <= 64:
         return {
-            "fwd": dict(BLOCK_M=128, BLOCK_N=64 if not wide else 32, num_warps=4, num_stages=3),
+            # Forward 128x64 with 8 warps: 1.08x forward, 1.02x forward+backward over 4 warps (H200, run 2).
+            "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+            if not wide
+            else dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
             "dkdv": dict(BLOCK_M=32, BLOCK_N=128 if not wide else 64, num_warps=4, num_stages=3),
             # dQ 128x64 with 8 warps: 1.06x forward+backward over 128x32 with 4 (H200, bench/tune.py, run 2).
             "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
@@ -789,10 +818,15 @@ def _base_configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]
             if not wide
             else dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
         }
+    # Head dim 256: two pipeline stages keep the backward's operands in shared memory instead of
+    # registers; spills per thread on sm_90 (Triton 3.6, bench/sm90.py) go from 640 B to 24 B in dK/dV
+    # and from 328 B (half) / 424 B (float32) to none in dQ.
     return {
         "fwd": dict(BLOCK_M=64 if not wide else 32, BLOCK_N=32, num_warps=8, num_stages=2),
-        "dkdv": dict(BLOCK_M=16 if wide else 32, BLOCK_N=64 if not wide else 32, num_warps=8, num_stages=1),
-        "dq": dict(BLOCK_M=64 if not wide else 32, BLOCK_N=32 if not wide else 16, num_warps=8, num_stages=1),
+        "dkdv": dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2)
+        if not wide
+        else dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
+        "dq": dict(BLOCK_M=64 if not wide else 32, BLOCK_N=32, num_warps=8, num_stages=2),
     }
 
 
@@ -804,8 +838,14 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _drop_threshold(dropout_p: float) -> int:
-    # The kernel compares 16-bit random numbers: p is rounded to the nearest multiple of 2^-16 (< 7.7e-6 off).
-    return min(round(dropout_p * 2**16), 2**16 - 1)
+    # The kernel keeps a weight when its 16-bit random number is >= this: p is rounded to the nearest
+    # multiple of 2^-16 (< 7.7e-6 off), never up to 1 unless it is 1 (then nothing is kept, as nn.Dropout).
+    return 2**16 if dropout_p == 1.0 else min(round(dropout_p * 2**16), 2**16 - 1)
+
+
+def _inv_keep(dropout_p: float) -> float:
+    # The kept weights' scale; p = 1 keeps nothing, and 0 (not inf) keeps 0 * scale from turning into NaN.
+    return 0.0 if dropout_p == 1.0 else 1.0 / (1.0 - dropout_p)
 
 
 def _kernel_flags(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
@@ -818,6 +858,11 @@ def _kernel_flags(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
         # The interpreter's tl.dot on bfloat16 operands is wrong; do those dots in float32 there.
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
     )
+
+
+def _kernel_configs(q: torch.Tensor, flags: dict) -> dict[str, dict[str, int]]:
+    ieee = flags["INPUT_PRECISION"] == "ieee"
+    return _configs(flags["BLOCK_D"], q.dtype, flags["DROPOUT"], ieee=ieee, aligned=q.shape[-1] % 16 == 0)
 
 
 def _new_seed(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -837,11 +882,11 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropou
     lse = torch.empty((B, H, N_Q), dtype=torch.float32, device=q.device)
     seed = _new_seed(q, dropout_p)
     flags = _kernel_flags(q, causal, dropout_p)
-    cfg = _configs(flags["BLOCK_D"], q.dtype, flags["DROPOUT"])["fwd"]
+    cfg = _kernel_configs(q, flags)["fwd"]
     grid = (triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)
     _attn_fwd[grid](
         q, k, v, o, lse, seed,
-        softmax_scale * _LOG2E, dropout_p, _drop_threshold(dropout_p),
+        softmax_scale * _LOG2E, _inv_keep(dropout_p), _drop_threshold(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // k.shape[1], N_Q, N_K,
         **flags, **cfg,
@@ -857,7 +902,7 @@ def _bwd(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, softmax_scal
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
     flags = _kernel_flags(q, causal, dropout_p)
-    cfgs = _configs(flags["BLOCK_D"], q.dtype, flags["DROPOUT"])
+    cfgs = _kernel_configs(q, flags)
 
     if not _in_tile_offsets_fit(do):
         do = do.contiguous()  # a gradient with absurd strides: a copy beats wrong addresses
@@ -865,7 +910,7 @@ def _bwd(do, q, k, v, o, lse, seed, causal: bool, dropout_p: float, softmax_scal
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty_like(lse)
-    common = (softmax_scale, softmax_scale * _LOG2E, dropout_p, _drop_threshold(dropout_p))
+    common = (softmax_scale, softmax_scale * _LOG2E, _inv_keep(dropout_p), _drop_threshold(dropout_p))
     # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
     cfg = cfgs["dq"]
     _attn_bwd_dq[(triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)](
@@ -1031,8 +1076,8 @@ def _check_inputs(q, k, v, causal, dropout_p, softmax_scale, backend) -> None:
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {dropout_p!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
             raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
@@ -1073,8 +1118,9 @@ def flash_attention(
             float16, bfloat16 or float32 (one dtype for all three); D from 1 to 256 on the Triton path.
         causal: mask keys after the query, aligned bottom-right: query ``i`` sees keys
             ``j <= i + (Nk - Nq)``. Query rows that see no key return zeros.
-        dropout_p: probability of dropping an attention weight (kept ones scale by ``1/(1-p)``).
-            Pass ``0.0`` for evaluation; the layers do this for you in ``eval()`` mode.
+        dropout_p: probability of dropping an attention weight (kept ones scale by ``1/(1-p)``), in
+            [0, 1] like ``nn.Dropout`` (1 drops every weight: zeros out). Pass ``0.0`` for evaluation; the
+            layers do this for you in ``eval()`` mode.
         softmax_scale: defaults to ``D ** -0.5``.
         backend: ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"``
             (eager PyTorch, any device) or ``"auto"`` (Triton where it can run, else PyTorch).

@@ -134,6 +134,20 @@ def test_dropout_only_in_training(name, args, shape, backend):
     assert torch.equal(c, ours(x)), "dropout is not reproducible under manual_seed"
 
 
+@pytest.mark.parametrize("name, args, shape", CASES[2:], ids=[c[0] for c in CASES[2:]])
+def test_dropout_one_in_training_matches_the_chapter(name, args, shape, backend):
+    # nn.Dropout(1.0) drops every attention weight: the context is zero, the output the projection's bias.
+    args = tuple(1.0 if isinstance(a, float) else a for a in args)
+    ours, theirs = build(name, args, qkv_bias=True)
+    x = torch.randn(*shape, device=DEVICE)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = ours(xa), theirs(xb)
+    torch.testing.assert_close(out_a, out_b, atol=0, rtol=0)
+    out_a.sum().backward()
+    out_b.sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=0, rtol=0)
+
+
 def test_training_step_with_dropout(backend):
     torch.manual_seed(0)
     mha = attention.MultiHeadAttention(16, 16, 32, 0.1, 4).to(DEVICE)

@@ -25,6 +25,8 @@ def _gpu_config_sets():
         for wide, dtype in ((False, torch.float16), (True, torch.float32)):
             cfgs = fa._base_configs(block_d, torch.float32 if wide else torch.float16)
             sets.append(pytest.param(head_dim, dtype, cfgs, id=f"d{block_d}-{'fp32' if wide else 'half'}"))
+        cfgs = fa._ieee_configs(block_d)  # float32 with exact products (TF32 not allowed)
+        sets.append(pytest.param(head_dim, torch.float32, cfgs, id=f"d{block_d}-fp32-ieee"))
     return sets
 
 
@@ -40,7 +42,7 @@ def _tune_config_sets():
 
 @pytest.mark.parametrize("head_dim, dtype, cfgs", _gpu_config_sets() + _tune_config_sets())
 def test_config_is_correct(head_dim, dtype, cfgs, monkeypatch):
-    monkeypatch.setattr(fa, "_configs", lambda block_d, dt, dropout: copy.deepcopy(cfgs))
+    monkeypatch.setattr(fa, "_configs", lambda *args, **kwargs: copy.deepcopy(cfgs))
     # Grouped heads, Nq < Nk, both ragged against every block size used.
     check_against_reference(*make_qkv(1, 4, 2, 150, 190, head_dim, dtype), causal=True)
 
@@ -48,9 +50,9 @@ def test_config_is_correct(head_dim, dtype, cfgs, monkeypatch):
 def test_dropout_bits_do_not_depend_on_tiles(monkeypatch):
     q, k, v = make_qkv(1, 2, 1, 140, 200, 64, torch.float32)
     outs = []
-    for cfgs in (None, fa._base_configs(64, torch.float16), fa._base_configs(64, torch.float32)):
+    for cfgs in (None, fa._base_configs(64, torch.float16), fa._base_configs(64, torch.float32), fa._ieee_configs(64)):
         if cfgs is not None:
-            monkeypatch.setattr(fa, "_configs", lambda block_d, dt, dropout, c=cfgs: copy.deepcopy(c))
+            monkeypatch.setattr(fa, "_configs", lambda *args, c=cfgs, **kwargs: copy.deepcopy(c))
         torch.manual_seed(9)
         outs.append(flash_attention(q, k, v, causal=True, dropout_p=0.3, backend="triton"))
     for other in outs[1:]:

@@ -145,6 +145,16 @@ def test_forward_and_backward_share_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype):
         assert_close_to_reference(name, ours, ref, low)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_p1_drops_everything_like_nn_dropout(backend):
+    q, k, v = (torch.randn(2, 2, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = flash_attention(q, k, v, causal=True, dropout_p=1.0, backend=backend)
+    out.backward(torch.randn_like(out))
+    assert torch.equal(out, torch.zeros_like(out))
+    for t in (q, k, v):
+        assert t.grad is None or torch.equal(t.grad, torch.zeros_like(t)), "p = 1 leaked a gradient (or a NaN)"
+
+
 def test_torch_path_has_the_same_semantics():
     # The eager path's mask comes from torch's RNG, but keep rate, scale and reproducibility hold.
     q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
