@@ -57,3 +57,32 @@ def test_dropout_bits_do_not_depend_on_tiles(monkeypatch):
         outs.append(flash_attention(q, k, v, causal=True, dropout_p=0.3, backend="triton"))
     for other in outs[1:]:
         torch.testing.assert_close(other, outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_config_choice_on_a_gpu(monkeypatch):
+    # What the launchers ask for on a GPU (the interpreter always runs its own small tiles).
+    monkeypatch.setattr(fa, "_INTERPRET", False)
+    half = fa._configs(64, torch.float16, False)
+    assert half == fa._base_configs(64, torch.float16)
+    # Exact float32 products (TF32 not allowed) get the FMA dots' own spill-free tiles.
+    for block_d in (16, 64, 128, 256):
+        assert fa._configs(block_d, torch.float32, False, ieee=True) == fa._ieee_configs(block_d)
+    # Dropout's Philox words and the element-wise loads of head dims off multiples of 16: 8 warps.
+    for cfgs in (fa._configs(64, torch.float16, True), fa._configs(64, torch.float16, False, aligned=False)):
+        assert all(cfg["num_warps"] == 8 for cfg in cfgs.values())
+        assert {k: {**c, "num_warps": 0} for k, c in cfgs.items()} == {
+            k: {**c, "num_warps": 0} for k, c in half.items()
+        }
+    q = torch.zeros(1, 1, 8, 40)
+    flags = fa._kernel_flags(q, causal=True, dropout_p=0.0)
+    assert all(cfg["num_warps"] == 8 for cfg in fa._kernel_configs(q, flags).values())
+
+
+@pytest.mark.parametrize("block_d", [16, 32, 64, 128, 256])
+def test_every_tile_fits_the_dropout_bits(block_d, monkeypatch):
+    # The dropout bits are grouped by 16 rows and 16 keys: every tile edge must be a multiple of 16.
+    monkeypatch.setattr(fa, "_INTERPRET", False)
+    tables = [fa._base_configs(block_d, dtype) for dtype in (torch.float16, torch.float32)]
+    for cfgs in tables + [fa._ieee_configs(block_d)]:
+        for name, cfg in cfgs.items():
+            assert cfg["BLOCK_M"] % 16 == 0 and cfg["BLOCK_N"] % 16 == 0, (name, cfg)
