@@ -3,8 +3,9 @@
 The dropout issue's benchmark: at the book's GPT-2 shape (B 8, H 12, N 1024, D 64, bf16, causal) our
 forward+backward with dropout 0.1 may cost at most 15% over dropout 0, and less than SDPA's own dropout
 overhead measured in the same run. A longer sequence and head dim 128 are printed beside it. The
-Philox grouping is chosen at import (CHAPTER3_FLASH_DROPOUT_GROUPS=mma|key-runs), so compare the two
-by running this module twice.
+Philox grouping is chosen at import (CHAPTER3_FLASH_DROPOUT_GROUPS=mma|key-runs, and
+CHAPTER3_FLASH_DKDV_PER_LANE_MAX_D for how dK/dV computes them), so compare variants by running this
+module once per setting (bench/gpu_check.sh's dropout stage does).
 
     python -m bench.dropout_cost --json out.json
 """
@@ -50,7 +51,11 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     rows = []
-    print(f"dropout {args.p} over 0, causal bf16; Philox grouping {fa._DROPOUT_GROUPING!r}")
+    per_lane = int(fa._DKDV_PER_LANE_MAX_D)
+    print(
+        f"dropout {args.p} over 0, causal bf16; Philox grouping {fa._DROPOUT_GROUPING!r}, "
+        f"dK/dV bits per lane up to head dim {per_lane}"
+    )
     for B, H, N, D in SHAPES:
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         impls = (("ours", _ours), ("sdpa_flash", _sdpa("FLASH_ATTENTION")), ("sdpa_cudnn", _sdpa("CUDNN_ATTENTION")))
@@ -62,7 +67,7 @@ def main() -> None:
                 print(f"  B{B} H{H} N{N} D{D} {name:<11} unavailable: {str(err).splitlines()[0][:90]}")
                 continue
             row = dict(B=B, H=H, N=N, D=D, impl=name, p=args.p, grouping=fa._DROPOUT_GROUPING,
-                       fwd_ms=[f0, f1], fwd_bwd_ms=[fb0, fb1])  # fmt: skip
+                       dkdv_per_lane_max_d=per_lane, fwd_ms=[f0, f1], fwd_bwd_ms=[fb0, fb1])  # fmt: skip
             rows.append(row)
             print(
                 f"  B{B} H{H} N{N} D{D} {name:<11} fwd {f0:.3f} -> {f1:.3f} ms ({f1 / f0 - 1:+.0%})  "

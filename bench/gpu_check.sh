@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-"tests sanitizer bench dropout dropout_key_runs tune kernels"}
+STAGES=${STAGES:-"tests sanitizer bench dropout tune kernels"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -42,10 +42,16 @@ grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -20
 stage sanitizer "${SANITIZER_LIMIT:-40}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 # shellcheck disable=SC2086
 stage bench "${BENCH_LIMIT:-170}" $PY -m bench --budget "${SWEEP_BUDGET:-70}" --no-progress --out "$OUT/results" ${BENCH_ARGS:-}
-# Issue 4's criterion at the GPT-2 shape, for the default Philox grouping and the first design beside it.
-stage dropout "${DROPOUT_LIMIT:-50}" $PY -m bench.dropout_cost --json "$OUT/dropout_mma.json"
-stage dropout_key_runs "${DROPOUT_LIMIT:-50}" env CHAPTER3_FLASH_DROPOUT_GROUPS=key-runs \
-  $PY -m bench.dropout_cost --json "$OUT/dropout_key_runs.json"
+# Issue 4's criterion at the GPT-2 shape: the default, dK/dV exchanging bits between lanes at every head
+# dim, and the first design's grouping (eight consecutive keys per Philox call).
+dropout_variants() {
+  $PY -m bench.dropout_cost --json "$OUT/dropout_default.json"
+  CHAPTER3_FLASH_DKDV_PER_LANE_MAX_D=0 $PY -m bench.dropout_cost --json "$OUT/dropout_dkdv_exchange.json"
+  CHAPTER3_FLASH_DROPOUT_GROUPS=key-runs $PY -m bench.dropout_cost --json "$OUT/dropout_key_runs.json"
+}
+export -f dropout_variants
+export PY OUT
+stage dropout "${DROPOUT_LIMIT:-120}" bash -c dropout_variants
 stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-40}"
 stage kernels "${KERNELS_LIMIT:-80}" $PY -m bench.kernel_report
 if [ -d "$OUT/results" ]; then tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"; fi

@@ -61,6 +61,10 @@ _DROPOUT_GROUPING = os.environ.get("CHAPTER3_FLASH_DROPOUT_GROUPS", "mma")
 if _DROPOUT_GROUPING not in ("mma", "key-runs"):
     raise ValueError(f"CHAPTER3_FLASH_DROPOUT_GROUPS must be 'mma' or 'key-runs', got {_DROPOUT_GROUPING!r}")
 _DROPOUT_GROUPS = tl.constexpr(1 if _DROPOUT_GROUPING == "mma" else 0)
+# dK/dV's keys-by-queries bits: up to this padded head dim each lane runs the Philox calls of its own
+# keys (twice the Philox work, no exchange between lanes); above it, where registers are scarcer, the
+# forward's calls and a layout conversion (bench/sm90.py, see _keep_mma_groups_keys_by_queries).
+_DKDV_PER_LANE_MAX_D = tl.constexpr(int(os.environ.get("CHAPTER3_FLASH_DKDV_PER_LANE_MAX_D", "64")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,10 +74,19 @@ _DROPOUT_GROUPS = tl.constexpr(1 if _DROPOUT_GROUPING == "mma" else 0)
 
 @triton.jit
 def _dropout_keep(
-    seed, off_zh, row0, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr = False
+    seed,
+    off_zh,
+    row0,
+    start_n,
+    threshold,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TRANS: tl.constexpr = False,
+    PER_LANE: tl.constexpr = False,
 ):
     """Keep mask for query rows row0 + [0, BLOCK_M) and keys start_n + [0, BLOCK_N): (BLOCK_M, BLOCK_N),
-    or (BLOCK_N, BLOCK_M) with TRANS (the dK/dV kernel's keys-by-queries orientation).
+    or (BLOCK_N, BLOCK_M) with TRANS (the dK/dV kernel's keys-by-queries orientation; PER_LANE: computed
+    without exchanging bits between lanes, at twice the Philox work). The bits never depend on either.
 
     One Philox4x32-7 call yields four 32-bit words, split into eight 16-bit numbers that decide eight
     weights, so Philox runs once per eight weights (its ALU work, not the matmuls, is what dropout costs
@@ -84,6 +97,8 @@ def _dropout_keep(
         keep = _keep_key_runs(seed, off_zh, row0, start_n, threshold, BLOCK_M, BLOCK_N)
         if TRANS:
             keep = tl.trans(keep)
+    elif TRANS and PER_LANE:
+        keep = _keep_mma_groups_keys_by_queries(seed, off_zh, row0, start_n, threshold, BLOCK_M, BLOCK_N)
     else:
         keep = _keep_mma_groups(seed, off_zh, row0, start_n, threshold, BLOCK_M, BLOCK_N, TRANS)
     return keep
@@ -124,6 +139,38 @@ def _keep_mma_groups(
         keep = tl.permute(keep, (0, 6, 1, 2, 5, 3, 4))  # (i / 16, +8, i % 8, j / 16, +8, (j % 8) / 2, +1)
         keep = tl.reshape(keep, (BLOCK_M, BLOCK_N))
     return keep
+
+
+@triton.jit
+def _keep_mma_groups_keys_by_queries(
+    seed, off_zh, row0, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """The same bits as _keep_mma_groups(TRANS=True), (BLOCK_N, BLOCK_M), computed the way the dK/dV
+    kernel's accumulator holds them: there a thread holds keys {j, j + 8} of queries {i, i + 8}, but
+    key j + 1 sits in another lane. So each key parity runs its own Philox call (twice the Philox work
+    of the forward) and keeps its own half of each word: nothing crosses lanes. Static counts at head
+    dim 64 (bench/sm90.py, Triton 3.6, dropout 0.1): layout conversions 14 -> 6 (the no-dropout count),
+    STS 32 -> 16, LDS 60 -> 36, barriers 25 -> 11, registers 222 -> 205, SASS 2080 -> 2016; at head dim
+    128 it spills 56 B instead of 8 B, so there the exchange stays (_DKDV_PER_LANE_MAX_D)."""
+    tl.static_assert(BLOCK_M % 16 == 0)
+    tl.static_assert(BLOCK_N % 16 == 0)
+    kk = tl.arange(0, BLOCK_N // 2)  # keys without their +8 bit: j = start_n + 16 * (kk // 8) + kk % 8
+    keys = start_n // 4 + 4 * (kk // 8) + (kk % 8) // 2
+    rows = row0 // 2 + tl.arange(0, BLOCK_M // 2)
+    c0 = tl.broadcast_to(keys[:, None], (BLOCK_N // 2, BLOCK_M // 2)).to(tl.uint32)
+    c1 = tl.broadcast_to(rows[None, :], (BLOCK_N // 2, BLOCK_M // 2)).to(tl.uint32)
+    c3 = tl.zeros((BLOCK_N // 2, BLOCK_M // 2), tl.uint32)
+    c2 = c3 + off_zh.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
+    shift = ((kk % 2) * 16).to(tl.uint32)[:, None]  # odd keys read the high half
+    b0 = ((r0 >> shift) & 0xFFFF) >= threshold
+    b1 = ((r1 >> shift) & 0xFFFF) >= threshold
+    b2 = ((r2 >> shift) & 0xFFFF) >= threshold
+    b3 = ((r3 >> shift) & 0xFFFF) >= threshold
+    keep = tl.join(tl.join(b0, b1), tl.join(b2, b3))  # (N/2, M/2, key + 8, row + 8)
+    keep = tl.reshape(keep, (BLOCK_N // 16, 8, BLOCK_M // 16, 8, 2, 2))
+    keep = tl.permute(keep, (0, 4, 1, 2, 5, 3))  # (j / 16, +8, j % 8, i / 16, +8, i % 8)
+    return tl.reshape(keep, (BLOCK_N, BLOCK_M))
 
 
 @triton.jit
@@ -398,6 +445,7 @@ def _attn_bwd_dkdv_inner(
     row mask; keys past N_K produce garbage rows of dK/dV that are never stored.
     """
     BLOCK_N: tl.constexpr = k.shape[0]
+    PER_LANE: tl.constexpr = offs_d.shape[0] <= _DKDV_PER_LANE_MAX_D
     mask_d = offs_d < head_dim
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -424,7 +472,9 @@ def _attn_bwd_dkdv_inner(
         if UPCAST:
             do = do.to(tl.float32)
         if DROPOUT:
-            keepT = _dropout_keep(seed, off_zh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, TRANS=True)
+            keepT = _dropout_keep(
+                seed, off_zh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, TRANS=True, PER_LANE=PER_LANE
+            )
             pT_drop = tl.where(keepT, pT * inv_keep, 0.0)
         else:
             pT_drop = pT

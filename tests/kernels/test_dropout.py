@@ -120,6 +120,7 @@ def test_p0_is_the_no_dropout_path():
         (1, 2, 2, 64, 64, 32),  # plain causal self-attention
         (2, 4, 2, 37, 61, 24),  # grouped heads, Nq < Nk, ragged sizes
         (1, 3, 1, 48, 20, 16),  # multi-query, Nq > Nk: rows with no visible key
+        (1, 2, 1, 40, 56, 80),  # padded head dim 128: dK/dV exchanges the bits between lanes (not per lane)
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
