@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -31,13 +32,37 @@ import tempfile
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("bench.sm90 compiles real kernels: run it without TRITON_INTERPRET=1")
 
+import inspect as pyinspect
+
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
 
 import kernels.flash_attn as fa
 
-SM90 = GPUTarget("cuda", 90, 32)
+UNSUPPORTED = 3  # exit status: this Triton lacks the internals the offline compile relies on
+
+
+def offline_compile_supported() -> str | None:
+    """None when this Triton has what compile_only() uses (3.6 and 3.9 do), else what is missing."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        return "triton.backends.compiler.GPUTarget"
+    driver = getattr(getattr(triton, "runtime", None), "driver", None)
+    if driver is None or not hasattr(driver, "set_active") or not hasattr(driver, "_active"):
+        return "triton.runtime.driver.set_active / _active"
+    if "warmup" not in pyinspect.signature(triton.runtime.JITFunction.run).parameters:
+        return "JITFunction.run(..., warmup=...)"
+    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        return "the bundled NVIDIA tools (backends/nvidia/bin/cuobjdump)"
+    return None
+
+
+_MISSING = offline_compile_supported()
+if _MISSING is None:
+    from triton.backends.compiler import GPUTarget
+
+SM90 = GPUTarget("cuda", 90, 32) if _MISSING is None else None
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
 # fp32: TF32 allowed (wgmma in TF32); fp32-ieee: PyTorch's default, exact float32 products (FMA).
@@ -182,6 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sass", action="store_true", help="print each kernel's SASS histogram too")
     ap.add_argument("--json", help="write the reports to this file")
     args = ap.parse_args(argv)
+    if _MISSING is not None:
+        print(f"triton {triton.__version__}: cannot compile offline here, it lacks {_MISSING}")
+        return UNSUPPORTED
     print(f"triton {triton.__version__}, target {SM90}")
     found = reports(args.head_dims, args.dtypes, args.dropout, causal=not args.non_causal)
     bad = []

@@ -16,13 +16,11 @@ import subprocess
 import sys
 
 import pytest
-import triton
 from conftest import ON_GPU
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KERNELS = {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"}
 SMEM_LIMIT = 232448  # bytes per block on sm_90
-HAS_TOOLS = (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
 
 # name: (head dim, dtypes, extra flags). Head dim 40 is not a multiple of 16, so the loads cannot assume
 # aligned rows (another specialization). fp32-ieee: PyTorch's default exact float32 products.
@@ -37,7 +35,6 @@ CASES = {
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the rest of the suite compiles and runs the real kernels")
-@pytest.mark.skipif(not HAS_TOOLS, reason="this Triton has no bundled NVIDIA tools (cuobjdump) to read a cubin")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_kernel_compiles_for_hopper(case, tmp_path):
     out = tmp_path / "sm90.json"
@@ -47,6 +44,8 @@ def test_every_kernel_compiles_for_hopper(case, tmp_path):
     cmd = [sys.executable, "-m", "bench.sm90", "--head-dims", str(head_dim), "--dtypes", *dtypes, *extra]
     cmd += ["--dropout", "0", "0.1", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode == 3:  # bench.sm90.UNSUPPORTED: Triton's internals moved, not a kernel problem
+        pytest.skip(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
     reports = json.loads(out.read_text())
