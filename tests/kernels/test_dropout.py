@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import DEVICE, requires_gpu
 from helpers import assert_close_to_reference, attention_eager
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kernels.flash_attn as fa
 from kernels import flash_attention
@@ -88,6 +90,17 @@ def test_keep_bits_follow_the_documented_philox_counter(p):
     assert torch.equal(keep.cpu(), documented_keep_mask(philox_seed, B, H, N, N, p))
 
 
+def test_keep_bits_are_uncorrelated_with_their_neighbours():
+    # Weights that share a Philox call (rows i, i + 8; keys j, j + 1, j + 8, j + 9) or sit next to
+    # each other must not agree more often than chance.
+    keep = recover_keep_mask(2, 2, 2, 128, 128, 0.5, causal=False, seed=3).float()
+    for di, dj in [(0, 1), (1, 0), (8, 0), (0, 8), (8, 8), (8, 1), (0, 2), (16, 0), (0, 16)]:
+        a = keep[..., : 128 - di, : 128 - dj].flatten()
+        b = keep[..., di:, dj:].flatten()
+        corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+        assert abs(corr) < 5 / math.sqrt(a.numel()), f"offset ({di}, {dj}): correlation {corr:.4f}"
+
+
 def test_same_seed_same_result_different_seed_differs():
     shape = (2, 3, 50, 16)
     q, k, v = (torch.randn(*shape, device=DEVICE) for _ in range(3))
@@ -125,21 +138,39 @@ def test_p0_is_the_no_dropout_path():
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_forward_and_backward_share_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype):
-    p, seed = 0.25, 1234
+    check_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, p=0.25, causal=True)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    Hkv=st.integers(1, 2),
+    group=st.integers(1, 2),
+    Nq=st.integers(1, 70),
+    Nk=st.integers(1, 70),
+    D=st.sampled_from([4, 16, 40, 64, 80]),
+    p=st.sampled_from([0.1, 0.5, 0.9]),
+    causal=st.booleans(),
+)
+def test_random_shapes_share_one_mask(Hkv, group, Nq, Nk, D, p, causal):
+    check_one_mask(1, Hkv * group, Hkv, Nq, Nk, D, torch.float32, p=p, causal=causal)
+
+
+def check_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, p, causal, seed=1234):
+    """out, dq, dk, dv of a dropout call against float64 with the mask that call used, recovered first."""
     # The mask is recovered with head dim Nk; the real call uses D: on a GPU that means other tiles.
-    keep = recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal=True, seed=seed)
+    keep = recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal=causal, seed=seed)
     q = torch.randn(B, Hq, Nq, D, device=DEVICE, dtype=dtype, requires_grad=True)
     k = torch.randn(B, Hkv, Nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
     v = torch.randn(B, Hkv, Nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
     torch.manual_seed(seed)
-    out = flash_attention(q, k, v, causal=True, dropout_p=p)
+    out = flash_attention(q, k, v, causal=causal, dropout_p=p)
     dout = torch.randn_like(out)
     out.backward(dout)
 
     refs = {}
     for label, compute in (("ref64", torch.float64), ("lowp", torch.float32)):
         qq, kk, vv = (t.detach().to(compute).requires_grad_() for t in (q, k, v))
-        o = attention_eager(qq, kk, vv, causal=True, keep=keep, p=p)
+        o = attention_eager(qq, kk, vv, causal=causal, keep=keep, p=p)
         o.backward(dout.to(compute))
         refs[label] = [t.to(dtype) if label == "lowp" else t for t in (o, qq.grad, kk.grad, vv.grad)]
     for name, ours, ref, low in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), *refs.values()):
