@@ -93,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             tf32 = " (TF32 matmuls)" if device == "cuda" and dtype == torch.float32 else ""
             print(f"\nChapter layers on real text, {str(dtype).removeprefix('torch.')}{tf32}, errors vs float64:")
             print("\n".join(layers.table(rows)))
+        if device == "cuda":
+            # The Hopper issue's memory goal: the chapter's MultiHeadAttention at 4096 tokens. Batch 2:
+            # its (b, 12, T, T) score matrix is 1.5 GiB per copy in float32 (and the float64 check's twice).
+            rows = layers.run(batch=2, num_tokens=4096, device=device, only=("MultiHeadAttention",))
+            report["layers"] += rows
+            print("\nMultiHeadAttention, batch 2 at 4096 tokens, float32 (TF32 matmuls):")
+            print("\n".join(layers.table(rows)))
         if device == "cpu":
             agreement = layers.interpreter_agreement()
             report["interpreter_agreement"] = agreement

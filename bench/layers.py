@@ -58,8 +58,11 @@ def _time_layer(layer, x, device: str) -> dict:
     return out
 
 
-def run(*, batch: int, num_tokens: int, device: str, dtype: torch.dtype = torch.float32) -> list[dict]:
-    """One row per chapter layer: errors against float64, times and memory of reference and fused."""
+def run(
+    *, batch: int, num_tokens: int, device: str, dtype: torch.dtype = torch.float32, only: tuple[str, ...] = ()
+) -> list[dict]:
+    """One row per chapter layer (or per layer named in ``only``): errors against float64, times and
+    memory of reference and fused."""
     x3 = text_to_embeddings(width=WIDTH, num_tokens=num_tokens, batch=batch).to(device, dtype)  # (b, T, 768)
     x2 = x3[0]  # (T, 768): v1/v2 take the chapter's 2-D input
     rows = []
@@ -67,6 +70,8 @@ def run(*, batch: int, num_tokens: int, device: str, dtype: torch.dtype = torch.
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
         for name, args, rank in layer_specs(context_length=num_tokens):
+            if only and name not in only:
+                continue
             x = x2 if rank == 2 else x3
             torch.manual_seed(123)
             theirs = getattr(ref, name)(*args).to(device, dtype)
