@@ -994,6 +994,7 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward kernels have no backward: say so, loudly
     def backward(ctx, do):
         q, k, v, o, lse, seed = ctx.saved_tensors
         dq, dk, dv = _bwd(do, q, k, v, o, lse, seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale)

@@ -169,6 +169,14 @@ def test_empty_sequences_match_the_eager_path(Nq, Nk):
     assert torch.equal(out, attention_eager(q, k, v, causal=True))
 
 
+def test_double_backward_is_refused_not_silently_wrong():
+    q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = flash_attention(q, k, v, causal=True, backend="triton")
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
+        dq.sum().backward()
+
+
 def test_no_grad_and_inference_mode():
     q, k, v = make_qkv(1, 2, 2, 20, 20, 16, torch.float32)
     with torch.inference_mode():
