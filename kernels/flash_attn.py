@@ -228,6 +228,7 @@ def _attn_fwd_inner(
     DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    POS_SCALE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
     offs_n = tl.arange(0, BLOCK_N)
@@ -254,6 +255,12 @@ def _attn_fwd_inner(
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
             m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        elif POS_SCALE:
+            # max(qk) * scale = max(qk * scale) when scale > 0: the scale then folds into one FFMA per
+            # weight below (qk * scale - m) instead of a multiply and a subtraction.
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_ij
+            qk = qk * qk_scale
         else:
             qk = qk * qk_scale
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
@@ -334,6 +341,7 @@ def _attn_fwd(
     DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    POS_SCALE: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if CAUSAL:
@@ -376,13 +384,13 @@ def _attn_fwd(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
         0, full_end, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
-        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
         full_end, hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
-        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
     )  # fmt: skip
 
     # Rows that saw no key: output 0 and lse = +inf, so the backward's exp2(s - lse) is 0 there.
@@ -939,7 +947,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropou
         softmax_scale * _LOG2E, _inv_keep(dropout_p), _drop_threshold(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // k.shape[1], N_Q, N_K,
-        **flags, **cfg,
+        **flags, **cfg, POS_SCALE=softmax_scale > 0,
     )  # fmt: skip
     return o, lse, seed
 

@@ -116,6 +116,11 @@ def test_custom_softmax_scale():
     check_against_reference(*make_qkv(1, 2, 2, 30, 30, 16, torch.float32), causal=True, scale=0.37)
     # Scale 1: the chapter's simplified attention.
     check_against_reference(*make_qkv(1, 1, 1, 6, 6, 3, torch.float32), causal=False, scale=1.0)
+    # Negative and zero scales take the forward's other row-max path (max(qk * s) != max(qk) * s); with
+    # scores in the hundreds a wrong running max overflows exp2.
+    check_against_reference(*make_qkv(1, 2, 2, 70, 70, 16, torch.float32, scale=5.0), causal=True, scale=-0.4)
+    check_against_reference(*make_qkv(1, 2, 2, 70, 70, 16, torch.float32, scale=5.0), causal=False, scale=-0.4)
+    check_against_reference(*make_qkv(1, 1, 1, 40, 40, 16, torch.float32), causal=True, scale=0.0)
 
 
 def test_rows_without_keys_are_zero_with_zero_grad():
