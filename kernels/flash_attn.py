@@ -483,7 +483,7 @@ def _attn_bwd_dkdv_inner(
             keepT = _dropout_keep(
                 seed, off_zh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N, TRANS=True, PER_LANE=PER_LANE
             )
-            pT_drop = tl.where(keepT, pT * inv_keep, 0.0)
+            pT_drop = tl.where(keepT, pT, 0.0)  # the 1 / (1 - p) goes on dV once, at the end
         else:
             pT_drop = pT
         dv = tl.dot(pT_drop.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
@@ -606,6 +606,8 @@ def _attn_bwd_dkdv(
 
     # dS was taken w.r.t. the scaled scores s = softmax_scale * q.k, hence one more factor here.
     dk = dk * softmax_scale
+    if DROPOUT:
+        dv = dv * inv_keep
     dk_base = DK + off_z.to(tl.int64) * stride_dkz + off_hk.to(tl.int64) * stride_dkh + col0 * stride_dkn
     dv_base = DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh + col0 * stride_dvn
     tl.store(
