@@ -79,6 +79,22 @@ def measure(fn: Callable[[], object], device: str, *, warmup_ms: float = 10, rep
     return statistics.median(times), q[1], q[7]
 
 
+def fwd_and_fwd_bwd_ms(attend: Callable, q, k, v, dropout_p: float, device: str = "cuda") -> tuple[float, float]:
+    """Median ms of ``attend(q, k, v, dropout_p)`` without grad, and of it with its backward."""
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad():
+            attend(q, k, v, dropout_p)
+
+    def fwd_bwd():
+        qg.grad = kg.grad = vg.grad = None
+        attend(qg, kg, vg, dropout_p).backward(do)
+
+    return measure(fwd, device)[0], measure(fwd_bwd, device)[0]
+
+
 def peak_memory(fn: Callable[[], object], device: str) -> int | None:
     """Bytes allocated at the peak of one call of fn, above what was allocated before it (GPU only)."""
     if device != "cuda":

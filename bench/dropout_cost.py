@@ -18,31 +18,10 @@ import json
 import torch
 
 import kernels.flash_attn as fa
-from bench.common import measure, metadata
-from bench.sweep import _sdpa
-from kernels import flash_attention
+from bench.common import fwd_and_fwd_bwd_ms, metadata
+from bench.sweep import _sdpa, ours
 
 SHAPES = [(8, 12, 1024, 64), (8, 12, 4096, 64), (8, 16, 4096, 128)]
-
-
-def _ours(q, k, v, p):
-    return flash_attention(q, k, v, causal=True, dropout_p=p)
-
-
-def times(fn, q, k, v, p) -> tuple[float, float]:
-    """Median ms of the forward (no grad) and of forward+backward."""
-    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    do = torch.randn_like(q)
-
-    def fwd():
-        with torch.no_grad():
-            fn(q, k, v, p)
-
-    def fwd_bwd():
-        qg.grad = kg.grad = vg.grad = None
-        fn(qg, kg, vg, p).backward(do)
-
-    return measure(fwd, "cuda")[0], measure(fwd_bwd, "cuda")[0]
 
 
 def main() -> None:
@@ -58,11 +37,11 @@ def main() -> None:
     )
     for B, H, N, D in SHAPES:
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        impls = (("ours", _ours), ("sdpa_flash", _sdpa("FLASH_ATTENTION")), ("sdpa_cudnn", _sdpa("CUDNN_ATTENTION")))
+        impls = (("ours", ours), ("sdpa_flash", _sdpa("FLASH_ATTENTION")), ("sdpa_cudnn", _sdpa("CUDNN_ATTENTION")))
         for name, fn in impls:
             try:
-                f0, fb0 = times(fn, q, k, v, 0.0)
-                f1, fb1 = times(fn, q, k, v, args.p)
+                f0, fb0 = fwd_and_fwd_bwd_ms(fn, q, k, v, 0.0)
+                f1, fb1 = fwd_and_fwd_bwd_ms(fn, q, k, v, args.p)
             except RuntimeError as err:  # a backend without dropout support on this build
                 print(f"  B{B} H{H} N{N} D{D} {name:<11} unavailable: {str(err).splitlines()[0][:90]}")
                 continue

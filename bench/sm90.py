@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import pathlib
@@ -31,8 +32,6 @@ import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("bench.sm90 compiles real kernels: run it without TRITON_INTERPRET=1")
-
-import inspect as pyinspect
 
 import torch
 import triton
@@ -51,7 +50,7 @@ def offline_compile_supported() -> str | None:
     driver = getattr(getattr(triton, "runtime", None), "driver", None)
     if driver is None or not hasattr(driver, "set_active") or not hasattr(driver, "_active"):
         return "triton.runtime.driver.set_active / _active"
-    if "warmup" not in pyinspect.signature(triton.runtime.JITFunction.run).parameters:
+    if "warmup" not in inspect.signature(triton.runtime.JITFunction.run).parameters:
         return "JITFunction.run(..., warmup=...)"
     if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         return "the bundled NVIDIA tools (backends/nvidia/bin/cuobjdump)"
@@ -143,7 +142,7 @@ def _tool(name: str, *args: str) -> str:
     return out.stdout
 
 
-def inspect(case: str, name: str, kernel) -> Report:
+def read_cubin(case: str, name: str, kernel) -> Report:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -168,12 +167,9 @@ def inspect(case: str, name: str, kernel) -> Report:
     )
 
 
-def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float, tf32: bool = True, h_kv=None):
+def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float, tf32: bool = True):
     """Run the forward and backward launchers on CPU tensors of this shape; returns {kernel: [compiled]}."""
-    h_kv = h_kv or H
-    q = torch.zeros(B, H, N, D, dtype=dtype)
-    k = torch.zeros(B, h_kv, N, D, dtype=dtype)
-    v = torch.zeros(B, h_kv, N, D, dtype=dtype)
+    q, k, v = (torch.zeros(B, H, N, D, dtype=dtype) for _ in range(3))
     found: dict[str, list] = {}
     allowed = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -194,7 +190,7 @@ def reports(head_dims, dtypes, dropouts, causal=True) -> list[Report]:
                 case = f"D{D} {dname} p{p}{'' if causal else ' non-causal'}"
                 tf32 = dname != "fp32-ieee"
                 for name, compiled in compile_case(1, 2, 256, D, DTYPES[dname], causal, p, tf32).items():
-                    out += [inspect(case, name, kernel) for kernel in compiled]
+                    out += [read_cubin(case, name, kernel) for kernel in compiled]
     return out
 
 

@@ -19,8 +19,8 @@ import time
 import torch
 
 import kernels.flash_attn as fa
-from bench.common import measure
-from bench.sweep import _sdpa
+from bench.common import fwd_and_fwd_bwd_ms, measure
+from bench.sweep import _sdpa, ours
 from kernels import flash_attention
 
 # (kernel, override) pairs tried against the current config; BLOCK_M/BLOCK_N/warps/stages.
@@ -39,18 +39,7 @@ VARIANTS = [
 
 
 def _time(q, k, v, p) -> tuple[float, float]:
-    fwd = lambda: flash_attention(q, k, v, causal=True, dropout_p=p)
-    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    do = torch.randn_like(q)
-
-    def fwd_bwd():
-        qg.grad = kg.grad = vg.grad = None
-        flash_attention(qg, kg, vg, causal=True, dropout_p=p).backward(do)
-
-    with torch.no_grad():
-        fwd()
-    fwd_bwd()
-    return measure(fwd, "cuda")[0], measure(fwd_bwd, "cuda")[0]
+    return fwd_and_fwd_bwd_ms(ours, q, k, v, p)
 
 
 def configs(deadline: float, shapes) -> None:
@@ -88,16 +77,16 @@ def host_overhead() -> None:
     """A call too small for the GPU to matter: what the host spends per call, and where."""
     q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
-    ours = lambda: flash_attention(q, k, v, causal=True).backward(do)
+    ours_fwd_bwd = lambda: flash_attention(q, k, v, causal=True).backward(do)
     sdpa = lambda: _sdpa("FLASH_ATTENTION")(q, k, v, 0.0).backward(do)
     with torch.no_grad():
         fwd_ms = measure(lambda: flash_attention(q, k, v, causal=True), "cuda")[0]
     print(f"\nhost-bound call (1, 1, 128, 64): fwd ours {fwd_ms:.3f} ms")
-    print(f"fwd+bwd ours {measure(ours, 'cuda')[0]:.3f} ms, sdpa_flash {measure(sdpa, 'cuda')[0]:.3f} ms")
+    print(f"fwd+bwd ours {measure(ours_fwd_bwd, 'cuda')[0]:.3f} ms, sdpa_flash {measure(sdpa, 'cuda')[0]:.3f} ms")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(200):
-        ours()
+        ours_fwd_bwd()
     torch.cuda.synchronize()
     prof.disable()
     out = io.StringIO()

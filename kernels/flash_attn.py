@@ -90,8 +90,7 @@ def _dropout_keep(
 
     One Philox4x32-7 call yields four 32-bit words, split into eight 16-bit numbers that decide eight
     weights, so Philox runs once per eight weights (its ALU work, not the matmuls, is what dropout costs
-    on Hopper). Seven rounds: the smallest Philox4x32 that passes TestU01's BigCrush (Salmon et al.,
-    SC'11). The bits of (row, key) depend on the position only: row0 and start_n are multiples of 16.
+    on Hopper). The bits of (row, key) depend on the position only: row0 and start_n are multiples of 16.
     """
     if _DROPOUT_GROUPS == 0:
         keep = _keep_key_runs(seed, off_zh, row0, start_n, threshold, BLOCK_M, BLOCK_N)
@@ -102,6 +101,16 @@ def _dropout_keep(
     else:
         keep = _keep_mma_groups(seed, off_zh, row0, start_n, threshold, BLOCK_M, BLOCK_N, TRANS)
     return keep
+
+
+@triton.jit
+def _philox_words(seed, c0, c1, off_zh):
+    """Philox4x32-7 on the counters (c0, c1, b * Hq + h, 0), c0 and c1 broadcast against each other:
+    four 32-bit words per position. Seven rounds: the smallest Philox4x32 that passes TestU01's
+    BigCrush (Salmon et al., SC'11)."""
+    c0, c1 = tl.broadcast(c0.to(tl.uint32), c1.to(tl.uint32))
+    c3 = tl.zeros_like(c0)
+    return tl.philox(seed, c0, c1, c3 + off_zh.to(tl.uint32), c3, n_rounds=7)
 
 
 @triton.jit
@@ -120,11 +129,7 @@ def _keep_mma_groups(
     tl.static_assert(BLOCK_N % 16 == 0)
     rows = row0 // 2 + tl.arange(0, BLOCK_M // 2)
     keys = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    c0 = tl.broadcast_to(keys[None, :], (BLOCK_M // 2, BLOCK_N // 4)).to(tl.uint32)
-    c1 = tl.broadcast_to(rows[:, None], (BLOCK_M // 2, BLOCK_N // 4)).to(tl.uint32)
-    c3 = tl.zeros((BLOCK_M // 2, BLOCK_N // 4), tl.uint32)
-    c2 = c3 + off_zh.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
+    r0, r1, r2, r3 = _philox_words(seed, keys[None, :], rows[:, None], off_zh)  # (M/2, N/4)
     # P(bits >= threshold) = 1 - threshold / 2^16 = 1 - dropout_p, p rounded to a multiple of 2^-16.
     k0 = tl.join((r0 & 0xFFFF) >= threshold, (r0 >> 16) >= threshold)
     k1 = tl.join((r1 & 0xFFFF) >= threshold, (r1 >> 16) >= threshold)
@@ -157,11 +162,7 @@ def _keep_mma_groups_keys_by_queries(
     kk = tl.arange(0, BLOCK_N // 2)  # keys without their +8 bit: j = start_n + 16 * (kk // 8) + kk % 8
     keys = start_n // 4 + 4 * (kk // 8) + (kk % 8) // 2
     rows = row0 // 2 + tl.arange(0, BLOCK_M // 2)
-    c0 = tl.broadcast_to(keys[:, None], (BLOCK_N // 2, BLOCK_M // 2)).to(tl.uint32)
-    c1 = tl.broadcast_to(rows[None, :], (BLOCK_N // 2, BLOCK_M // 2)).to(tl.uint32)
-    c3 = tl.zeros((BLOCK_N // 2, BLOCK_M // 2), tl.uint32)
-    c2 = c3 + off_zh.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
+    r0, r1, r2, r3 = _philox_words(seed, keys[:, None], rows[None, :], off_zh)  # (N/2, M/2)
     shift = ((kk % 2) * 16).to(tl.uint32)[:, None]  # odd keys read the high half
     b0 = ((r0 >> shift) & 0xFFFF) >= threshold
     b1 = ((r1 >> shift) & 0xFFFF) >= threshold
@@ -182,11 +183,7 @@ def _keep_key_runs(seed, off_zh, row0, start_n, threshold, BLOCK_M: tl.constexpr
     tl.static_assert(BLOCK_N % 8 == 0)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-    c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, BLOCK_N // 8)).to(tl.uint32)
-    c1 = tl.broadcast_to(offs_m[:, None], (BLOCK_M, BLOCK_N // 8)).to(tl.uint32)
-    c3 = tl.zeros((BLOCK_M, BLOCK_N // 8), tl.uint32)
-    c2 = c3 + off_zh.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
+    r0, r1, r2, r3 = _philox_words(seed, groups[None, :], offs_m[:, None], off_zh)  # (M, N/8)
     w01 = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))  # (M, N/8, 2, 2)
     w23 = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
     bits = tl.reshape(tl.join(w01, w23), (BLOCK_M, BLOCK_N))
@@ -211,7 +208,6 @@ def _attn_fwd_inner(
     stride_vn,
     stride_vk,
     row0,
-    offs_m,
     offs_d,
     lo,
     hi,
@@ -231,6 +227,7 @@ def _attn_fwd_inner(
     POS_SCALE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
+    offs_m = row0 + tl.arange(0, BLOCK_M)  # the tile's query rows
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < head_dim
     for start_n in range(lo, hi, BLOCK_N):
@@ -351,16 +348,17 @@ def _attn_fwd(
     off_z = tl.program_id(2)
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
+    first_row = start_m * BLOCK_M
     # Tile bases (batch, head, first row) in int64: N * stride passes 2^31 on long sequences. Offsets
     # inside a tile stay int32: the host checks that 256 rows or head dims of any stride fit in 2^31.
-    row0 = (start_m * BLOCK_M).to(tl.int64)
+    row0 = first_row.to(tl.int64)
     q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh + row0 * stride_qm
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
     o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
 
     rows = tl.arange(0, BLOCK_M)  # offsets inside the tile; offs_m the absolute query rows
-    offs_m = start_m * BLOCK_M + rows
+    offs_m = first_row + rows
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = offs_m < N_Q
     mask_d = offs_d < head_dim
@@ -379,15 +377,15 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    diag, full_end, hi = _key_range(start_m * BLOCK_M, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+    diag, full_end, hi = _key_range(first_row, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
         0, full_end, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
         full_end, hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
@@ -632,7 +630,6 @@ def _attn_bwd_dq_inner(
     stride_vn,
     stride_vk,
     row0,
-    offs_m,
     offs_d,
     lo,
     hi,
@@ -652,6 +649,7 @@ def _attn_bwd_dq_inner(
     UPCAST: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
+    offs_m = row0 + tl.arange(0, BLOCK_M)  # the tile's query rows
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < head_dim
     for start_n in range(lo, hi, BLOCK_N):
@@ -743,12 +741,13 @@ def _attn_bwd_dq(
     off_z = tl.program_id(2)
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
+    first_row = start_m * BLOCK_M
     rows = tl.arange(0, BLOCK_M)  # offsets inside the query tile; offs_m the absolute query rows
-    offs_m = start_m * BLOCK_M + rows
+    offs_m = first_row + rows
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = offs_m < N_Q
     qo_mask = row_mask[:, None] & (offs_d[None, :] < head_dim)
-    row0 = (start_m * BLOCK_M).to(tl.int64)
+    row0 = first_row.to(tl.int64)
     q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh + row0 * stride_qm
     do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh + row0 * stride_dom
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
@@ -771,16 +770,16 @@ def _attn_bwd_dq(
         seed = tl.load(SEED)
 
     # The same key range as the forward: unmasked full blocks, then the diagonal / ragged tail.
-    diag, full_end, hi = _key_range(start_m * BLOCK_M, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+    diag, full_end, hi = _key_range(first_row, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
         0, full_end, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, start_m * BLOCK_M, offs_m, offs_d,
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
         full_end, hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, DROPOUT=DROPOUT,
         INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,

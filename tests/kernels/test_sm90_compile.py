@@ -20,7 +20,6 @@ from conftest import ON_GPU
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KERNELS = {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"}
-SMEM_LIMIT = 232448  # bytes per block on sm_90
 
 # name: (head dim, dtypes, extra flags). Head dim 40 is not a multiple of 16, so the loads cannot assume
 # aligned rows (another specialization). fp32-ieee: PyTorch's default exact float32 products.
@@ -46,13 +45,13 @@ def test_every_kernel_compiles_for_hopper(case, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode == 3:  # bench.sm90.UNSUPPORTED: Triton's internals moved, not a kernel problem
         pytest.skip(proc.stdout.strip().splitlines()[-1])
+    # Exit 1: a compile error, or a kernel over sm_90's 227 KiB of shared memory (the tool checks it).
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
     reports = json.loads(out.read_text())
     by_case: dict[str, set] = {}
     for r in reports:
         by_case.setdefault(r["case"], set()).add(r["kernel"])
-        assert r["shared_bytes"] <= SMEM_LIMIT, f"{r['case']} {r['kernel']}: {r['shared_bytes']} B shared memory"
         assert r["regs"] > 0, f"{r['case']} {r['kernel']}: no register count in the cubin"
         half = " bf16 " in r["case"] or " fp16 " in r["case"]
         if half:  # half precision must reach Hopper's warpgroup matrix instructions
