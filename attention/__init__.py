@@ -12,6 +12,7 @@ from attention.fused import (
     SelfAttention_v1,
     SelfAttention_v2,
     simplified_self_attention,
+    use_backend,
 )
 from attention.swap import swap_attention
 
@@ -23,4 +24,5 @@ __all__ = [
     "SelfAttention_v2",
     "simplified_self_attention",
     "swap_attention",
+    "use_backend",
 ]

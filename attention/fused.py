@@ -3,42 +3,50 @@
 Each class subclasses its counterpart in ``attention.reference`` and keeps its constructor, so
 parameters, buffers (the ``mask`` stays, for checkpoints both ways), ``state_dict`` keys and the weights
 drawn after ``torch.manual_seed`` are the very same. Only ``forward`` changes: the projections are
-read from ``W_query``/``W_key``/``W_value``/``out_proj`` at call time (GPT-2 weight loading assigns new
-Parameters to them) and the attention itself is one ``kernels.flash_attention`` call, with no
-``(b, num_heads, T, T)`` tensor and no copies around the kernel.
+called as modules at call time, exactly as the chapter's code does (GPT-2 weight loading assigns new
+Parameters to them; LoRA wraps them, appendix E) and the attention itself is one
+``kernels.flash_attention`` call, with no ``(b, num_heads, T, T)`` tensor and no copies around it.
+
+Which path runs is ``kernels.flash_attention``'s ``"auto"``: the Triton kernels on CUDA, PyTorch's fused
+SDPA kernels elsewhere. ``use_backend`` picks another for a block of code (tests, comparisons).
 """
 
 from __future__ import annotations
 
-import warnings
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from attention import reference
-from attention.reference import _check_context, _check_rank, _check_width
+from attention.reference import _check_context, _check_projected, _check_rank, _check_width, in_features
 from kernels import flash_attention
+from kernels.interface import BACKENDS
 
-_MAX_TRITON_HEAD_DIM = 256
-# flash_attention's backend for every layer: "auto" (Triton where it can run), "triton" or "torch".
-_BACKEND = "auto"
-_warned_head_dim: set[int] = set()
+_backend = "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every fused layer's attention on ``name`` ("auto", "triton", "sdpa" or "torch") inside the block."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def current_backend() -> str:
+    return _backend
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, **kw) -> torch.Tensor:
-    """flash_attention, or its eager PyTorch path (with one warning) for heads wider than the kernel's 256."""
-    head_dim = q.shape[-1]
-    kw["backend"] = _BACKEND
-    if head_dim > _MAX_TRITON_HEAD_DIM:
-        if head_dim not in _warned_head_dim:
-            _warned_head_dim.add(head_dim)
-            warnings.warn(
-                f"head_dim {head_dim} exceeds the Triton kernel's {_MAX_TRITON_HEAD_DIM}; using the eager PyTorch path",
-                stacklevel=3,
-            )
-        kw["backend"] = "torch"
-    return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, **kw)
+    return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=_backend, **kw)
 
 
 def _dropout_p(dropout: nn.Dropout) -> float:
@@ -80,7 +88,7 @@ class SelfAttention_v1(reference.SelfAttention_v1):
 class SelfAttention_v2(reference.SelfAttention_v2):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, squeeze = _as_batch(x, type(self).__name__)
-        _check_width(x, self.W_query.in_features, type(self).__name__)
+        _check_width(x, in_features(self.W_query), type(self).__name__)
         queries = self.W_query(x).unsqueeze(1)  # (b, 1, T, d_out)
         keys = self.W_key(x).unsqueeze(1)
         values = self.W_value(x).unsqueeze(1)
@@ -91,7 +99,7 @@ class SelfAttention_v2(reference.SelfAttention_v2):
 class CausalAttention(reference.CausalAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
-        _check_width(x, self.W_query.in_features, type(self).__name__)
+        _check_width(x, in_features(self.W_query), type(self).__name__)
         num_tokens = x.shape[1]
         _check_context(num_tokens, self.mask.shape[0], type(self).__name__)
         queries = self.W_query(x).unsqueeze(1)  # (b, 1, T, d_out): one head of width d_out
@@ -115,22 +123,27 @@ class MultiHeadAttentionWrapper(reference.MultiHeadAttentionWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heads = list(self.heads)
         p = {_dropout_p(h.dropout) for h in heads}
-        shapes = {(h.W_query.in_features, h.d_out, h.mask.shape[0]) for h in heads}
+        shapes = {(in_features(h.W_query), h.d_out, h.mask.shape[0]) for h in heads}
         if len(p) != 1 or len(shapes) != 1:
             # Heads edited to differ from each other: run them one by one, each still fused.
             return torch.cat([head(x) for head in heads], dim=-1)
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
-        _check_width(x, heads[0].W_query.in_features, type(self).__name__)
+        _check_width(x, in_features(heads[0].W_query), type(self).__name__)
         b, num_tokens, _ = x.shape
         _check_context(num_tokens, heads[0].mask.shape[0], type(self).__name__)
         d_out, nh = heads[0].d_out, len(heads)
 
         def project(name: str) -> torch.Tensor:
-            # One matmul for all heads: the heads' (d_out, d_in) weights stacked to (nh * d_out, d_in).
             layers = [getattr(h, name) for h in heads]
-            bias = None if layers[0].bias is None else torch.cat([lin.bias for lin in layers])
-            y = F.linear(x, torch.cat([lin.weight for lin in layers]), bias)  # (b, T, nh * d_out)
-            return y.view(b, num_tokens, nh, d_out).transpose(1, 2)  # (b, nh, T, d_out)
+            if all(type(lin) is nn.Linear for lin in layers):
+                # One matmul for all heads: the heads' (d_out, d_in) weights stacked to (nh * d_out, d_in).
+                bias = None if layers[0].bias is None else torch.cat([lin.bias for lin in layers])
+                y = F.linear(x, torch.cat([lin.weight for lin in layers]), bias)  # (b, T, nh * d_out)
+                return y.view(b, num_tokens, nh, d_out).transpose(1, 2)  # (b, nh, T, d_out)
+            # Wrapped projections (LoRA, quantized): each called as the chapter calls it.
+            y = torch.stack([lin(x) for lin in layers], dim=1)  # (b, nh, T, d_out)
+            _check_projected(y, d_out, name, type(self).__name__)
+            return y
 
         context = _attend(project("W_query"), project("W_key"), project("W_value"), causal=True, dropout_p=p.pop())
         # (b, nh, T, d_out) -> (b, T, nh * d_out): the heads' outputs concatenated on the last dim.
@@ -140,13 +153,17 @@ class MultiHeadAttentionWrapper(reference.MultiHeadAttentionWrapper):
 class MultiHeadAttention(reference.MultiHeadAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
-        _check_width(x, self.W_query.in_features, type(self).__name__)
+        _check_width(x, in_features(self.W_query), type(self).__name__)
         b, num_tokens, _ = x.shape
         _check_context(num_tokens, self.mask.shape[0], type(self).__name__)
-        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (b, nh, T, hs)
-        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        queries, keys, values = (self._heads(x, name) for name in ("W_query", "W_key", "W_value"))
         context = _attend(queries, keys, values, causal=True, dropout_p=_dropout_p(self.dropout))  # (b, nh, T, hs)
         # The kernel writes the output in q's (b, T, nh, hs) memory layout, so this reshape is a view.
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)  # (b, T, d_out)
         return self.out_proj(context)
+
+    def _heads(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """One projection split into heads: (b, T, d_in) -> (b, nh, T, hs), a view of the projection."""
+        y = getattr(self, name)(x)  # (b, T, d_out)
+        _check_projected(y, self.d_out, name, type(self).__name__)
+        return y.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)

@@ -20,9 +20,29 @@ def _check_rank(x: torch.Tensor, rank: int, layout: str, layer: str) -> None:
         raise ValueError(f"{layer} expects input of shape {layout}, got shape {tuple(x.shape)}")
 
 
-def _check_width(x: torch.Tensor, d_in: int, layer: str) -> None:
-    if x.shape[-1] != d_in:
+def in_features(projection: nn.Module) -> int | None:
+    """The input width of a projection: an nn.Linear's ``in_features``, or that of the module a wrapper
+    holds as ``.linear`` (the book's LinearWithLoRA, appendix E); None when nothing says (any module that
+    maps the widths will do, as in the chapter's code, which only calls it)."""
+    for _ in range(8):  # wrappers of wrappers, not a cycle
+        width = getattr(projection, "in_features", None)
+        if isinstance(width, int):
+            return width
+        projection = getattr(projection, "linear", None)
+        if not isinstance(projection, nn.Module):
+            return None
+    return None
+
+
+def _check_width(x: torch.Tensor, d_in: int | None, layer: str) -> None:
+    if d_in is not None and x.shape[-1] != d_in:
         raise ValueError(f"{layer} was built with d_in={d_in}, got input with last dimension {x.shape[-1]}")
+
+
+def _check_projected(t: torch.Tensor, width: int, name: str, layer: str) -> None:
+    """A projection that is not an nn.Linear is checked by what it returns."""
+    if t.shape[-1] != width:
+        raise ValueError(f"{layer}: {name} returned width {t.shape[-1]}, expected {width}")
 
 
 def _check_context(num_tokens: int, context_length: int, layer: str) -> None:
@@ -74,7 +94,7 @@ class SelfAttention_v2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rank(x, 2, "(num_tokens, d_in)", type(self).__name__)
-        _check_width(x, self.W_query.in_features, type(self).__name__)
+        _check_width(x, in_features(self.W_query), type(self).__name__)
         keys = self.W_key(x)  # (T, d_out)
         queries = self.W_query(x)  # (T, d_out)
         values = self.W_value(x)  # (T, d_out)
@@ -97,7 +117,7 @@ class CausalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
-        _check_width(x, self.W_query.in_features, type(self).__name__)
+        _check_width(x, in_features(self.W_query), type(self).__name__)
         b, num_tokens, d_in = x.shape
         _check_context(num_tokens, self.mask.shape[0], type(self).__name__)
         keys = self.W_key(x)  # (b, T, d_out)
@@ -145,7 +165,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
-        _check_width(x, self.W_query.in_features, type(self).__name__)
+        _check_width(x, in_features(self.W_query), type(self).__name__)
         b, num_tokens, d_in = x.shape
         _check_context(num_tokens, self.mask.shape[0], type(self).__name__)
         keys = self.W_key(x)  # (b, T, d_out)

@@ -21,7 +21,6 @@ if not torch.cuda.is_available():
     # Set before anything imports kernels: the Triton interpreter checks agreement on a CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from attention import fused  # noqa: E402
 from bench import e2e, layers, sweep  # noqa: E402
 from bench.common import RESULTS, device_slug, metadata, write_json  # noqa: E402
 from bench.plots import plot_sweep  # noqa: E402
@@ -78,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             "layers' PyTorch path at CPU sizes; the Triton kernel is checked for agreement through its interpreter."
         )
         print(report["notes"][-1])
-        fused._BACKEND = "torch"
     else:
         report["peak_matmul_tflops"] = sweep.matmul_peak_tflops(device)
         print(f"dense bf16 matmul, measured: {report['peak_matmul_tflops']:.0f} TFLOP/s")

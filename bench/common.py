@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -58,25 +59,68 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn: Callable[[], object], device: str, *, warmup_ms: float = 10, rep_ms: float = 40) -> tuple[float, ...]:
-    """Median, 20th and 80th percentile time of fn in ms.
+class Timing(NamedTuple):
+    """Median and spread (20th, 80th percentile) of ``reps`` timed calls, in ms."""
 
-    On a GPU: CUDA events through triton.testing.do_bench (warm-up, L2 flushed before each run).
-    On a CPU: perf_counter around each call after one warm-up call.
+    ms: float
+    p20: float
+    p80: float
+    reps: int
+
+
+MIN_REPS = 10  # every reported time is the median of at least this many timed calls
+
+
+def measure(
+    fn: Callable[[], object],
+    device: str,
+    *,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    min_reps: int = MIN_REPS,
+    max_reps: int = 2000,
+    flush_l2: bool = True,
+) -> Timing:
+    """Time fn: at least ``min_reps`` calls, more while they fit in ``rep_ms``.
+
+    On a GPU: CUDA events around each call after a warm-up, the L2 cache flushed before each one (a
+    256 MB write outside the timed region), as triton.testing.do_bench does but never fewer than
+    ``min_reps`` calls (do_bench times a 24 ms call once at rep=40). On a CPU: perf_counter around
+    each call after one warm-up call.
     """
     if device == "cuda":
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
-    fn()
-    times = []
-    deadline = time.perf_counter() + max(rep_ms / 1000, 0.2)
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
-        start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1000)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return statistics.median(times), q[1], q[7]
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate = max(start.elapsed_time(end) / 3, 1e-3)
+        for _ in range(min(max_reps, int(warmup_ms / estimate))):
+            fn()
+        reps = max(min_reps, min(max_reps, int(rep_ms / estimate)))
+        cache = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if flush_l2 else None
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for s, e in events:
+            if cache is not None:
+                cache.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in events]
+    else:
+        fn()
+        times = []
+        deadline = time.perf_counter() + rep_ms / 1000
+        while len(times) < min_reps or (time.perf_counter() < deadline and len(times) < max_reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return Timing(statistics.median(times), q[1], q[7], len(times))
 
 
 def fwd_and_fwd_bwd_ms(attend: Callable, q, k, v, dropout_p: float, device: str = "cuda") -> tuple[float, float]:
@@ -92,7 +136,7 @@ def fwd_and_fwd_bwd_ms(attend: Callable, q, k, v, dropout_p: float, device: str 
         qg.grad = kg.grad = vg.grad = None
         attend(qg, kg, vg, dropout_p).backward(do)
 
-    return measure(fwd, device)[0], measure(fwd_bwd, device)[0]
+    return measure(fwd, device).ms, measure(fwd_bwd, device).ms
 
 
 def peak_memory(fn: Callable[[], object], device: str) -> int | None:

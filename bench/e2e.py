@@ -56,7 +56,7 @@ def train_step_rows(*, batch: int, cfg: dict, device: str, precision: str) -> li
             torch.backends.cuda.matmul.allow_tf32 = True
             row["first_loss"] = step().item()
             row["peak_mem_bytes"] = peak_memory(step, device)
-            ms = measure(step, device, warmup_ms=100, rep_ms=600)[0]
+            ms = measure(step, device, warmup_ms=100, rep_ms=600).ms
             row.update(step_ms=ms, tokens_per_s=batch * cfg["context_length"] / (ms * 1e-3))
         except RuntimeError as err:
             if not is_oom(err):

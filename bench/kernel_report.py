@@ -15,7 +15,7 @@ import kernels.flash_attn as fa
 from bench.common import measure
 from kernels import flash_attention
 
-KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
+KERNELS = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_kv", "_attn_bwd_dq")
 
 
 def compiled_kernels(jit_fn) -> list:
@@ -43,10 +43,11 @@ def main() -> None:
         for p in (0.0, 0.1):
             q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
-            out = flash_attention(q, k, v, causal=True, dropout_p=p)
-            out.backward(torch.randn_like(out))
+            for deterministic in (False, True):  # both backward paths compile
+                out = flash_attention(q, k, v, causal=True, dropout_p=p, deterministic=deterministic)
+                out.backward(torch.randn_like(out))
             fwd = lambda: flash_attention(q, k, v, causal=True, dropout_p=p)
-            ms = measure(fwd, device)[0]
+            ms = measure(fwd, device).ms
             print(f"{str(dtype):>15} dropout {p}: fwd {ms:.3f} ms at (B {B}, H {H}, N {N}, D {D})")
     torch.backends.cuda.matmul.allow_tf32 = False
     for name in KERNELS:

@@ -12,7 +12,6 @@ import copy
 import torch
 
 import attention
-from attention import fused
 from attention import reference as ref
 from attention.text import text_to_embeddings
 from bench.common import is_oom, measure, peak_memory
@@ -39,7 +38,7 @@ def _time_layer(layer, x, device: str) -> dict:
         with torch.no_grad():
             fwd = lambda: layer(x)
             out["fwd_mem"] = peak_memory(fwd, device)
-            out["fwd_ms"] = measure(fwd, device)[0]
+            out["fwd_ms"] = measure(fwd, device).ms
         xg = x.detach().requires_grad_()
 
         def fwd_bwd():
@@ -48,7 +47,7 @@ def _time_layer(layer, x, device: str) -> dict:
             layer(xg).sum().backward()
 
         out["fwd_bwd_mem"] = peak_memory(fwd_bwd, device)
-        out["fwd_bwd_ms"] = measure(fwd_bwd, device)[0]
+        out["fwd_bwd_ms"] = measure(fwd_bwd, device).ms
     except RuntimeError as err:
         if not is_oom(err):
             raise
@@ -98,13 +97,9 @@ def interpreter_agreement(num_tokens: int = 48) -> dict:
     theirs = ref.MultiHeadAttention(WIDTH, WIDTH, num_tokens, 0.0, HEADS)
     torch.manual_seed(123)
     ours = attention.MultiHeadAttention(WIDTH, WIDTH, num_tokens, 0.0, HEADS)
-    previous, fused._BACKEND = fused._BACKEND, "triton"
-    try:
-        with torch.no_grad():
-            exact = copy.deepcopy(theirs).double()(x.double())
-            got = ours(x)
-    finally:
-        fused._BACKEND = previous
+    with torch.no_grad(), attention.use_backend("triton"):
+        exact = copy.deepcopy(theirs).double()(x.double())
+        got = ours(x)
     return {"layer": "MultiHeadAttention", "shape": list(x.shape), "max_err": (got.double() - exact).abs().max().item()}
 
 

@@ -63,7 +63,17 @@ if _MISSING is None:
 
 SM90 = GPUTarget("cuda", 90, 32) if _MISSING is None else None
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
-KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
+# The jit functions launched, and the name each launch is reported under: _attn_bwd_kv is dK/dV of the
+# deterministic backward (after dQ) or the whole one-pass backward (dQ by atomics), told apart by its DQ_ATOMIC.
+KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_kv", "_attn_bwd_preprocess")
+
+
+def report_name(name: str, kwargs: dict) -> str:
+    if name == "_attn_bwd_kv":
+        return "_attn_bwd" if kwargs.get("DQ_ATOMIC") else "_attn_bwd_dkdv"
+    return name
+
+
 # fp32: TF32 allowed (wgmma in TF32); fp32-ieee: PyTorch's default, exact float32 products (FMA).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-ieee": torch.float32}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -100,7 +110,7 @@ def compile_only(found: dict[str, list]):
 
         def run(*args, grid, warmup, _jit=jit, _name=name, **kwargs):
             kernel = type(_jit).run(_jit, *args, grid=grid, warmup=True, **kwargs)
-            found.setdefault(_name, []).append(kernel)
+            found.setdefault(report_name(_name, kwargs), []).append(kernel)
             return kernel
 
         jit.run = run
@@ -167,29 +177,33 @@ def read_cubin(case: str, name: str, kernel) -> Report:
     )
 
 
-def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float, tf32: bool = True):
-    """Run the forward and backward launchers on CPU tensors of this shape; returns {kernel: [compiled]}."""
+def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float, tf32: bool = True, window=(-1, -1)):
+    """Run the forward and both backward launchers on CPU tensors of this shape; returns {kernel: [compiled]}."""
     q, k, v = (torch.zeros(B, H, N, D, dtype=dtype) for _ in range(3))
     found: dict[str, list] = {}
     allowed = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         with compile_only(found):
-            o, lse, seed = fa._fwd(q, k, v, causal, dropout_p, D**-0.5)
-            fa._bwd(torch.zeros_like(o), q, k, v, o, lse, seed, causal, dropout_p, D**-0.5)
+            spec = fa.Spec(causal, dropout_p, D**-0.5, window[0], window[1])
+            o, lse, seed = fa.forward(q, k, v, spec)
+            for deterministic in (True, False):
+                fa.backward(torch.zeros_like(o), q, k, v, o, lse, seed, spec._replace(deterministic=deterministic))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
     return found
 
 
-def reports(head_dims, dtypes, dropouts, causal=True) -> list[Report]:
+def reports(head_dims, dtypes, dropouts, causal=True, window=(-1, -1)) -> list[Report]:
     out = []
     for D in head_dims:
         for dname in dtypes:
             for p in dropouts:
                 case = f"D{D} {dname} p{p}{'' if causal else ' non-causal'}"
+                if window != (-1, -1):
+                    case += f" window{window[0]},{window[1]}"
                 tf32 = dname != "fp32-ieee"
-                for name, compiled in compile_case(1, 2, 256, D, DTYPES[dname], causal, p, tf32).items():
+                for name, compiled in compile_case(1, 2, 256, D, DTYPES[dname], causal, p, tf32, window).items():
                     out += [read_cubin(case, name, kernel) for kernel in compiled]
     return out
 
@@ -200,6 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--non-causal", action="store_true", help="compile the non-causal kernels instead")
+    ap.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"), help="sliding window")
     ap.add_argument("--sass", action="store_true", help="print each kernel's SASS histogram too")
     ap.add_argument("--json", help="write the reports to this file")
     args = ap.parse_args(argv)
@@ -207,7 +222,7 @@ def main(argv=None) -> int:
         print(f"triton {triton.__version__}: cannot compile offline here, it lacks {_MISSING}")
         return UNSUPPORTED
     print(f"triton {triton.__version__}, target {SM90}")
-    found = reports(args.head_dims, args.dtypes, args.dropout, causal=not args.non_causal)
+    found = reports(args.head_dims, args.dtypes, args.dropout, causal=not args.non_causal, window=tuple(args.window))
     bad = []
     for r in found:
         print(r.line())

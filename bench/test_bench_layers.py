@@ -10,7 +10,7 @@ import torch
 
 import attention
 from attention import reference as ref
-from bench.sweep import _sdpa
+from bench.providers import sdpa
 from kernels import flash_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="timings need a CUDA GPU")
@@ -45,7 +45,7 @@ def test_attention_core_fwd(benchmark, impl):
     fn = (
         (lambda: flash_attention(q, k, v, causal=True))
         if impl == "ours"
-        else (lambda: _sdpa("FLASH_ATTENTION")(q, k, v, 0.0))
+        else (lambda: sdpa("FLASH_ATTENTION")(q, k, v, 0.0))
     )
 
     def call():

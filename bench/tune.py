@@ -1,107 +1,119 @@
-"""Experiments that inform the kernel's fixed configs (GPU): tile shapes, warps, host overhead.
+"""Experiments that inform the kernels' config table (GPU): alternative tiles timed against the table's rows.
 
-Times the forward and forward+backward at one long causal shape for a few alternative
-(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, each against the current choice, and profiles
-the host side of a tiny call (where launch overhead is all there is). Prints tables; changes nothing.
+Each variant replaces one kernel's row (``kernels.flash_attn.forward(tile=...)`` / ``backward(tiles=...)``)
+at one long causal shape and is timed against the current row in the same run; also the dropout bits'
+two ways in the backward (``per_lane_bits``). Prints a table and writes JSON; changes nothing.
 
-    python -m bench.tune --deadline 60
+    python -m bench.tune --deadline 60 --json tune.json
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import cProfile
-import io
-import pstats
+import json
 import time
 
 import torch
 
-import kernels.flash_attn as fa
-from bench.common import fwd_and_fwd_bwd_ms, measure
-from bench.sweep import _sdpa, ours
-from kernels import flash_attention
+from bench.common import measure, metadata
+from kernels import configs
+from kernels import flash_attn as fa
 
-# (kernel, override) pairs tried against the current config; BLOCK_M/BLOCK_N/warps/stages.
+# (kernel, tile) pairs tried against the current row; BLOCK_M/BLOCK_N/warps/stages. "bwd" is the one-pass
+# backward, "dq"/"dkdv" the deterministic one's two kernels.
 VARIANTS = [
     ("fwd", dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
-    ("fwd", dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)),  # D 64's config before session 3
-    ("fwd", dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4)),
+    ("fwd", dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)),
     ("fwd", dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)),
+    ("bwd", dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
+    ("bwd", dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)),
+    ("bwd", dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)),
+    ("bwd", dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)),
     ("dkdv", dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)),
-    ("dkdv", dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)),
-    ("dkdv", dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
-    ("dq", dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)),  # the config before run 2's tuning
     ("dq", dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)),
-    ("dq", dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
 ]
 
 
-def _time(q, k, v, p) -> tuple[float, float]:
-    return fwd_and_fwd_bwd_ms(ours, q, k, v, p)
+def time_launchers(q, k, v, spec, *, tile=None, tiles=None, per_lane_bits=None) -> tuple[float, float]:
+    """Median ms of the forward launcher, and of the backward launcher alone (on the forward's outputs)."""
+    fwd = measure(lambda: fa.forward(q, k, v, spec, tile=tile), "cuda").ms
+    o, lse, seed = fa.forward(q, k, v, spec, tile=tile)
+    do = torch.randn_like(o)
+    bwd = measure(
+        lambda: fa.backward(do, q, k, v, o, lse, seed, spec, tiles=tiles, per_lane_bits=per_lane_bits), "cuda"
+    )
+    return fwd, bwd.ms
 
 
-def configs(deadline: float, shapes) -> None:
-    real = fa._configs
+def configs_experiment(deadline: float, shapes) -> list[dict]:
+    rows = []
     for B, H, N, D, p in shapes:
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        base_fwd, base_fb = _time(q, k, v, p)
-        current = real(fa._block_d(D), torch.bfloat16, p > 0)
-        print(f"\nbf16 B{B} H{H} N{N} D{D} dropout {p}: current {current}")
-        print(f"  current: fwd {base_fwd:.3f} ms, fwd+bwd {base_fb:.3f} ms")
-        for kernel, override in VARIANTS:
-            if time.perf_counter() > deadline:
-                print("  (deadline reached)")
-                return
-            if p > 0 and kernel != "fwd" and override["num_warps"] == 4:
-                continue
+        for deterministic in (False, True):
+            spec = fa.Spec(True, p, D**-0.5, deterministic=deterministic)
+            base_fwd, base_bwd = time_launchers(q, k, v, spec)
+            path = "deterministic" if deterministic else "one-pass"
+            where = f"bf16 B{B} H{H} N{N} D{D} dropout {p}, {path} backward"
+            print(f"\n{where}: table fwd {base_fwd:.3f} ms, bwd {base_bwd:.3f} ms")
+            rows.append(dict(B=B, H=H, N=N, D=D, p=p, path=path, variant="table", fwd_ms=base_fwd, bwd_ms=base_bwd))
+            for kernel, tile in VARIANTS:
+                if time.perf_counter() > deadline:
+                    print("  (deadline reached)")
+                    return rows
+                if (kernel in ("dq", "dkdv")) != deterministic and kernel != "fwd":
+                    continue
+                if kernel == "fwd" and deterministic:
+                    continue
+                try:
+                    f, b = time_launchers(
+                        q,
+                        k,
+                        v,
+                        spec,
+                        tile=tile if kernel == "fwd" else None,
+                        tiles={kernel: tile} if kernel != "fwd" else None,
+                    )
+                except Exception as err:  # a tile that does not compile (shared memory) is a result too
+                    print(f"  {kernel:<5} {tile}: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+                    rows.append(
+                        dict(B=B, H=H, N=N, D=D, p=p, path=path, kernel=kernel, variant=tile, error=str(err)[:200])
+                    )
+                    continue
+                gain = f"fwd {f:.3f} ms ({base_fwd / f:.2f}x), bwd {b:.3f} ms ({base_bwd / b:.2f}x)"
+                print(f"  {kernel:<5} {tile}: {gain}")
+                rows.append(dict(B=B, H=H, N=N, D=D, p=p, path=path, kernel=kernel, variant=tile, fwd_ms=f, bwd_ms=b))
+    return rows
 
-            def patched(*args, kernel=kernel, override=override, **kwargs):
-                cfgs = copy.deepcopy(real(*args, **kwargs))
-                cfgs[kernel] = dict(override)
-                return cfgs
 
-            fa._configs = patched
-            try:
-                f, fb = _time(q, k, v, p)
-                gain = f"fwd {f:.3f} ms ({base_fwd / f:.2f}x), fwd+bwd {fb:.3f} ms ({base_fb / fb:.2f}x)"
-                print(f"  {kernel:<5} {override}: {gain}")
-            except Exception as err:  # a config that does not compile (shared memory) is a result too
-                print(f"  {kernel:<5} {override}: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
-            finally:
-                fa._configs = real
-
-
-def host_overhead() -> None:
-    """A call too small for the GPU to matter: what the host spends per call, and where."""
-    q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    do = torch.randn_like(q)
-    ours_fwd_bwd = lambda: flash_attention(q, k, v, causal=True).backward(do)
-    sdpa = lambda: _sdpa("FLASH_ATTENTION")(q, k, v, 0.0).backward(do)
-    with torch.no_grad():
-        fwd_ms = measure(lambda: flash_attention(q, k, v, causal=True), "cuda")[0]
-    print(f"\nhost-bound call (1, 1, 128, 64): fwd ours {fwd_ms:.3f} ms")
-    print(f"fwd+bwd ours {measure(ours_fwd_bwd, 'cuda')[0]:.3f} ms, sdpa_flash {measure(sdpa, 'cuda')[0]:.3f} ms")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        ours_fwd_bwd()
-    torch.cuda.synchronize()
-    prof.disable()
-    out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
-    print("host profile of 200 fwd+bwd calls, by own time:")
-    print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:3000])
+def dropout_bits_experiment() -> list[dict]:
+    """The dK/dV kernels' dropout bits per lane (twice the Philox work, no exchange) or exchanged, by head dim."""
+    rows = []
+    for D, H in ((64, 12), (128, 16)):
+        q, k, v = (torch.randn(8, H, 4096, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for deterministic in (False, True):
+            spec = fa.Spec(True, 0.1, D**-0.5, deterministic=deterministic)
+            table = configs.block_d(D) <= configs.PER_LANE_BITS_MAX_BLOCK_D
+            for per_lane in (True, False):
+                _, b = time_launchers(q, k, v, spec, per_lane_bits=per_lane)
+                path = "deterministic" if deterministic else "one-pass"
+                mark = " (table)" if per_lane == table else ""
+                print(f"dropout 0.1 D{D} N4096 {path}: bits per lane {per_lane}{mark}: bwd {b:.3f} ms")
+                rows.append(dict(D=D, N=4096, path=path, per_lane_bits=per_lane, table=per_lane == table, bwd_ms=b))
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.tune")
     ap.add_argument("--deadline", type=float, default=120.0, help="seconds for the config experiments")
+    ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
-    host_overhead()
-    shapes = [(8, 12, 4096, 64, 0.0), (8, 16, 4096, 128, 0.0), (8, 12, 4096, 64, 0.1)]
-    configs(time.perf_counter() + args.deadline, shapes)
+    shapes = [(8, 12, 4096, 64, 0.0), (8, 16, 4096, 128, 0.0)]
+    result = {"meta": metadata("cuda"), "configs": [], "dropout_bits": []}
+    result["dropout_bits"] = dropout_bits_experiment()
+    result["configs"] = configs_experiment(time.perf_counter() + args.deadline, shapes)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Shared test setup: the Triton interpreter when there is no GPU, and one seed per test."""
+"""Shared test setup: the Triton interpreter when there is no GPU, and one seed per test.
+
+Shared builders and the tolerance rule live in tests/helpers.py; tests import that, never this file.
+"""
 
 import os
 
@@ -10,17 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ON_GPU = DEVICE == "cuda"
-requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton kernels, GPU-sized shapes)")
-
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-@pytest.fixture
-def device() -> str:
-    return DEVICE

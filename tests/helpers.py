@@ -1,24 +1,64 @@
-"""Tolerance rule and references shared by the tests (FlashAttention's rule, as FlagAttention states it)."""
+"""What the tests share: the device, input builders, references and the tolerance rule.
+
+Tests import this module, never each other or conftest. conftest.py sets TRITON_INTERPRET before
+anything imports kernels; this module only reads the result.
+
+The tolerance rule is FlashAttention's, as FlagAttention states it, with PyTorch's own error measured at
+our precision (bf16 matmuls on the CPU are fine at test sizes), and two more checks that rounding alone
+always passes and a wrong kernel does not:
+
+1. max error: ``max|ours - ref| <= 2 * max|torch - ref| + floor``, the floor one unit in the last place
+   of the output's scale (``FLOOR``, relative to ``max|ref|``);
+2. relative RMS error: ``rms(ours - ref) / rms(ref) <= 2 * (same for torch) + FLOOR``;
+3. systematic error: the error's component along the reference, ``sum((ours - ref) * ref) / sum(ref^2)``,
+   within ``BIAS``. Rounding to nearest is unbiased, so this stays near 0 (bf16: below 1.3e-3 in every
+   case measured); a result scaled by 1.01 sits at 1e-2. The max rule alone cannot see that in bf16:
+   1% is about one ulp.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
+import pytest
 import torch
 
-# Floors, relative to the reference's largest magnitude: what rounding alone can reach at each precision.
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+import kernels.eager
+from attention import reference as ref
+from kernels import flash_attention
+from kernels.masks import visible_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton kernels, GPU-sized shapes)")
+
+# One unit in the last place at the output's scale, relative to max|ref| (bf16 2^-8, fp16 2^-11 of a value
+# in [1, 2)); float32's covers TF32 products on a GPU.
+FLOOR = {torch.float32: 2e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+RMS_FLOOR = {torch.float32: 1e-5, torch.float16: 2**-11, torch.bfloat16: 2**-8}
+BIAS = {torch.float32: 1e-4, torch.float16: 5e-4, torch.bfloat16: 3e-3}
 
 
-def attention_eager(q, k, v, causal: bool, scale: float | None = None, keep: torch.Tensor | None = None, p=0.0):
-    """Plain attention in the inputs' own dtype: bottom-right causal, grouped heads, optional fixed keep mask."""
+def make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, device=DEVICE, scale=1.0):
+    """Fresh normal q, k, v: (B, Hq, Nq, D), (B, Hkv, Nk, D) twice; scale stretches the logits."""
+    q = torch.randn(B, Hq, Nq, D, device=device, dtype=dtype) * scale
+    k = torch.randn(B, Hkv, Nk, D, device=device, dtype=dtype) * scale
+    v = torch.randn(B, Hkv, Nk, D, device=device, dtype=dtype)
+    return q, k, v
+
+
+def attention_eager(q, k, v, causal: bool, scale=None, keep=None, p=0.0, window=(-1, -1)):
+    """Plain attention in the inputs' own dtype (softmax in float32, as PyTorch users write it), grouped
+    heads, the shared visibility rule (kernels.masks), an optional fixed dropout keep mask."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
     k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, Nk, D)
     v = v.repeat_interleave(H // Hkv, dim=1)
     s = (q @ k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
-    if causal:
-        hidden = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).triu(Nk - Nq + 1)
-        s = s.masked_fill(hidden, float("-inf"))
+    s = s.masked_fill(~visible_mask(Nq, Nk, causal=causal, window=window, device=q.device), float("-inf"))
     w = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
     if keep is not None:
         w = w * keep.to(w.dtype) / (1 - p)
@@ -26,11 +66,121 @@ def attention_eager(q, k, v, causal: bool, scale: float | None = None, keep: tor
 
 
 def assert_close_to_reference(name: str, ours: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor) -> None:
-    """Our error against float64 at most twice PyTorch's own error at our precision, plus a small floor."""
+    """The three checks of the module docstring."""
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    ref = ref64.double()
-    err = (ours.double() - ref).abs().max().item()
-    err_torch = (torch_lowp.double() - ref).abs().max().item()
-    floor = FLOOR[ours.dtype] * max(1.0, ref.abs().max().item())
-    assert err <= 2 * err_torch + floor, f"{name}: error {err:.3e} > 2 * torch's {err_torch:.3e} + {floor:.1e}"
+    dtype = ours.dtype
+    exact = ref64.double()
+    mine, theirs = ours.double() - exact, torch_lowp.double() - exact
+    err, err_torch = mine.abs().max().item(), theirs.abs().max().item()
+    floor = FLOOR[dtype] * max(1.0, exact.abs().max().item())
+    assert err <= 2 * err_torch + floor, f"{name}: max error {err:.3e} > 2 * torch's {err_torch:.3e} + {floor:.1e}"
+    norm = exact.pow(2).sum().item()
+    if norm == 0.0:
+        return
+    rms, rms_torch = (mine.pow(2).sum().item() / norm) ** 0.5, (theirs.pow(2).sum().item() / norm) ** 0.5
+    limit = 2 * rms_torch + RMS_FLOOR[dtype]
+    assert rms <= limit, f"{name}: relative RMS error {rms:.3e} > 2 * torch's {rms_torch:.3e} + {RMS_FLOOR[dtype]:.1e}"
+    bias = (mine * exact).sum().item() / norm
+    assert abs(bias) <= BIAS[dtype], f"{name}: systematic error {bias:+.2e} along the reference (limit {BIAS[dtype]})"
+
+
+@contextlib.contextmanager
+def only_path(path: str):
+    """Fail if any other attention path than ``path`` runs inside the block (no silent fallback)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a PyTorch path ran where the {path} path should have")
+
+    saved = {name: getattr(kernels.eager, name) for name in ("attention_reference", "attention_sdpa")}
+    keep = {"sdpa": "attention_sdpa", "torch": "attention_reference"}.get(path)
+    try:
+        for name in saved:
+            if name != keep:
+                setattr(kernels.eager, name, refuse)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(kernels.eager, name, fn)
+
+
+def check_against_reference(
+    q, k, v, causal, scale=None, dout=None, window=(-1, -1), backend="triton", deterministic=None, **kw
+):
+    """Run ours, float64 and PyTorch at our precision; compare out, dq, dk, dv by the tolerance rule."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with only_path(backend):
+        out = flash_attention(
+            q, k, v, causal=causal, softmax_scale=scale, window_size=window, backend=backend,
+            deterministic=deterministic, **kw,
+        )  # fmt: skip
+        dout = torch.randn_like(out) if dout is None else dout
+        out.backward(dout)
+    grads = {}
+    for label, dtype in (("ref64", torch.float64), ("lowp", q.dtype)):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        o = attention_eager(qq, kk, vv, causal, scale, window=window)
+        o.backward(dout.to(dtype))
+        grads[label] = [o, qq.grad, kk.grad, vv.grad]
+    for name, ours, ref64, low in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), *grads.values()):
+        assert_close_to_reference(name, ours, ref64, low)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter's layers
+# ---------------------------------------------------------------------------------------------
+
+# The chapter's six 3-d embeddings of "Your journey starts with one step" and the values it prints.
+INPUTS = torch.tensor(
+    [
+        [0.43, 0.15, 0.89],
+        [0.55, 0.87, 0.66],
+        [0.57, 0.85, 0.64],
+        [0.22, 0.58, 0.33],
+        [0.77, 0.25, 0.10],
+        [0.05, 0.80, 0.55],
+    ]
+)
+V1_OUT = [[0.2996, 0.8053], [0.3061, 0.8210], [0.3058, 0.8203], [0.2948, 0.7939], [0.2927, 0.7891], [0.2990, 0.8040]]
+CAUSAL_OUT = [
+    [-0.4519, 0.2216],
+    [-0.5874, 0.0058],
+    [-0.6300, -0.0632],
+    [-0.5675, -0.0843],
+    [-0.5526, -0.0981],
+    [-0.5299, -0.1081],
+]
+
+# (class name, constructor args, input shape or None for a constructor error, message regex): the chapter's
+# layers and the fused ones must refuse the same input with the same words.
+BAD_INPUTS = [
+    ("MultiHeadAttention", (4, 6, 5, 0.0, 4), None, "d_out 6 must be divisible by num_heads 4"),
+    ("MultiHeadAttention", (4, 4, 5, 0.0, 2), (1, 6, 4), "num_tokens 6 exceeds context_length 5"),
+    ("CausalAttention", (4, 4, 5, 0.0), (1, 7, 4), "num_tokens 7 exceeds context_length 5"),
+    ("MultiHeadAttentionWrapper", (4, 4, 5, 0.0, 2), (1, 7, 4), "num_tokens 7"),
+    ("CausalAttention", (4, 4, 5, 0.0), (5, 4), r"\(batch, num_tokens, d_in\)"),
+    ("MultiHeadAttention", (4, 4, 5, 0.0, 2), (2, 5, 3), "d_in=4"),
+    ("SelfAttention_v1", (3, 2), (1, 1, 6, 3), r"\(num_tokens, d_in\)"),
+    ("SelfAttention_v2", (3, 2), (6,), r"\(num_tokens, d_in\)"),
+]
+
+
+def assert_refuses(module, name, args, shape, words) -> None:
+    """Building ``name`` from ``module`` with ``args`` and calling it on ``shape`` raises a ValueError
+    naming ``words``."""
+    with pytest.raises(ValueError, match=words):
+        layer = getattr(module, name)(*args)
+        layer(torch.randn(*shape))
+
+
+def build(name: str, args, seed=123, module=None, **kw):
+    """The fused layer (from ``module``, default ``attention``) and the chapter's, both built after the same
+    seed, on the test device."""
+    import attention
+
+    torch.manual_seed(seed)
+    ours = getattr(module or attention, name)(*args, **kw)
+    torch.manual_seed(seed)
+    theirs = getattr(ref, name)(*args, **kw)
+    return ours.to(DEVICE), theirs.to(DEVICE)

@@ -6,19 +6,18 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, requires_gpu
-from test_reference import BAD_INPUTS, CAUSAL_OUT, INPUTS, V1_OUT, assert_refuses
+from helpers import BAD_INPUTS, CAUSAL_OUT, DEVICE, INPUTS, ON_GPU, V1_OUT, assert_refuses, build, requires_gpu
 
 import attention
-from attention import fused
 from attention import reference as ref
 
 
-@pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    """Every layer test runs on both paths: the Triton kernel (interpreter here) and the eager one."""
-    monkeypatch.setattr(fused, "_BACKEND", request.param)
-    return request.param
+@pytest.fixture(params=["triton", "sdpa", "torch"])
+def backend(request):
+    """Every layer test runs on each path: the Triton kernel (interpreter here), PyTorch's fused kernels
+    with our semantics, and the readable eager one."""
+    with attention.use_backend(request.param):
+        yield request.param
 
 
 # (class name, constructor args, input shape): odd sizes, not multiples of any block.
@@ -29,14 +28,6 @@ CASES = [
     ("MultiHeadAttentionWrapper", (6, 10, 40, 0.0, 3), (2, 29, 6)),
     ("MultiHeadAttention", (12, 18, 40, 0.0, 3), (2, 33, 12)),  # head_dim 6
 ]
-
-
-def build(name: str, args, seed=123, **kw):
-    torch.manual_seed(seed)
-    ours = getattr(attention, name)(*args, **kw)
-    torch.manual_seed(seed)
-    theirs = getattr(ref, name)(*args, **kw)
-    return ours.to(DEVICE), theirs.to(DEVICE)
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
@@ -191,14 +182,23 @@ def test_half_precision_and_to(backend):
     torch.testing.assert_close(out, expected, atol=5e-3, rtol=5e-3)
 
 
-def test_autocast():
+def test_autocast(backend):
+    # bf16 autocast, as the GPT-2 training configuration in the README runs: outputs and every gradient
+    # against the chapter's layer under the same autocast.
     ours, theirs = build("MultiHeadAttention", (16, 16, 40, 0.0, 2))
     x = torch.randn(2, 37, 16, device=DEVICE)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     device_type = "cuda" if ON_GPU else "cpu"
     with torch.autocast(device_type, dtype=torch.bfloat16):
-        out = ours(x)
+        out, expected = ours(xa), theirs(xb)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), theirs(x), atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    expected.backward(dout)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=3e-2, rtol=3e-2)
+    for (name, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=3e-2, rtol=3e-2, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_compiled_layer_has_no_graph_break():
@@ -206,10 +206,17 @@ def test_compiled_layer_has_no_graph_break():
     ours.eval()
     theirs.eval()
     compiled = torch.compile(ours, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
-    x = torch.randn(2, 37, 16, device=DEVICE, requires_grad=True)
-    out = compiled(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, theirs(x), atol=2e-5, rtol=1e-4)
+    x = torch.randn(2, 37, 16, device=DEVICE)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = compiled(xa)
+    expected = theirs(xb)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    expected.backward(dout)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=2e-5, rtol=1e-4)
+    for (name, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_wide_head_falls_back_with_one_warning():

@@ -2,28 +2,9 @@
 
 import pytest
 import torch
+from helpers import BAD_INPUTS, CAUSAL_OUT, INPUTS, V1_OUT, assert_refuses
 
 from attention import reference as ref
-
-INPUTS = torch.tensor(
-    [
-        [0.43, 0.15, 0.89],
-        [0.55, 0.87, 0.66],
-        [0.57, 0.85, 0.64],
-        [0.22, 0.58, 0.33],
-        [0.77, 0.25, 0.10],
-        [0.05, 0.80, 0.55],
-    ]
-)
-V1_OUT = [[0.2996, 0.8053], [0.3061, 0.8210], [0.3058, 0.8203], [0.2948, 0.7939], [0.2927, 0.7891], [0.2990, 0.8040]]
-CAUSAL_OUT = [
-    [-0.4519, 0.2216],
-    [-0.5874, 0.0058],
-    [-0.6300, -0.0632],
-    [-0.5675, -0.0843],
-    [-0.5526, -0.0981],
-    [-0.5299, -0.1081],
-]
 
 
 def test_simplified_attention_printed_values():
@@ -108,26 +89,6 @@ def test_dropout_only_in_training():
     assert torch.equal(mha(x), mha(x))
     mha.train()
     assert not torch.equal(mha(x), mha(x))
-
-
-# (class name, constructor args, input shape or None for a constructor error, message): shared with
-# the fused layers' tests, which must refuse the same input with the same words.
-BAD_INPUTS = [
-    ("MultiHeadAttention", (4, 6, 5, 0.0, 4), None, "d_out 6 must be divisible by num_heads 4"),
-    ("MultiHeadAttention", (4, 4, 5, 0.0, 2), (1, 6, 4), "num_tokens 6 exceeds context_length 5"),
-    ("CausalAttention", (4, 4, 5, 0.0), (1, 7, 4), "num_tokens 7 exceeds context_length 5"),
-    ("MultiHeadAttentionWrapper", (4, 4, 5, 0.0, 2), (1, 7, 4), "num_tokens 7"),
-    ("CausalAttention", (4, 4, 5, 0.0), (5, 4), r"\(batch, num_tokens, d_in\)"),
-    ("MultiHeadAttention", (4, 4, 5, 0.0, 2), (2, 5, 3), "d_in=4"),
-    ("SelfAttention_v1", (3, 2), (1, 1, 6, 3), r"\(num_tokens, d_in\)"),
-    ("SelfAttention_v2", (3, 2), (6,), r"\(num_tokens, d_in\)"),
-]
-
-
-def assert_refuses(module, name, args, shape, words):
-    with pytest.raises(ValueError, match=words):
-        layer = getattr(module, name)(*args)
-        layer(torch.randn(*shape))
 
 
 @pytest.mark.parametrize("name, args, shape, words", BAD_INPUTS)

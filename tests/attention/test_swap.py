@@ -7,21 +7,20 @@ import logging
 
 import pytest
 import torch
-from conftest import DEVICE, requires_gpu
+from helpers import DEVICE, requires_gpu
 from torch import nn
 
 import attention
-from attention import fused
 from attention import reference as ref
 from bench.gpt import GPT_CONFIG_124M, GPTModel
 
 SMALL_GPT = {**GPT_CONFIG_124M, "vocab_size": 97, "context_length": 40, "emb_dim": 24, "n_heads": 3, "n_layers": 2}
 
 
-@pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    monkeypatch.setattr(fused, "_BACKEND", request.param)
-    return request.param
+@pytest.fixture(params=["triton", "sdpa", "torch"])
+def backend(request):
+    with attention.use_backend(request.param):
+        yield request.param
 
 
 def small_gpt(drop_rate=0.0, seed=123):

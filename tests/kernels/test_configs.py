@@ -1,88 +1,125 @@
 """Every tile configuration the GPU uses or the tuning experiments try is correct, checked here too.
 
-The interpreter normally runs small fixed tiles; these tests swap in the GPU's configs (and the
-candidates of bench/tune.py) so a tile-size-dependent bug in the causal bounds, the ragged tails or
-the dropout bits shows on a CPU before any GPU time is spent.
+The interpreter normally runs its own small tiles; these tests build the configs exactly as a GPU run
+selects them (``configs.select(..., interpret=False)``) and run those tiles through the interpreter, so
+a tile-size-dependent bug in the ranges, the ragged tails or the dropout bits shows on a CPU before any
+GPU time is spent.
 """
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from test_flash_attention import check_against_reference, make_qkv
+from helpers import check_against_reference, make_qkv
 
 import kernels.flash_attn as fa
 from bench.tune import VARIANTS
-from kernels import flash_attention
+from kernels import configs, flash_attention
+
+# (head dim, dtype, TF32 allowed): one per head-dim class and precision the GPU tells apart.
+CASES = [
+    (head_dim, dtype, tf32)
+    for head_dim in (40, 80, 200)  # classes 64 (not a multiple of 16: 8 warps), 128, 256
+    for dtype, tf32 in ((torch.float16, False), (torch.float32, True), (torch.float32, False))
+]
 
 
-def _gpu_config_sets():
-    """(id, {kernel: config}) for each padded head dim and element size the GPU distinguishes."""
-    sets = []
-    for block_d, head_dim in ((64, 40), (128, 80), (256, 200)):
-        for wide, dtype in ((False, torch.float16), (True, torch.float32)):
-            cfgs = fa._base_configs(block_d, torch.float32 if wide else torch.float16)
-            sets.append(pytest.param(head_dim, dtype, cfgs, id=f"d{block_d}-{'fp32' if wide else 'half'}"))
-        cfgs = fa._ieee_configs(block_d)  # float32 with exact products (TF32 not allowed)
-        sets.append(pytest.param(head_dim, torch.float32, cfgs, id=f"d{block_d}-fp32-ieee"))
-    return sets
+def _as_on_a_gpu(monkeypatch, override: dict | None = None):
+    """Make the launchers pick the GPU's tiles (optionally one kernel's overridden) under the interpreter."""
+
+    def gpu_config(kernel, q, spec):
+        if override and kernel in override:
+            return dict(override[kernel])
+        return configs.select(kernel, q.shape[-1], fa._precision(q), dropout=spec.dropout_p > 0, interpret=False)
+
+    monkeypatch.setattr(fa, "_config", gpu_config)
 
 
-def _tune_config_sets():
-    sets = []
-    for i, (kernel, override) in enumerate(VARIANTS):
-        for block_d, head_dim in ((64, 64), (128, 128)):
-            cfgs = copy.deepcopy(fa._base_configs(block_d, torch.float16))
-            cfgs[kernel] = dict(override)
-            sets.append(pytest.param(head_dim, torch.float16, cfgs, id=f"tune{i}-{kernel}-d{block_d}"))
-    return sets
+def _id(case):
+    head_dim, dtype, tf32 = case
+    return f"d{head_dim}-{str(dtype).removeprefix('torch.')}{'-tf32' if tf32 else ''}"
 
 
-@pytest.mark.parametrize("head_dim, dtype, cfgs", _gpu_config_sets() + _tune_config_sets())
-def test_config_is_correct(head_dim, dtype, cfgs, monkeypatch):
-    monkeypatch.setattr(fa, "_configs", lambda *args, **kwargs: copy.deepcopy(cfgs))
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "deterministic"])
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_gpu_tiles_are_correct(case, deterministic, monkeypatch):
+    head_dim, dtype, tf32 = case
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    _as_on_a_gpu(monkeypatch)
     # Grouped heads, Nq < Nk, both ragged against every block size used.
-    check_against_reference(*make_qkv(1, 4, 2, 150, 190, head_dim, dtype), causal=True)
+    check_against_reference(*make_qkv(1, 4, 2, 150, 190, head_dim, dtype), causal=True, deterministic=deterministic)
+
+
+@pytest.mark.parametrize(
+    "kernel, override, head_dim",
+    [(kernel, override, d) for kernel, override in VARIANTS for d in (64, 128)],
+    ids=[f"tune{i}-{kernel}-d{d}" for i, (kernel, _) in enumerate(VARIANTS) for d in (64, 128)],
+)
+def test_tuning_candidates_are_correct(kernel, override, head_dim, monkeypatch):
+    _as_on_a_gpu(monkeypatch, {kernel: override})
+    check_against_reference(
+        *make_qkv(1, 4, 2, 150, 190, head_dim, torch.float16), causal=True, deterministic=kernel in ("dq", "dkdv")
+    )
 
 
 def test_dropout_bits_do_not_depend_on_tiles(monkeypatch):
     q, k, v = make_qkv(1, 2, 1, 140, 200, 64, torch.float32)
-    outs = []
-    for cfgs in (None, fa._base_configs(64, torch.float16), fa._base_configs(64, torch.float32), fa._ieee_configs(64)):
-        if cfgs is not None:
-            monkeypatch.setattr(fa, "_configs", lambda *args, c=cfgs, **kwargs: copy.deepcopy(c))
-        torch.manual_seed(9)
-        outs.append(flash_attention(q, k, v, causal=True, dropout_p=0.3, backend="triton"))
+    tile_sets = [None, (torch.float16, False), (torch.float32, True), (torch.float32, False)]
+    seen, outs = set(), []
+    for choice in tile_sets:
+        if choice is None:  # the interpreter's own tiles
+            tiles = {name: configs.INTERPRETER[name]._asdict() for name in ("fwd", "dq", "dkdv", "bwd")}
+        else:
+            dtype, tf32 = choice
+            prec = configs.precision(dtype, tf32)
+            tiles = {
+                name: configs.select(name, 64, prec, dropout=True, interpret=False) for name in ("fwd", "dq", "bwd")
+            }
+            _as_on_a_gpu(monkeypatch, {name: tiles[name] for name in tiles})
+        seen.add(tuple(sorted((n, tuple(t.values())) for n, t in tiles.items())))
+        for deterministic in (False, True):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            torch.manual_seed(9)
+            out = flash_attention(qq, kk, vv, causal=True, dropout_p=0.3, backend="triton", deterministic=deterministic)
+            out.backward(torch.ones_like(out))
+            outs.append((out, qq.grad, kk.grad, vv.grad))
+    assert len(seen) == len(tile_sets), "the tile sets compared must differ"
     for other in outs[1:]:
-        torch.testing.assert_close(other, outs[0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(other, outs[0]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_config_choice_on_a_gpu(monkeypatch):
-    # What the launchers ask for on a GPU (the interpreter always runs its own small tiles).
-    monkeypatch.setattr(fa, "_INTERPRET", False)
-    half = fa._configs(64, torch.float16, False)
-    assert half == fa._base_configs(64, torch.float16)
-    # Exact float32 products (TF32 not allowed) get the FMA dots' own spill-free tiles.
-    for block_d in (16, 64, 128, 256):
-        assert fa._configs(block_d, torch.float32, False, ieee=True) == fa._ieee_configs(block_d)
+def test_config_choice_rules():
+    half = configs.select("fwd", 64, "half", dropout=False, interpret=False)
+    assert half == configs.TABLE[("fwd", 64, "half")]._asdict()
+    # Head dims 1..64 share one class; exact float32 gets the FMA dots' own tiles.
+    assert (
+        configs.select("dq", 16, "half", dropout=False, interpret=False) == configs.TABLE[("dq", 64, "half")]._asdict()
+    )
+    for kernel in ("fwd", "dq", "dkdv", "bwd"):
+        for d in (16, 64, 128, 256):
+            ieee = configs.select(kernel, d, "ieee", dropout=True, interpret=False)
+            assert ieee == configs.TABLE[(kernel, max(64, configs.block_d(d)), "ieee")]._asdict()
     # Dropout's Philox words and the element-wise loads of head dims off multiples of 16: 8 warps.
-    for cfgs in (fa._configs(64, torch.float16, True), fa._configs(64, torch.float16, False, aligned=False)):
-        assert all(cfg["num_warps"] == 8 for cfg in cfgs.values())
-        assert {k: {**c, "num_warps": 0} for k, c in cfgs.items()} == {
-            k: {**c, "num_warps": 0} for k, c in half.items()
-        }
-    q = torch.zeros(1, 1, 8, 40)
-    flags = fa._kernel_flags(q, causal=True, dropout_p=0.0)
-    assert all(cfg["num_warps"] == 8 for cfg in fa._kernel_configs(q, flags).values())
+    for cfg in (
+        configs.select("fwd", 64, "half", dropout=True, interpret=False),
+        configs.select("bwd", 40, "half", dropout=False, interpret=False),
+    ):
+        assert cfg["num_warps"] == 8
+    assert configs.select("fwd", 64, "half", dropout=False, interpret=True) == configs.INTERPRETER["fwd"]._asdict()
+    assert [configs.block_d(d) for d in (1, 16, 17, 64, 65, 256)] == [16, 16, 32, 64, 128, 256]
 
 
-@pytest.mark.parametrize("block_d", [16, 32, 64, 128, 256])
-def test_every_tile_fits_the_dropout_bits(block_d, monkeypatch):
+def test_every_tile_fits_the_dropout_bits():
     # The dropout bits are grouped by 16 rows and 16 keys: every tile edge must be a multiple of 16.
-    monkeypatch.setattr(fa, "_INTERPRET", False)
-    tables = [fa._base_configs(block_d, dtype) for dtype in (torch.float16, torch.float32)]
-    for cfgs in tables + [fa._ieee_configs(block_d)]:
-        for name, cfg in cfgs.items():
-            assert cfg["BLOCK_M"] % 16 == 0 and cfg["BLOCK_N"] % 16 == 0, (name, cfg)
+    for key, tile in list(configs.TABLE.items()) + list(configs.INTERPRETER.items()):
+        assert tile.BLOCK_M % 16 == 0 and tile.BLOCK_N % 16 == 0, (key, tile)
+    for kernel, override in VARIANTS:
+        assert override["BLOCK_M"] % 16 == 0 and override["BLOCK_N"] % 16 == 0, (kernel, override)
+
+
+def test_every_kernel_has_a_row_for_every_class_and_precision():
+    for kernel in ("fwd", "dq", "dkdv", "bwd", "decode"):
+        for d in (64, 128, 256):
+            for prec in ("half", "tf32", "ieee"):
+                assert (kernel, d, prec) in configs.TABLE, (kernel, d, prec)

@@ -7,16 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, requires_gpu
-from helpers import assert_close_to_reference, attention_eager
+from helpers import DEVICE, assert_close_to_reference, attention_eager, requires_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels.flash_attn as fa
 from kernels import flash_attention
+from kernels.dropout import keep_threshold
+from kernels.masks import visible_mask
 
 
-def recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal, seed, backend="triton"):
+def recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal, seed, backend="triton", window=(-1, -1)):
     """The keep mask a call with this seed uses, read through the public function.
 
     With q = 0 every visible key gets the same weight 1/n_i, and with v = I (D = Nk) the output row
@@ -26,10 +26,8 @@ def recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal, seed, backend="triton"):
     k = torch.randn(B, Hkv, Nk, Nk, device=DEVICE)
     v = torch.eye(Nk, device=DEVICE).expand(B, Hkv, Nk, Nk)
     torch.manual_seed(seed)
-    out = flash_attention(q, k, v, causal=causal, dropout_p=p, backend=backend)
-    visible = torch.ones(Nq, Nk, dtype=torch.bool, device=DEVICE)
-    if causal:
-        visible = visible.tril(Nk - Nq)
+    out = flash_attention(q, k, v, causal=causal, dropout_p=p, backend=backend, window_size=window)
+    visible = visible_mask(Nq, Nk, causal=causal, window=window, device=DEVICE)
     n_visible = visible.sum(-1, keepdim=True).clamp(min=1).float()
     scaled = out * (1 - p) * n_visible  # 1 where kept, 0 where dropped
     keep = scaled.round()
@@ -39,7 +37,8 @@ def recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal, seed, backend="triton"):
     return keep.bool() & visible
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+# "sdpa": the chunked exact path off CUDA (kernels/eager.py), whose mask comes from PyTorch's generator.
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_keep_rate(p, backend):
     keep = recover_keep_mask(2, 2, 2, 96, 96, p, causal=False, seed=1, backend=backend)
@@ -66,18 +65,14 @@ def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 7):
 
 
 def documented_keep_mask(seed: int, B: int, H: int, Nq: int, Nk: int, p: float) -> torch.Tensor:
-    """The keep bits the module docstring promises for weight (b, h, i, j), computed without Triton."""
+    """The keep bits kernels/dropout.py's docstring promises for weight (b, h, i, j), computed without Triton:
+    rows {i, i+8} x keys {j, j+1, j+8, j+9} per Philox call."""
     b, h, i, j = np.meshgrid(np.arange(B), np.arange(H), np.arange(Nq), np.arange(Nk), indexing="ij")
-    if fa._DROPOUT_GROUPING == "mma":  # rows {i, i+8} x keys {j, j+1, j+8, j+9} per Philox call
-        counter = ((j // 16) * 4 + (j % 8) // 2, (i // 16) * 8 + i % 8, b * H + h, 0 * i)
-        word, half = 2 * ((i // 8) % 2) + (j // 8) % 2, j % 2
-    else:  # eight consecutive keys of one row per Philox call, e = j % 8 in the kernel's join order
-        counter = (j // 8, i, b * H + h, 0 * i)
-        e = j % 8
-        word, half = 2 * (e % 2) + (e // 2) % 2, e // 4
+    counter = ((j // 16) * 4 + (j % 8) // 2, (i // 16) * 8 + i % 8, b * H + h, 0 * i)
+    word, half = 2 * ((i // 8) % 2) + (j // 8) % 2, j % 2
     words = np.choose(word, philox4x32(seed, *counter))
     bits = (words >> (16 * half).astype(np.uint64)) & np.uint64(0xFFFF)
-    return torch.from_numpy(bits >= fa._drop_threshold(p))
+    return torch.from_numpy(bits >= keep_threshold(p))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.6])
@@ -123,8 +118,18 @@ def test_consecutive_calls_differ():
 
 
 def test_p0_is_the_no_dropout_path():
+    # p = 0 takes the kernel without dropout: no seed is drawn (the generator does not move) and the result is
+    # attention itself. p = 2^-18 rounds to a threshold of 0: the dropout kernel runs, keeps every weight, and
+    # must agree with it to the last rounding of the 1 / (1 - p) scale.
     q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
-    assert torch.equal(flash_attention(q, k, v, causal=True, dropout_p=0.0), flash_attention(q, k, v, causal=True))
+    state = torch.get_rng_state()
+    none = flash_attention(q, k, v, causal=True, dropout_p=0.0)
+    assert torch.equal(torch.get_rng_state(), state), "p = 0 drew a dropout seed"
+    exact = attention_eager(q.double(), k.double(), v.double(), causal=True)
+    assert (none.double() - exact).abs().max() < 1e-5
+    tiny = flash_attention(q, k, v, causal=True, dropout_p=2**-18)
+    assert not torch.equal(torch.get_rng_state(), state), "p > 0 did not draw a seed"
+    torch.testing.assert_close(tiny, none, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -136,9 +141,25 @@ def test_p0_is_the_no_dropout_path():
         (1, 2, 1, 40, 56, 80),  # padded head dim 128: dK/dV exchanges the bits between lanes (not per lane)
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_forward_and_backward_share_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype):
-    check_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, p=0.25, causal=True)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_and_backward_share_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, deterministic):
+    check_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, p=0.25, causal=True, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal, window", [(True, (12, -1)), (False, (5, 9))])
+def test_dropout_with_a_sliding_window(causal, window, dtype):
+    check_one_mask(1, 4, 2, 70, 70, 32, dtype, p=0.3, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_on_the_sdpa_path_shares_one_mask(dtype):
+    # Off CUDA with dropout: query chunks, each mask drawn from PyTorch's generator and drawn again in the
+    # backward. Rows past a chunk boundary (CHUNK_ROWS) and grouped heads.
+    from kernels.eager import CHUNK_ROWS
+
+    check_one_mask(1, 4, 2, CHUNK_ROWS + 37, CHUNK_ROWS + 50, 16, dtype, p=0.2, causal=True, backend="sdpa")
 
 
 @settings(max_examples=8, deadline=None)
@@ -155,29 +176,33 @@ def test_random_shapes_share_one_mask(Hkv, group, Nq, Nk, D, p, causal):
     check_one_mask(1, Hkv * group, Hkv, Nq, Nk, D, torch.float32, p=p, causal=causal)
 
 
-def check_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, p, causal, seed=1234):
+def check_one_mask(
+    B, Hq, Hkv, Nq, Nk, D, dtype, p, causal, seed=1234, window=(-1, -1), deterministic=None, backend="triton"
+):
     """out, dq, dk, dv of a dropout call against float64 with the mask that call used, recovered first."""
     # The mask is recovered with head dim Nk; the real call uses D: on a GPU that means other tiles.
-    keep = recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal=causal, seed=seed)
+    keep = recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal=causal, seed=seed, backend=backend, window=window)
     q = torch.randn(B, Hq, Nq, D, device=DEVICE, dtype=dtype, requires_grad=True)
     k = torch.randn(B, Hkv, Nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
     v = torch.randn(B, Hkv, Nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
     torch.manual_seed(seed)
-    out = flash_attention(q, k, v, causal=causal, dropout_p=p)
+    out = flash_attention(
+        q, k, v, causal=causal, dropout_p=p, window_size=window, deterministic=deterministic, backend=backend
+    )
     dout = torch.randn_like(out)
     out.backward(dout)
 
     refs = {}
-    for label, compute in (("ref64", torch.float64), ("lowp", torch.float32)):
+    for label, compute in (("ref64", torch.float64), ("lowp", dtype)):
         qq, kk, vv = (t.detach().to(compute).requires_grad_() for t in (q, k, v))
-        o = attention_eager(qq, kk, vv, causal=causal, keep=keep, p=p)
+        o = attention_eager(qq, kk, vv, causal=causal, keep=keep, p=p, window=window)
         o.backward(dout.to(compute))
-        refs[label] = [t.to(dtype) if label == "lowp" else t for t in (o, qq.grad, kk.grad, vv.grad)]
+        refs[label] = [o, qq.grad, kk.grad, vv.grad]
     for name, ours, ref, low in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), *refs.values()):
         assert_close_to_reference(name, ours, ref, low)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "torch"])
 def test_p1_drops_everything_like_nn_dropout(backend):
     q, k, v = (torch.randn(2, 2, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     out = flash_attention(q, k, v, causal=True, dropout_p=1.0, backend=backend)
@@ -187,15 +212,16 @@ def test_p1_drops_everything_like_nn_dropout(backend):
         assert t.grad is None or torch.equal(t.grad, torch.zeros_like(t)), "p = 1 leaked a gradient (or a NaN)"
 
 
-def test_torch_path_has_the_same_semantics():
-    # The eager path's mask comes from torch's RNG, but keep rate, scale and reproducibility hold.
+def test_sdpa_path_is_reproducible_and_fresh_per_call():
+    # The chunked dropout path draws its seed from PyTorch's generator: manual_seed reproduces it, the next
+    # call draws new bits.
     q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
     torch.manual_seed(3)
-    a = flash_attention(q, k, v, causal=True, dropout_p=0.4, backend="torch")
+    a = flash_attention(q, k, v, causal=True, dropout_p=0.4, backend="sdpa")
     torch.manual_seed(3)
-    b = flash_attention(q, k, v, causal=True, dropout_p=0.4, backend="torch")
+    b = flash_attention(q, k, v, causal=True, dropout_p=0.4, backend="sdpa")
     assert torch.equal(a, b)
-    assert not torch.equal(a, flash_attention(q, k, v, causal=True, backend="torch"))
+    assert not torch.equal(a, flash_attention(q, k, v, causal=True, dropout_p=0.4, backend="sdpa"))
 
 
 def test_dropout_under_torch_compile_matches_eager():

@@ -1,4 +1,8 @@
-"""kernels.flash_attention against float64 attention: forward and all three gradients, shapes that break tiles."""
+"""kernels.flash_attention against float64 attention: forward and all three gradients, shapes that break tiles.
+
+Every agreement case runs on the Triton path (the interpreter on a CPU) and on the SDPA path (PyTorch's
+fused kernels with our semantics); the gradients through both backward passes of the Triton path.
+"""
 
 from __future__ import annotations
 
@@ -6,52 +10,20 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, requires_gpu
-from helpers import assert_close_to_reference, attention_eager
+from helpers import (
+    DEVICE,
+    ON_GPU,
+    assert_close_to_reference,
+    attention_eager,
+    check_against_reference,
+    make_qkv,
+    requires_gpu,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels.flash_attn as fa
-from kernels import flash_attention
-
-
-@pytest.fixture(autouse=True)
-def _no_silent_fallback(monkeypatch):
-    """Any test here that reaches the eager path by accident fails: the Triton path must run."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the PyTorch path ran where the Triton kernel should have")
-
-    monkeypatch.setattr(fa, "_attention_torch", refuse)
-
-
-def check_against_reference(q, k, v, causal, scale=None, dout=None):
-    """Run ours (Triton), float64 and PyTorch-at-our-precision; compare out, dq, dk, dv."""
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale, backend="triton")
-    dout = torch.randn_like(out) if dout is None else dout
-    out.backward(dout)
-
-    grads = {}
-    for label, dtype in (("ref64", torch.float64), ("lowp", q.dtype)):
-        # On the CPU, half-precision matmuls are slow and not what a user would run: PyTorch's own
-        # error at that precision is measured on float32 math fed with the rounded inputs.
-        compute = torch.float32 if (dtype != torch.float64 and q.device.type == "cpu") else dtype
-        qq, kk, vv = (t.detach().to(compute).requires_grad_() for t in (q, k, v))
-        o = attention_eager(qq, kk, vv, causal, scale)
-        o.backward(dout.to(compute))
-        grads[label] = [t.to(dtype) if label == "lowp" else t for t in (o, qq.grad, kk.grad, vv.grad)]
-    for name, ours, ref, low in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), *grads.values()):
-        assert_close_to_reference(name, ours, ref, low)
-    return out
-
-
-def make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, device=DEVICE, scale=1.0):
-    q = torch.randn(B, Hq, Nq, D, device=device, dtype=dtype) * scale
-    k = torch.randn(B, Hkv, Nk, D, device=device, dtype=dtype) * scale
-    v = torch.randn(B, Hkv, Nk, D, device=device, dtype=dtype)
-    return q, k, v
-
+from kernels import configs, flash_attention
 
 # (B, Hq, Hkv, Nq, Nk, D) and what each breaks.
 SHAPES = [
@@ -70,24 +42,74 @@ SHAPES = [
     pytest.param((1, 2, 2, 1, 64, 64), id="decode1"),  # one new token sees all keys
     pytest.param((1, 2, 2, 70, 30, 32), id="nq-gt-nk"),  # causal rows that see no key at all
 ]
+BACKENDS = ["triton", "sdpa"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference_fp32(shape, causal):
-    check_against_reference(*make_qkv(*shape, torch.float32), causal)
+def test_matches_reference_fp32(shape, causal, backend):
+    check_against_reference(*make_qkv(*shape, torch.float32), causal, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference_fp16(shape, causal):
-    check_against_reference(*make_qkv(*shape, torch.float16), causal)
+def test_matches_reference_fp16(shape, causal, backend):
+    check_against_reference(*make_qkv(*shape, torch.float16), causal, backend=backend)
 
 
 # bfloat16: the interpreter's bf16 tl.dot is broken, the kernel upcasts its tiles there (UPCAST flag).
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", SHAPES[1:4] + SHAPES[10:])
-def test_matches_reference_bf16(shape):
-    check_against_reference(*make_qkv(*shape, torch.bfloat16), causal=True)
+def test_matches_reference_bf16(shape, causal, backend):
+    check_against_reference(*make_qkv(*shape, torch.bfloat16), causal, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[10], SHAPES[13]])
+def test_deterministic_backward_matches_reference(shape, dtype):
+    # The two-kernel backward (dQ, then dK/dV; no atomics), under the same rule as the one-pass default.
+    check_against_reference(*make_qkv(*shape, dtype), causal=True, deterministic=True)
+
+
+# Sliding windows (left, right), FlashAttention's rule: what each breaks.
+WINDOWS = [
+    pytest.param(True, (16, -1), id="causal-w16"),  # left edge inside a tile, causal diagonal
+    pytest.param(True, (0, -1), id="causal-w0"),  # each query sees only its own key
+    pytest.param(True, (45, -1), id="causal-w45"),  # left edge off every block boundary
+    pytest.param(False, (7, 3), id="w7-3"),  # two-sided, not causal
+    pytest.param(False, (-1, 5), id="right5"),  # bounded on the right only
+    pytest.param(False, (20, -1), id="left20"),  # bounded on the left only, sees all the future
+    pytest.param(True, (500, -1), id="causal-wide"),  # wider than the sequence: plain causal
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal, window", WINDOWS)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param((1, 2, 2, 90, 90, 32), id="self"),
+        pytest.param((1, 4, 2, 37, 77, 40), id="gqa-nq-lt-nk"),
+        pytest.param((1, 2, 1, 70, 30, 16), id="nq-gt-nk"),  # rows that see nothing
+    ],
+)
+def test_sliding_window(shape, causal, window, backend):
+    check_against_reference(*make_qkv(*shape, torch.float32), causal, window=window, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sliding_window_half_and_deterministic(dtype):
+    q, k, v = make_qkv(1, 4, 2, 80, 80, 64, dtype)
+    check_against_reference(q, k, v, causal=True, window=(24, -1))
+    check_against_reference(q, k, v, causal=True, window=(24, -1), deterministic=True)
+
+
+def test_gemma_like_window_head_dim_256():
+    # Gemma 3: head dim 256, one KV head, a sliding window (512 there; 40 at test size).
+    check_against_reference(*make_qkv(1, 4, 1, 100, 100, 256, torch.float16), causal=True, window=(39, -1))
 
 
 def test_transposed_inputs_need_no_copy():
@@ -97,6 +119,7 @@ def test_transposed_inputs_need_no_copy():
     assert not q.is_contiguous()
     out = check_against_reference(q, k, v, causal=True)
     assert out.stride() == q.stride(), "the output should share q's memory layout"
+    check_against_reference(q, k, v, causal=True, backend="sdpa")
 
 
 def test_strided_dout():
@@ -104,9 +127,10 @@ def test_strided_dout():
     q, k, v = make_qkv(1, 2, 2, 40, 40, 32, torch.float32)
     dout = torch.randn(1, 40, 2, 32, device=DEVICE).transpose(1, 2)
     check_against_reference(q, k, v, causal=True, dout=dout)
+    check_against_reference(q, k, v, causal=True, dout=dout, deterministic=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_large_logits(dtype):
     # Scores in the hundreds: the online softmax must subtract its running max, not overflow.
     check_against_reference(*make_qkv(1, 2, 2, 60, 60, 64, dtype, scale=5.0), causal=True)
@@ -121,19 +145,24 @@ def test_custom_softmax_scale():
     check_against_reference(*make_qkv(1, 2, 2, 70, 70, 16, torch.float32, scale=5.0), causal=True, scale=-0.4)
     check_against_reference(*make_qkv(1, 2, 2, 70, 70, 16, torch.float32, scale=5.0), causal=False, scale=-0.4)
     check_against_reference(*make_qkv(1, 1, 1, 40, 40, 16, torch.float32), causal=True, scale=0.0)
+    check_against_reference(*make_qkv(1, 2, 2, 30, 30, 16, torch.float32), causal=True, scale=0.37, backend="sdpa")
 
 
-def test_rows_without_keys_are_zero_with_zero_grad():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_rows_without_keys_are_zero_with_zero_grad(deterministic, backend):
     # Nq > Nk, causal: query i sees keys j <= i - 20, so rows 0..19 see nothing.
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 1, 50, 30, 16, torch.float32))
-    out = flash_attention(q, k, v, causal=True, backend="triton")
+    out = flash_attention(q, k, v, causal=True, deterministic=deterministic, backend=backend)
     out.sum().backward()
     assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20]))
     assert torch.equal(q.grad[:, :, :20], torch.zeros_like(q.grad[:, :, :20]))
     assert out[:, :, 20:].abs().sum() > 0
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
 
 
-def test_every_element_is_written(monkeypatch):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_every_element_is_written(monkeypatch, deterministic):
     """Outputs and gradients allocated as NaN: any element the kernels skip stays NaN."""
     real_empty_like, real_empty = torch.empty_like, torch.empty
 
@@ -143,33 +172,55 @@ def test_every_element_is_written(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: poison(real_empty_like(t, **kw)))
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, 70, 53, 40, torch.float16))
-    out = flash_attention(q, k, v, causal=True, backend="triton")
+    out = flash_attention(q, k, v, causal=True, backend="triton", deterministic=deterministic)
     out.backward(torch.randn_like(out))
     for name, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
         assert not torch.isnan(t).any(), f"{name} has unwritten elements"
 
 
 def test_auto_picks_triton_here():
-    # Under the interpreter (CPU) or on a GPU, "auto" must run the kernel (the fixture forbids the eager path).
+    # Under the interpreter (CPU) or on a GPU, "auto" must run the kernel, not a PyTorch path.
+    from helpers import only_path
+
     q, k, v = make_qkv(1, 1, 1, 8, 8, 16, torch.float32)
-    flash_attention(q, k, v, causal=True)
+    with only_path("triton"):
+        flash_attention(q, k, v, causal=True)
 
 
-def test_deterministic_gradients():
+def test_deterministic_gradients_are_bit_identical():
     q, k, v = make_qkv(1, 4, 1, 64, 64, 32, torch.float16)
     grads = []
     for _ in range(2):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        flash_attention(qq, kk, vv, causal=True).backward(torch.ones(1, 4, 64, 32, dtype=torch.float16, device=DEVICE))
+        out = flash_attention(qq, kk, vv, causal=True, deterministic=True)
+        out.backward(torch.ones_like(out))
         grads.append((qq.grad, kk.grad, vv.grad))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+def test_deterministic_algorithms_flag_picks_the_deterministic_backward(monkeypatch):
+    # PyTorch's convention: under torch.use_deterministic_algorithms(True) the backward is reproducible.
+    seen = []
+    real = fa.backward
+    monkeypatch.setattr(fa, "backward", lambda *args, **kw: seen.append(args[-1].deterministic) or real(*args, **kw))
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 20, 20, 16, torch.float32))
+    flash_attention(q, k, v, causal=True).sum().backward()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        flash_attention(q, k, v, causal=True).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    flash_attention(q, k, v, causal=True, deterministic=True).sum().backward()
+    assert seen == [False, True, True]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("Nq, Nk", [(0, 8), (8, 0), (0, 0)])
-def test_empty_sequences_match_the_eager_path(Nq, Nk):
+def test_empty_sequences_match_the_eager_path(Nq, Nk, backend):
     # Zero tokens (an empty batch of text) is not an error for the chapter's layers, so not here either.
     q, k, v = make_qkv(2, 2, 1, Nq, Nk, 16, torch.float32)
-    out = flash_attention(q, k, v, causal=True, backend="triton")
+    out = flash_attention(q, k, v, causal=True, backend=backend)
     assert out.shape == (2, 2, Nq, 16)
     assert torch.equal(out, attention_eager(q, k, v, causal=True))
 
@@ -200,17 +251,43 @@ def test_no_grad_and_inference_mode():
     Nk=st.integers(1, 80),
     D=st.sampled_from([1, 3, 8, 16, 24, 33, 64, 72, 128]),
     causal=st.booleans(),
+    left=st.sampled_from([-1, -1, 0, 5, 31]),
+    right=st.sampled_from([-1, -1, 0, 9]),
     dtype=st.sampled_from([torch.float32, torch.float16]),
+    deterministic=st.booleans(),
 )
-def test_random_shapes(B, Hkv, group, Nq, Nk, D, causal, dtype):
-    check_against_reference(*make_qkv(B, Hkv * group, Hkv, Nq, Nk, D, dtype), causal)
+def test_random_shapes(B, Hkv, group, Nq, Nk, D, causal, left, right, dtype, deterministic):
+    q, k, v = make_qkv(B, Hkv * group, Hkv, Nq, Nk, D, dtype)
+    check_against_reference(q, k, v, causal, window=(left, right), deterministic=deterministic)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tolerance rule itself: it must catch a 1% error in any value
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("which", ["out", "dq", "dk", "dv"])
+def test_tolerance_rule_catches_a_one_percent_error(which, dtype):
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 4, 2, 37, 77, 40, dtype))
+    out = flash_attention(q, k, v, causal=True)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    values = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    refs = {}
+    for label, cdt in (("ref64", torch.float64), ("lowp", dtype)):
+        qq, kk, vv = (t.detach().to(cdt).requires_grad_() for t in (q, k, v))
+        o = attention_eager(qq, kk, vv, causal=True)
+        o.backward(dout.to(cdt))
+        refs[label] = {"out": o, "dq": qq.grad, "dk": kk.grad, "dv": vv.grad}
+    assert_close_to_reference(which, values[which], refs["ref64"][which], refs["lowp"][which])  # ours passes
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(which, values[which] * 1.01, refs["ref64"][which], refs["lowp"][which])
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear error before any kernel runs
 # ---------------------------------------------------------------------------------------------
-
-GOOD = dict(B=1, H=2, N=8, D=16)
 
 
 def _t(*shape, dtype=torch.float32, device=DEVICE):
@@ -239,6 +316,13 @@ def _t(*shape, dtype=torch.float32, device=DEVICE):
         (_t(1, 2, 8, 16, dtype=torch.int32), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, TypeError, "torch.int32"),
         (_t(1, 2, 8, 16, dtype=torch.float64), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, TypeError, "float64"),
         ([[1.0]], _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, TypeError, "q must be a torch.Tensor"),
+        (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {"window_size": (-2, 0)}, ValueError, "window_size left"),
+        (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {"window_size": (4, -3)}, ValueError, "window_size right"),
+        (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {"window_size": (1.5, 0)}, TypeError, "window_size left"),
+        (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {"window_size": (1, 2, 3)}, TypeError, "pair"),
+        (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {"window_size": 4}, TypeError, "pair"),
+        (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {"window_size": (True, 0)}, TypeError, "window_size"),
+        (_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {"deterministic": "yes"}, TypeError, "deterministic"),
     ],
 )
 def test_bad_input(q, k, v, kwargs, error, words):
@@ -264,17 +348,30 @@ def test_causal_must_be_given_as_bool():
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU error when Triton cannot run")
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(fa, "_INTERPRET", False)
+    monkeypatch.setattr(fa, "INTERPRET", False)
     q = _t(1, 1, 4, 16, device="cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         flash_attention(q, q, q, causal=True, backend="triton")
 
 
-@requires_gpu
 def test_mixed_devices():
-    q = _t(1, 1, 4, 16, device="cuda")
+    # A meta tensor stands in for a second device on a machine with one.
+    q = _t(1, 1, 4, 16)
+    other = torch.empty(1, 1, 4, 16, device="meta")
     with pytest.raises(ValueError, match="one device"):
-        flash_attention(q, q.cpu(), q.cpu(), causal=True)
+        flash_attention(q, other, other, causal=True)
+
+
+def test_tf32_follows_torch_setting(monkeypatch):
+    # float32 runs exact products unless PyTorch's own matmul setting allows TF32: the choice, and its tiles.
+    q = torch.zeros(1, 1, 8, 64)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert fa._precision(q) == "ieee" and fa._flags(q, fa.Spec(True, 0.0, 1.0))["INPUT_PRECISION"] == "ieee"
+    ieee = configs.select("fwd", 64, "ieee", dropout=False, interpret=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert fa._precision(q) == "tf32" and fa._flags(q, fa.Spec(True, 0.0, 1.0))["INPUT_PRECISION"] == "tf32"
+    assert fa._precision(q.half()) == "half"
+    assert configs.select("fwd", 64, "tf32", dropout=False, interpret=False) != ieee
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,11 +379,12 @@ def test_mixed_devices():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_compiles_without_graph_break():
+@pytest.mark.parametrize("window", [(-1, -1), (8, -1)])
+def test_compiles_without_graph_break(window):
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 24, 24, 16, torch.float32))
 
     def f(q, k, v):
-        return flash_attention(q, k, v, causal=True).sin().sum()
+        return flash_attention(q, k, v, causal=True, window_size=window).sin().sum()
 
     backend = "inductor" if ON_GPU else "aot_eager"
     compiled = torch.compile(f, fullgraph=True, backend=backend)
@@ -296,18 +394,26 @@ def test_compiles_without_graph_break():
     ref = f(q2, k2, v2)
     ref.backward()
     torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(q.grad, q2.grad)
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_autocast_runs_in_lower_precision():
     device_type = "cuda" if ON_GPU else "cpu"
     dtype = torch.bfloat16
-    q, k, v = make_qkv(1, 2, 2, 20, 20, 16, torch.float32)
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 20, 20, 16, torch.float32))
     with torch.autocast(device_type, dtype=dtype):
         out = flash_attention(q, k, v, causal=True)
     assert out.dtype == dtype
-    ref = attention_eager(q.double(), k.double(), v.double(), causal=True)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    qq, kk, vv = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_eager(qq, kk, vv, causal=True)
+    ref.backward(dout.double())
     assert (out.double() - ref).abs().max() < 5e-2
+    for ours, theirs in ((q.grad, qq.grad), (k.grad, kk.grad), (v.grad, vv.grad)):
+        assert ours.dtype == torch.float32  # gradients arrive in the leaves' dtype
+        assert (ours.double() - theirs).abs().max() < 5e-2 * max(1.0, theirs.abs().max().item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,24 +422,35 @@ def test_autocast_runs_in_lower_precision():
 
 
 @requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N, D", [(1024, 64), (2047, 128), (8192, 64), (4096, 256)])
-def test_large_shapes_gpu(N, D, dtype):
+def test_large_shapes_gpu(N, D, dtype, deterministic):
     # Grouped heads at long N; small B*H keeps the float64 reference (B, H, N, N) within a few GB.
-    check_against_reference(*make_qkv(1, 2, 1, N, N, D, dtype), causal=True)
+    check_against_reference(*make_qkv(1, 2, 1, N, N, D, dtype), causal=True, deterministic=deterministic)
 
 
 @requires_gpu
-def test_tf32_follows_torch_setting(monkeypatch):
+@pytest.mark.parametrize("window", [(256, -1), (511, 0), (100, 100)])
+def test_large_windows_gpu(window):
+    check_against_reference(*make_qkv(1, 2, 1, 3000, 3000, 64, torch.bfloat16), causal=window[1] == -1, window=window)
+
+
+@requires_gpu
+def test_tf32_error_is_bounded_by_cublas_tf32(monkeypatch):
+    # Our TF32 error at most twice that of the chapter's own eager attention run with TF32 matmuls (cuBLAS).
     q, k, v = make_qkv(1, 4, 4, 512, 512, 64, torch.float32)
     ref = attention_eager(q.double(), k.double(), v.double(), causal=True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ieee = flash_attention(q, k, v, causal=True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     tf32 = flash_attention(q, k, v, causal=True)
+    cublas_tf32 = attention_eager(q, k, v, causal=True)
     err_ieee = (ieee.double() - ref).abs().max().item()
     err_tf32 = (tf32.double() - ref).abs().max().item()
+    err_cublas = (cublas_tf32.double() - ref).abs().max().item()
     assert err_ieee < 1e-5 < err_tf32, (err_ieee, err_tf32)
+    assert err_tf32 <= 2 * err_cublas + 1e-5, (err_tf32, err_cublas)
 
 
 def _spread_rows(values: torch.Tensor, row_stride: int) -> torch.Tensor:

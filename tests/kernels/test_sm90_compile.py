@@ -16,10 +16,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ON_GPU
+from helpers import ON_GPU
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-KERNELS = {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"}
+# The forward, the deterministic backward (dQ then dK/dV) and the one-pass backward (preprocess, then
+# dK/dV with dQ atomics).
+KERNELS = {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_attn_bwd_preprocess", "_attn_bwd"}
+MATMUL_KERNELS = KERNELS - {"_attn_bwd_preprocess"}  # the preprocess only sums dO * O per row
 
 # name: (head dim, dtypes, extra flags). Head dim 40 is not a multiple of 16, so the loads cannot assume
 # aligned rows (another specialization). fp32-ieee: PyTorch's default exact float32 products.
@@ -28,6 +31,8 @@ CASES = {
     "D40": (40, ["bf16", "fp32"], []),
     "D64": (64, ["bf16", "fp16", "fp32", "fp32-ieee"], []),
     "D64-non-causal": (64, ["bf16", "fp32"], ["--non-causal"]),
+    "D64-window": (64, ["bf16"], ["--window", "255", "-1"]),  # the window's left-edge loops
+    "D256-window": (256, ["bf16"], ["--window", "511", "-1"]),  # Gemma 3's head dim and window
     "D128": (128, ["bf16", "fp32", "fp32-ieee"], []),
     "D256": (256, ["bf16", "fp32"], []),
 }
@@ -54,7 +59,7 @@ def test_every_kernel_compiles_for_hopper(case, tmp_path):
         by_case.setdefault(r["case"], set()).add(r["kernel"])
         assert r["regs"] > 0, f"{r['case']} {r['kernel']}: no register count in the cubin"
         half = " bf16 " in r["case"] or " fp16 " in r["case"]
-        if half:  # half precision must reach Hopper's warpgroup matrix instructions
+        if half and r["kernel"] in MATMUL_KERNELS:  # half precision must reach Hopper's warpgroup matrix instructions
             assert r["hgmma"] > 0, f"{r['case']} {r['kernel']}: no HGMMA (wgmma) in the SASS"
     assert len(by_case) == len(dtypes) * 2, f"expected every dtype with dropout 0 and 0.1, got {sorted(by_case)}"
     for name, kernels in by_case.items():

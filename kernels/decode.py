@@ -1,0 +1,499 @@
+"""Attention over a KV cache for generation: the cache written in place, a split-KV (FlashDecoding) kernel.
+
+``flash_attention_with_kvcache`` is FlashAttention's call of that name in this project's ``(B, H, N, D)``
+layout. One step of generation attends ``Nq`` new queries (1 in plain decoding; more in chunked prefill
+or speculative decoding) to a cache of ``cache_seqlens[b]`` keys, after appending the step's own keys.
+
+Why a kernel of its own: with one query row per head, a FlashAttention-2 grid has ``B * H`` programs of
+one row each, which leaves most of a GPU idle and reads each key/value head once per query head. Here
+
+- the query heads that share a key/value head (grouped-query attention) are packed into the rows of one
+  tile, so each cache byte is read once per group, not once per query head;
+- when ``B * Hkv`` programs cannot fill the GPU, the keys are split across programs (FlashDecoding),
+  each split writes its partial output and log-sum-exp, and a second small kernel merges them by their
+  log-sum-exp: no atomics, deterministic. The number of splits follows FlashAttention's wave-efficiency
+  heuristic (``num_splits``), chosen on the host from the sequence length and the GPU's SM count;
+- decoding is memory-bound (bytes = sum over b of ``len_b * Hkv * D * 2 * element size``), so the tile's
+  mask is applied to every key block: the arithmetic is free next to the loads.
+
+Which keys a query sees is the rule of ``kernels/masks.py`` with ``Nk = cache_seqlens[b] (+ new keys)``:
+bottom-right causal, optional sliding window. Forward only (no autograd). The PyTorch path
+(``backend="torch"``, and what ``"auto"`` takes off CUDA) has the same semantics through PyTorch's
+fused attention with a per-batch mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import configs
+from kernels import flash_attn as fa
+from kernels.flash_attn import _cast
+from kernels.interface import check_options, triton_runs_on
+from kernels.masks import _visible, window_flags
+
+BACKENDS = ("auto", "triton", "torch")
+MAX_SPLITS = 128
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _append_kv(
+    K_NEW,
+    V_NEW,
+    K_CACHE,
+    V_CACHE,
+    SEQLENS,
+    seqlen,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kk,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vk,
+    stride_kcz,
+    stride_kch,
+    stride_kcn,
+    stride_kck,
+    stride_vcz,
+    stride_vch,
+    stride_vcn,
+    stride_vck,
+    H_KV,
+    N_NEW,
+    head_dim,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SEQLENS_TENSOR: tl.constexpr,
+):
+    """Write the step's keys and values into both caches at [len_b, len_b + N_NEW): one launch for both."""
+    off_hk = tl.program_id(1) % H_KV
+    off_z = tl.program_id(1) // H_KV
+    if SEQLENS_TENSOR:
+        seqlen = tl.load(SEQLENS + off_z).to(tl.int32)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < N_NEW)[:, None] & (offs_d < head_dim)[None, :]
+    z, h = off_z.to(tl.int64), off_hk.to(tl.int64)
+    dst = (seqlen + rows).to(tl.int64)
+    k = tl.load(K_NEW + z * stride_kz + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=mask)
+    v = tl.load(V_NEW + z * stride_vz + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=mask)
+    tl.store(
+        K_CACHE + z * stride_kcz + h * stride_kch + dst[:, None] * stride_kcn + offs_d[None, :] * stride_kck, k, mask=mask
+    )
+    tl.store(
+        V_CACHE + z * stride_vcz + h * stride_vch + dst[:, None] * stride_vcn + offs_d[None, :] * stride_vck, v, mask=mask
+    )
+
+
+@triton.jit
+def _decode_fwd(
+    Q,
+    K,
+    V,
+    Out,
+    O_PART,
+    LSE_PART,
+    SEQLENS,
+    seqlen,
+    qk_scale,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qk,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kk,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vk,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_ok,
+    B,
+    H,
+    H_KV,
+    GROUP,
+    N_Q,
+    N_NEW,
+    keys_per_split,
+    left,
+    right,
+    head_dim,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_LEFT: tl.constexpr,
+    MASK_RIGHT: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SEQLENS_TENSOR: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One program: split ``program_id(0)`` of the keys, tile ``program_id(1)`` of the packed rows, and
+    (batch, key/value head) ``program_id(2)``. Row r of the packed rows is query ``r % N_Q`` of query head
+    ``hk * GROUP + r // N_Q``."""
+    split = tl.program_id(0)
+    off_hk = tl.program_id(2) % H_KV
+    off_z = tl.program_id(2) // H_KV
+    if SEQLENS_TENSOR:
+        seqlen = tl.load(SEQLENS + off_z).to(tl.int32)
+    n_k = seqlen + N_NEW  # keys this batch entry sees: the cache before the step, and the step's own
+    diag = n_k - N_Q
+
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP * N_Q
+    qi = rows % N_Q  # the query's index among the step's N_Q
+    off_h = off_hk * GROUP + rows // N_Q  # (BLOCK_M,) its query head
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    z = off_z.to(tl.int64)
+    q_rows = Q + z * stride_qz + off_h.to(tl.int64) * stride_qh + qi.to(tl.int64) * stride_qm  # (BLOCK_M,)
+    q = tl.load(q_rows[:, None] + offs_d[None, :] * stride_qk, mask=row_valid[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + z * stride_kz + off_hk.to(tl.int64) * stride_kh
+    v_base = V + z * stride_vz + off_hk.to(tl.int64) * stride_vh
+
+    # This split's keys, cut to those some row of the tile can see (a window's left edge).
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_k)
+    if MASK_LEFT:
+        lo = tl.maximum(lo, tl.maximum(diag - left, 0) // BLOCK_N * BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols < hi)[:, None] & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        seen = _visible(qi[:, None], cols[None, :], hi, diag, left, right, MASK_LEFT, MASK_RIGHT, True)
+        qk = tl.where(seen & row_valid[:, None], qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row with no key yet: exp2(-inf - 0) = 0
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_ij
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out_mask = row_valid[:, None] & mask_d[None, :]
+    if SPLIT:
+        # Partial results, (split, B, H, N_Q, BLOCK_D) float32 and (split, B, H, N_Q): merged by _decode_combine.
+        part = ((split * B + off_z) * H + off_h).to(tl.int64) * N_Q + qi
+        tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=out_mask)
+        tl.store(LSE_PART + part, tl.where(empty, float("-inf"), m_i + tl.math.log2(l_i)), mask=row_valid)
+    else:
+        o_rows = Out + z * stride_oz + off_h.to(tl.int64) * stride_oh + qi.to(tl.int64) * stride_om
+        tl.store(o_rows[:, None] + offs_d[None, :] * stride_ok, _cast(out, Out.dtype.element_ty, UPCAST), mask=out_mask)
+
+
+@triton.jit
+def _decode_combine(
+    Out,
+    O_PART,
+    LSE_PART,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_ok,
+    ROWS,
+    H,
+    N_Q,
+    num_splits,
+    head_dim,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Merge the splits' partial outputs of BLOCK_R rows of (B, H, N_Q): out = sum_s w_s o_s / sum_s w_s with
+    w_s = 2^(lse_s - max lse). Rows that no split saw a key for get zeros."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    valid = rows < ROWS
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(LSE_PART + s * ROWS + rows, mask=valid, other=float("-inf")))
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        w = tl.math.exp2(tl.load(LSE_PART + s * ROWS + rows, mask=valid, other=float("-inf")) - m_sub)
+        o = tl.load(O_PART + (s * ROWS + rows.to(tl.int64))[:, None] * BLOCK_D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        total += w
+        acc += w[:, None] * o
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    qi = rows % N_Q
+    off_h = (rows // N_Q) % H
+    off_z = rows // (N_Q * H)
+    ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + qi.to(tl.int64) * stride_om
+    mask = valid[:, None] & (offs_d < head_dim)[None, :]
+    tl.store(ptrs[:, None] + offs_d[None, :] * stride_ok, _cast(out, Out.dtype.element_ty, UPCAST), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits_heuristic(programs: int, num_sms: int, num_blocks: int, max_splits: int = MAX_SPLITS) -> int:
+    """FlashAttention's wave efficiency: the fewest splits whose last wave is within 85% of the best
+    fill of ``num_sms``; no split when the programs already fill 80% of the GPU."""
+    if programs >= 0.8 * num_sms:
+        return 1
+    max_splits = max(1, min(max_splits, num_sms, num_blocks))
+    eligible = lambda s: s == 1 or triton.cdiv(num_blocks, s) != triton.cdiv(num_blocks, s - 1)
+    efficiency = {}
+    for s in range(1, max_splits + 1):
+        if eligible(s):
+            waves = programs * s / num_sms
+            efficiency[s] = waves / -(-waves // 1)
+    best = max(efficiency.values())
+    return min(s for s, e in efficiency.items() if e >= 0.85 * best)
+
+
+def _check(q, k_cache, v_cache, k, v, cache_seqlens, num_splits, backend) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (the step's new keys and values) or neither")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t is not None and (t.dtype != q.dtype or t.device != q.device):
+            raise TypeError(f"{name} is {t.dtype} on {t.device}; q is {q.dtype} on {q.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
+    B, H, N_Q, D = q.shape
+    Bc, H_KV, _, Dc = k_cache.shape
+    if B != Bc or D != Dc:
+        raise ValueError(f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} differ in batch or head_dim")
+    if D == 0:
+        raise ValueError("head_dim must be at least 1")
+    if H_KV == 0 or H % H_KV:
+        raise ValueError(f"query heads {H} must be a multiple of key/value heads {H_KV}")
+    if k is not None:
+        if k.shape != v.shape or k.dim() != 4 or k.shape[0] != B or k.shape[1] != H_KV or k.shape[3] != D:
+            raise ValueError(
+                f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Hkv={H_KV}, N_new, D={D})"
+            )
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
+        raise TypeError(f"cache_seqlens must be an int or an int32/int64 tensor of shape (B,), got {cache_seqlens!r}")
+    if isinstance(cache_seqlens, torch.Tensor):
+        if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.shape != (B,):
+            raise TypeError(
+                f"cache_seqlens must be an int32/int64 tensor of shape ({B},), got {cache_seqlens.dtype} "
+                f"{tuple(cache_seqlens.shape)}"
+            )
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
+        raise ValueError(
+            "flash_attention_with_kvcache is forward only (generation): call it under torch.no_grad() or "
+            "torch.inference_mode(), or use flash_attention for training"
+        )
+
+
+def _check_lengths(cache_seqlens, n_new: int, t_max: int) -> int:
+    """The longest sequence after the step; raises if any would run past the cache. A tensor costs one
+    device-to-host read, skipped while a CUDA graph is being captured (the caller vouches for the lengths)."""
+    if isinstance(cache_seqlens, int):
+        lengths_min = lengths_max = cache_seqlens
+    elif cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return t_max
+    else:
+        lengths_min, lengths_max = (int(x) for x in torch.aminmax(cache_seqlens))
+    if lengths_min < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lengths_min}")
+    if lengths_max + n_new > t_max:
+        raise ValueError(
+            f"writing {n_new} new key(s) after cache_seqlens {lengths_max} runs past the cache's {t_max} positions"
+        )
+    return lengths_max + n_new
+
+
+def flash_attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    cache_seqlens: int | torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    num_splits: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of new queries to a KV cache, appending the step's keys and values in place.
+
+    Args:
+        q: ``(B, Hq, Nq, D)``, the step's queries (``Nq`` 1 when decoding one token).
+        k_cache, v_cache: ``(B, Hkv, T_max, D)``, any strides (the book's ``(b, T, H, d)`` cache viewed with
+            ``.transpose(1, 2)`` needs no copy); ``Hq % Hkv == 0``.
+        k, v: ``(B, Hkv, N_new, D)`` or None: written into the caches at
+            ``[cache_seqlens[b], cache_seqlens[b] + N_new)`` and attended to. The call does not change
+            ``cache_seqlens``; the caller advances it.
+        cache_seqlens: an int, or an int32/int64 tensor ``(B,)``: each sequence's length before this call.
+            Keys attended: the first ``cache_seqlens[b] (+ N_new)``. A tensor is checked against ``T_max`` with
+            one device-to-host read, except while a CUDA graph is captured.
+        causal: bottom-right causal for the ``Nq`` queries (the newest positions); window_size as in
+            ``flash_attention``.
+        num_splits: how many programs share one sequence's keys; 0 chooses by FlashAttention's heuristic.
+        backend: ``"triton"``, ``"torch"`` (PyTorch's fused attention with a per-batch mask) or ``"auto"``.
+
+    Returns:
+        ``(B, Hq, Nq, D)`` in q's dtype and memory layout. Forward only: inputs that require grad under grad
+        mode are refused.
+    """
+    _check(q, k_cache, v_cache, k, v, cache_seqlens, num_splits, backend)
+    window = check_options(causal, softmax_scale, window_size, "auto")
+    n_new = 0 if k is None else k.shape[2]
+    max_len = _check_lengths(cache_seqlens, n_new, k_cache.shape[2])
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    spec = fa.Spec(causal, 0.0, scale, window[0], window[1])
+    use_triton = backend == "triton" or (backend == "auto" and triton_runs_on(q) and q.shape[-1] <= fa.MAX_HEAD_DIM)
+    if use_triton:
+        if not triton_runs_on(q):
+            raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on a CPU), got {q.device}")
+        if q.shape[-1] > fa.MAX_HEAD_DIM:
+            raise ValueError(f"head_dim {q.shape[-1]} is not supported by the Triton kernel (1 to {fa.MAX_HEAD_DIM})")
+    if k is not None:
+        _append(q, k_cache, v_cache, k, v, cache_seqlens, use_triton)
+    if q.numel() == 0:
+        return q.mul(0.0)
+    if not use_triton:
+        return _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new, spec)
+    return _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec, num_splits)
+
+
+def _append(q, k_cache, v_cache, k, v, cache_seqlens, use_triton: bool) -> None:
+    B, H_KV, n_new, D = k.shape
+    if n_new == 0 or B == 0:
+        return
+    if not use_triton:
+        if isinstance(cache_seqlens, int):
+            k_cache[:, :, cache_seqlens : cache_seqlens + n_new].copy_(k)
+            v_cache[:, :, cache_seqlens : cache_seqlens + n_new].copy_(v)
+            return
+        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+        cols = cache_seqlens.long()[:, None] + torch.arange(n_new, device=k.device)  # (B, n_new)
+        k_cache[rows, :, cols] = k.transpose(1, 2)  # the indexed view is (B, n_new, Hkv, D)
+        v_cache[rows, :, cols] = v.transpose(1, 2)
+        return
+    tensor = isinstance(cache_seqlens, torch.Tensor)
+    block_n = 16 if fa.INTERPRET else 64
+    _append_kv[(triton.cdiv(n_new, block_n), B * H_KV)](
+        k, v, k_cache, v_cache, cache_seqlens if tensor else k, 0 if tensor else cache_seqlens,
+        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        H_KV, n_new, D,
+        BLOCK_N=block_n, BLOCK_D=configs.block_d(D), SEQLENS_TENSOR=tensor,
+    )  # fmt: skip
+
+
+def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int, spec, num_splits: int):
+    B, H, N_Q, D = q.shape
+    H_KV = k_cache.shape[1]
+    group = H // H_KV
+    flags = fa._flags(q, spec)
+    tile = configs.select("decode", D, fa._precision(q), dropout=False, interpret=fa.INTERPRET)
+    block_n = tile["BLOCK_N"]
+    rows = group * N_Q
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    row_tiles = triton.cdiv(rows, block_m)
+    num_blocks = max(1, triton.cdiv(max_len, block_n))
+    if num_splits == 0:
+        sms = 4 if fa.INTERPRET else _num_sms(q.device.index or 0)
+        num_splits = num_splits_heuristic(B * H_KV * row_tiles, sms, num_blocks)
+    num_splits = max(1, min(num_splits, num_blocks, MAX_SPLITS))
+    keys_per_split = triton.cdiv(num_blocks, num_splits) * block_n
+    num_splits = triton.cdiv(max(max_len, 1), keys_per_split)
+    out = torch.empty_like(q)
+    split = num_splits > 1
+    block_d = flags["BLOCK_D"]
+    if split:
+        o_part = torch.empty((num_splits, B, H, N_Q, block_d), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((num_splits, B, H, N_Q), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = out  # never read
+    tensor = isinstance(cache_seqlens, torch.Tensor)
+    _decode_fwd[(num_splits, row_tiles, B * H_KV)](
+        q, k_cache, v_cache, out, o_part, lse_part, cache_seqlens if tensor else q, 0 if tensor else cache_seqlens,
+        spec.softmax_scale * _LOG2E,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        B, H, H_KV, group, N_Q, n_new, keys_per_split, flags["left"], flags["right"], D,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, MASK_LEFT=flags["MASK_LEFT"], MASK_RIGHT=flags["MASK_RIGHT"],
+        SPLIT=split, SEQLENS_TENSOR=tensor, INPUT_PRECISION=flags["INPUT_PRECISION"], UPCAST=flags["UPCAST"],
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )  # fmt: skip
+    if split:
+        block_r = 16
+        _decode_combine[(triton.cdiv(B * H * N_Q, block_r),)](
+            out, o_part, lse_part, *out.stride(), B * H * N_Q, H, N_Q, num_splits, D,
+            BLOCK_R=block_r, BLOCK_D=block_d, UPCAST=flags["UPCAST"],
+        )  # fmt: skip
+    return out
+
+
+def _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new: int, spec):
+    """The same semantics through PyTorch's fused attention: keys beyond each sequence's length and keys the
+    rule hides are masked per batch entry; rows that see no key return zeros."""
+    B, H, N_Q, D = q.shape
+    t_max = k_cache.shape[2]
+    lengths = (
+        torch.full((B,), cache_seqlens, device=q.device)
+        if isinstance(cache_seqlens, int)
+        else cache_seqlens.to(torch.long)
+    ) + n_new
+    mask_left, mask_right, left, right = window_flags(spec.causal, (spec.window_left, spec.window_right))
+    pos = torch.arange(N_Q, device=q.device)[None, :, None] + (lengths - N_Q)[:, None, None]  # (B, Nq, 1)
+    keys = torch.arange(t_max, device=q.device)[None, None, :]  # (1, 1, T)
+    seen = keys < lengths[:, None, None]  # (B, Nq, T)
+    if mask_right:
+        seen = seen & (keys <= pos + right)
+    if mask_left:
+        seen = seen & (keys >= pos - left)
+    any_key = seen.any(-1, keepdim=True)  # (B, Nq, 1)
+    mask = (seen | ~any_key)[:, None]  # (B, 1, Nq, T): a row with no key attends anywhere, then is zeroed
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=mask, scale=spec.softmax_scale, enable_gqa=H != k_cache.shape[1]
+    )
+    return torch.where(any_key[:, None], out, 0.0).to(q.dtype)

@@ -1,0 +1,214 @@
+"""The PyTorch paths, with the Triton kernels' semantics: for CPUs, Apple MPS and any other device.
+
+- ``attention_reference``: readable eager attention, the ground truth (``backend="torch"``). It
+  materializes ``(B, Hq, Nq, Nk)``.
+- ``attention_sdpa``: the fastest exact path PyTorch offers off CUDA (``backend="sdpa"``, what ``"auto"``
+  picks where Triton cannot run). Without dropout, PyTorch's fused ``scaled_dot_product_attention``
+  (its flash kernel on a CPU) with our rules: bottom-right causal through ``is_causal`` or
+  ``causal_lower_right``, grouped heads through ``enable_gqa`` (no ``repeat_interleave`` copies), query
+  rows that see no key cut off before the call and returned as zeros (zero gradients), a sliding window
+  as a small mask per query chunk. With dropout, where no fused CPU kernel exists (SDPA would fall back
+  to its math path and hold several ``(B, H, N, N)`` tensors), ``_ChunkedAttention``: query chunks of
+  ``CHUNK_ROWS`` rows against only the keys they see, the dropout mask drawn from PyTorch's generator
+  per chunk and regenerated in the backward, which recomputes the weights from the saved log-sum-exp:
+  never more than one chunk's ``(B, H, CHUNK_ROWS, Nk)`` at a time.
+
+On CUDA ``attention_sdpa`` also serves head dims above the Triton kernel's 256 (SDPA's own dropout
+works there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.dropout import keep_scale
+from kernels.masks import visible_mask, window_flags
+
+CHUNK_ROWS = 256  # query rows per chunk on the chunked paths: 24 heads x 256 x 1024 fp32 = 25 MB
+
+
+def attention_reference(q, k, v, spec) -> torch.Tensor:
+    """Readable eager attention with the kernels' semantics. Materializes (B, Hq, Nq, Nk)."""
+    B, H, N_Q, D = q.shape
+    H_KV, N_K = k.shape[1], k.shape[2]
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if H_KV != H:
+        k = k.repeat_interleave(H // H_KV, dim=1)  # (B, Hq, Nk, D)
+        v = v.repeat_interleave(H // H_KV, dim=1)  # (B, Hq, Nk, D)
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * spec.softmax_scale  # (B, Hq, Nq, Nk)
+    seen = visible_mask(N_Q, N_K, causal=spec.causal, window=_window(spec), device=q.device)
+    scores = scores.masked_fill(~seen, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    # Rows that see no key: softmax gives NaN; the kernel's answer is zeros.
+    weights = torch.nan_to_num(weights, nan=0.0)
+    if spec.dropout_p > 0.0:
+        weights = F.dropout(weights, p=spec.dropout_p, training=True)
+    return torch.matmul(weights, v.to(compute)).to(q.dtype)  # (B, Hq, Nq, D)
+
+
+def _window(spec) -> tuple[int, int]:
+    return spec.window_left, spec.window_right
+
+
+def _first_seeing_row(n_q: int, n_k: int, spec) -> int:
+    """Rows before this one see no key at all (query i sees j <= i + Nk - Nq + right, and j >= 0):
+    a prefix, cut off before any kernel and returned as zeros."""
+    _, mask_right, _, right = window_flags(spec.causal, _window(spec))
+    return min(n_q, max(0, n_q - n_k - right)) if mask_right else 0
+
+
+def attention_sdpa(q, k, v, spec) -> torch.Tensor:
+    """PyTorch's fused attention with our semantics (see the module docstring)."""
+    N_Q, N_K = q.shape[2], k.shape[2]
+    first = _first_seeing_row(N_Q, N_K, spec) if N_K else N_Q
+    if first == N_Q or q.numel() == 0:
+        return q.mul(0.0)  # no row sees a key (or nothing to compute): zeros, and zero gradients
+    q_seen = q[:, :, first:]  # (B, Hq, Nq - first, D): a view
+    mask_left, mask_right, _, right = window_flags(spec.causal, _window(spec))
+    if spec.dropout_p > 0.0 and q.device.type != "cuda":
+        out = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device))
+    elif mask_left or (mask_right and right > 0):
+        out = _sdpa_window_chunks(q_seen, k, v, spec)
+    else:
+        out = _sdpa(q_seen, k, v, spec, causal=mask_right)
+    return F.pad(out, (0, 0, first, 0)) if first else out  # (B, Hq, Nq, D)
+
+
+def _sdpa(q, k, v, spec, *, causal: bool, attn_mask=None) -> torch.Tensor:
+    """One scaled_dot_product_attention call; bottom-right causal when Nq != Nk. On a CPU, only its flash
+    kernel is allowed to run: a case it refuses raises instead of silently taking the O(N^2) math path."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    if causal and n_q != n_k:
+        from torch.nn.attention.bias import causal_lower_right
+
+        attn_mask, causal = causal_lower_right(n_q, n_k), False
+    kwargs = dict(attn_mask=attn_mask, is_causal=causal, scale=spec.softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
+    dropout_p = spec.dropout_p if q.device.type == "cuda" else 0.0
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **kwargs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _chunk_keys(r0: int, r1: int, n_q: int, n_k: int, spec) -> tuple[int, int]:
+    """Keys [lo, hi) that query rows [r0, r1) may see (the rule of kernels/masks.py, host side)."""
+    mask_left, mask_right, left, right = window_flags(spec.causal, _window(spec))
+    diag = n_k - n_q
+    lo = max(0, r0 + diag - left) if mask_left else 0
+    hi = min(n_k, r1 - 1 + diag + right + 1) if mask_right else n_k
+    return lo, max(hi, lo)
+
+
+def _chunk_mask(r0: int, r1: int, lo: int, hi: int, n_q: int, n_k: int, spec, device) -> torch.Tensor:
+    """(r1 - r0, hi - lo) bool: the visibility of the chunk's rows and keys."""
+    mask_left, mask_right, left, right = window_flags(spec.causal, _window(spec))
+    pos = torch.arange(r0, r1, device=device)[:, None] + (n_k - n_q)
+    keys = torch.arange(lo, hi, device=device)[None, :]
+    seen = torch.ones(r1 - r0, hi - lo, dtype=torch.bool, device=device)
+    if mask_right:
+        seen &= keys <= pos + right
+    if mask_left:
+        seen &= keys >= pos - left
+    return seen
+
+
+def _sdpa_window_chunks(q, k, v, spec) -> torch.Tensor:
+    """A sliding window through the fused kernel: per query chunk, only the keys it sees and a small mask
+    (rows here all see at least one key). The cost grows as N * (W + CHUNK_ROWS), not N^2."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    outs = []
+    for r0 in range(0, n_q, CHUNK_ROWS):
+        r1 = min(n_q, r0 + CHUNK_ROWS)
+        lo, hi = _chunk_keys(r0, r1, n_q, n_k, spec)
+        mask = _chunk_mask(r0, r1, lo, hi, n_q, n_k, spec, q.device)
+        outs.append(_sdpa(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], spec, causal=False, attn_mask=mask))
+    return torch.cat(outs, dim=2)  # (B, Hq, Nq, D)
+
+
+def _draw_seed(device) -> int:
+    # From the default generator of the input's device: manual_seed reproduces a run.
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
+
+
+def _generator(device, seed: int, chunk: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed + chunk * 0x9E3779B97F4A7C15) % 2**63)
+    return gen
+
+
+def _keep(shape, p: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Exact attention with dropout in query chunks (rows here all see at least one key). Saves q, k, v,
+    the output and a float32 log-sum-exp per row; the backward regenerates each chunk's mask from the
+    same generator seed and recomputes its weights."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec, seed):
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+        for c, (r0, r1, lo, hi, mask) in enumerate(_chunks(q, k, spec)):
+            s = _scores(q, k, r0, r1, lo, hi, spec, mask)  # (B, Hq, C, W) float32
+            lse[:, :, r0:r1] = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - lse[:, :, r0:r1, None])
+            p = p * _keep(p.shape, spec.dropout_p, _generator(q.device, seed, c), q.device) * keep_scale(spec.dropout_p)
+            out[:, :, r0:r1] = _grouped(p, v[:, :, lo:hi], lambda w, x: w @ x.float()).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.seed = spec, seed
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        spec, scale = ctx.spec, ctx.spec.softmax_scale
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        dk = torch.zeros_like(k, dtype=torch.float32)
+        dv = torch.zeros_like(v, dtype=torch.float32)
+        delta = (dout.float() * out.float()).sum(-1)  # (B, Hq, Nq): rowsum(dO * O)
+        for c, (r0, r1, lo, hi, mask) in enumerate(_chunks(q, k, spec)):
+            s = _scores(q, k, r0, r1, lo, hi, spec, mask)
+            p = torch.exp(s - lse[:, :, r0:r1, None])  # (B, Hq, C, W)
+            keep = _keep(p.shape, spec.dropout_p, _generator(q.device, ctx.seed, c), q.device)
+            kept = keep * keep_scale(spec.dropout_p)
+            do = dout[:, :, r0:r1].float()
+            dv[:, :, lo:hi] += _grouped_t(p * kept, do, k.shape[1])
+            dp = _grouped(do, v[:, :, lo:hi], lambda x, y: x @ y.float().transpose(-2, -1))  # (B, Hq, C, W)
+            ds = p * (dp * kept - delta[:, :, r0:r1, None])
+            dq[:, :, r0:r1] = _grouped(ds, k[:, :, lo:hi], lambda w, x: w @ x.float()) * scale
+            dk[:, :, lo:hi] += _grouped_t(ds, q[:, :, r0:r1].float(), k.shape[1]) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _chunks(q, k, spec):
+    n_q, n_k = q.shape[2], k.shape[2]
+    for r0 in range(0, n_q, CHUNK_ROWS):
+        r1 = min(n_q, r0 + CHUNK_ROWS)
+        lo, hi = _chunk_keys(r0, r1, n_q, n_k, spec)
+        yield r0, r1, lo, hi, _chunk_mask(r0, r1, lo, hi, n_q, n_k, spec, q.device)
+
+
+def _scores(q, k, r0, r1, lo, hi, spec, mask) -> torch.Tensor:
+    s = _grouped(q[:, :, r0:r1], k[:, :, lo:hi], lambda x, y: x.float() @ y.float().transpose(-2, -1))
+    return (s * spec.softmax_scale).masked_fill_(~mask, float("-inf"))  # (B, Hq, C, W)
+
+
+def _grouped(a, kv, op) -> torch.Tensor:
+    """op(a, kv) for every query head against its key/value head, without repeating kv: the query heads
+    of a group are folded into the rows. a (B, Hq, C, X), kv (B, Hkv, W, Y) -> (B, Hq, C, Z)."""
+    B, Hq, C = a.shape[:3]
+    Hkv = kv.shape[1]
+    folded = a.reshape(B, Hkv, (Hq // Hkv) * C, a.shape[-1])  # (B, Hkv, G * C, X)
+    return op(folded, kv).reshape(B, Hq, C, -1)
+
+
+def _grouped_t(w, x, h_kv: int) -> torch.Tensor:
+    """w^T x summed over the query heads of each group and the chunk's rows: w (B, Hq, C, W),
+    x (B, Hq, C, Y) -> (B, Hkv, W, Y)."""
+    B, Hq, C = w.shape[:3]
+    rows = (Hq // h_kv) * C
+    return w.reshape(B, h_kv, rows, w.shape[-1]).transpose(-2, -1) @ x.reshape(B, h_kv, rows, x.shape[-1])
