@@ -37,6 +37,7 @@ import torch
 import triton
 
 import kernels.flash_attn as fa
+from kernels import hopper
 
 UNSUPPORTED = 3  # exit status: this Triton lacks the internals the offline compile relies on
 
@@ -65,12 +66,25 @@ SM90 = GPUTarget("cuda", 90, 32) if _MISSING is None else None
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 # The jit functions launched, and the name each launch is reported under: _attn_bwd_kv is dK/dV of the
 # deterministic backward (after dQ) or the whole one-pass backward (dQ by atomics), told apart by its DQ_ATOMIC.
-KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_kv", "_attn_bwd_preprocess")
+# _attn_fwd_tma (kernels/hopper.py) likewise by its WARP_SPECIALIZE / PERSISTENT.
+KERNELS = {
+    "_attn_fwd": fa,
+    "_attn_bwd_dq": fa,
+    "_attn_bwd_kv": fa,
+    "_attn_bwd_preprocess": fa,
+    "_attn_fwd_tma": hopper,
+}
 
 
 def report_name(name: str, kwargs: dict) -> str:
     if name == "_attn_bwd_kv":
         return "_attn_bwd" if kwargs.get("DQ_ATOMIC") else "_attn_bwd_dkdv"
+    if name == "_attn_fwd_tma":
+        return (
+            "_attn_fwd_ws"
+            if kwargs.get("WARP_SPECIALIZE")
+            else "_attn_fwd_tma" + ("_persistent" if kwargs.get("PERSISTENT") else "")
+        )
     return name
 
 
@@ -104,8 +118,8 @@ def compile_only(found: dict[str, list]):
     active = driver._active  # reset_active() would look for a real GPU driver, which may not exist
     driver.set_active(_OfflineDriver())
     saved = {}
-    for name in KERNELS:
-        jit = getattr(fa, name)
+    for name, module in KERNELS.items():
+        jit = getattr(module, name)
         saved[name] = jit.__dict__.get("run")
 
         def run(*args, grid, warmup, _jit=jit, _name=name, **kwargs):
@@ -117,8 +131,8 @@ def compile_only(found: dict[str, list]):
     try:
         yield
     finally:
-        for name in KERNELS:
-            jit = getattr(fa, name)
+        for name, module in KERNELS.items():
+            jit = getattr(module, name)
             if saved[name] is None:
                 del jit.run
             else:
@@ -136,6 +150,8 @@ class Report:
     num_warps: int
     num_stages: int
     hgmma: int  # wgmma instructions in the SASS (0: the dots fell back to mma.sync or FMA)
+    tma: int  # TMA loads and stores in the SASS (UTMALDG / UTMASTG)
+    setmaxnreg: int  # register reallocation between warp groups (USETMAXREG): warp specialization took effect
     convert_layout: int  # layout conversions in the Triton GPU IR (each one a trip through shared memory or shuffles)
     sass: dict[str, int]
 
@@ -143,7 +159,8 @@ class Report:
         return (
             f"{self.case:<24} {self.kernel:<21} regs {self.regs:>3}  local {self.local_bytes:>4} B  "
             f"smem {self.shared_bytes:>6} B  warps {self.num_warps}  stages {self.num_stages}  "
-            f"HGMMA {self.hgmma:>3}  convert_layout {self.convert_layout:>3}  SASS {sum(self.sass.values()):>5}"
+            f"HGMMA {self.hgmma:>3}  TMA {self.tma:>2}  setmaxnreg {self.setmaxnreg}  "
+            f"convert_layout {self.convert_layout:>3}  SASS {sum(self.sass.values()):>5}"
         )
 
 
@@ -172,6 +189,8 @@ def read_cubin(case: str, name: str, kernel) -> Report:
         num_warps=meta.num_warps,
         num_stages=meta.num_stages,
         hgmma=ops.get("HGMMA", 0),
+        tma=ops.get("UTMALDG", 0) + ops.get("UTMASTG", 0),
+        setmaxnreg=ops.get("USETMAXREG", 0),
         convert_layout=kernel.asm["ttgir"].count("ttg.convert_layout"),
         sass=dict(ops.most_common()),
     )
@@ -189,6 +208,9 @@ def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float,
             o, lse, seed = fa.forward(q, k, v, spec)
             for deterministic in (True, False):
                 fa.backward(torch.zeros_like(o), q, k, v, o, lse, seed, spec._replace(deterministic=deterministic))
+            for variant in hopper.VARIANTS[1:]:
+                if hopper.supports(q, k, v, spec, variant):
+                    hopper.forward(q, k, v, spec, variant)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
     return found

@@ -87,13 +87,21 @@ def _append_kv(
     mask = (rows < N_NEW)[:, None] & (offs_d < head_dim)[None, :]
     z, h = off_z.to(tl.int64), off_hk.to(tl.int64)
     dst = (seqlen + rows).to(tl.int64)
-    k = tl.load(K_NEW + z * stride_kz + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=mask)
-    v = tl.load(V_NEW + z * stride_vz + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=mask)
-    tl.store(
-        K_CACHE + z * stride_kcz + h * stride_kch + dst[:, None] * stride_kcn + offs_d[None, :] * stride_kck, k, mask=mask
+    k = tl.load(
+        K_NEW + z * stride_kz + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=mask
+    )
+    v = tl.load(
+        V_NEW + z * stride_vz + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=mask
     )
     tl.store(
-        V_CACHE + z * stride_vcz + h * stride_vch + dst[:, None] * stride_vcn + offs_d[None, :] * stride_vck, v, mask=mask
+        K_CACHE + z * stride_kcz + h * stride_kch + dst[:, None] * stride_kcn + offs_d[None, :] * stride_kck,
+        k,
+        mask=mask,
+    )
+    tl.store(
+        V_CACHE + z * stride_vcz + h * stride_vch + dst[:, None] * stride_vcn + offs_d[None, :] * stride_vck,
+        v,
+        mask=mask,
     )
 
 
@@ -182,8 +190,12 @@ def _decode_fwd(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols < hi)[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+        k = tl.load(
+            k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0
+        )
+        v = tl.load(
+            v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0
+        )
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -242,7 +254,9 @@ def _decode_combine(
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for s in range(0, num_splits):
         w = tl.math.exp2(tl.load(LSE_PART + s * ROWS + rows, mask=valid, other=float("-inf")) - m_sub)
-        o = tl.load(O_PART + (s * ROWS + rows.to(tl.int64))[:, None] * BLOCK_D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        o = tl.load(
+            O_PART + (s * ROWS + rows.to(tl.int64))[:, None] * BLOCK_D + offs_d[None, :], mask=valid[:, None], other=0.0
+        )
         total += w
         acc += w[:, None] * o
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
