@@ -1,8 +1,11 @@
 """The layers people import: the chapter's class names, fused.
 
 ``from attention import MultiHeadAttention`` instead of the chapter's own class is the whole change;
-``attention.swap_attention(model)`` converts a model built from the chapter's layers in place.
-The chapter's eager layers themselves live in ``attention.reference``.
+``attention.swap_attention(model)`` converts a model built from the book's layers in place (chapter 3,
+the KV-cache GPT, grouped-query and sliding-window attention, Llama 3.2, Qwen3, Gemma 3), and
+``attention.fused_layers(model)`` lists what is fused. The chapter's eager layers themselves live in
+``attention.reference``; the bonus models' fused layers in ``attention.kv_cache``, ``attention.gqa``,
+``attention.swa``, ``attention.llama3``, ``attention.qwen3`` and ``attention.gemma3``.
 """
 
 from attention.fused import (
@@ -14,7 +17,7 @@ from attention.fused import (
     simplified_self_attention,
     use_backend,
 )
-from attention.swap import swap_attention
+from attention.swap import fused_layers, swap_attention
 
 __all__ = [
     "CausalAttention",
@@ -22,6 +25,7 @@ __all__ = [
     "MultiHeadAttentionWrapper",
     "SelfAttention_v1",
     "SelfAttention_v2",
+    "fused_layers",
     "simplified_self_attention",
     "swap_attention",
     "use_backend",

@@ -45,6 +45,11 @@ def current_backend() -> str:
     return _backend
 
 
+def current_backend_for_decode() -> str:
+    """The KV-cache decode function's backend for the layers' choice (it has no separate SDPA path)."""
+    return "torch" if _backend in ("sdpa", "torch") else _backend
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, **kw) -> torch.Tensor:
     return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=_backend, **kw)
 

@@ -1,42 +1,247 @@
-"""``swap_attention``: turn the chapter's attention layers inside an existing model into the fused ones."""
+"""``swap_attention``: turn the book's attention layers inside an existing model into the fused ones.
+
+Recognised, by class name, attribute layout and forward signature (a reader's own copy of the book's
+code, or ours from ``attention.reference``):
+
+| book                                   | class                        | fused                              |
+|----------------------------------------|------------------------------|------------------------------------|
+| chapter 3                              | the five chapter classes     | ``attention.<name>``               |
+| ch04/03_kv-cache                       | ``MultiHeadAttention`` (KV)  | ``attention.kv_cache``             |
+| ch04/04_gqa                            | ``GroupedQueryAttention``    | ``attention.gqa``                  |
+| ch04/06_swa                            | ``MultiHeadAttentionWithSWA``| ``attention.swa``                  |
+| Llama 3.2 (pkg llama3.py)              | ``GroupedQueryAttention``    | ``attention.llama3``               |
+| Qwen3 (pkg qwen3.py)                   | ``GroupedQueryAttention``    | ``attention.qwen3``                |
+| Gemma 3 (ch05/12_gemma3)               | ``GroupedQueryAttention``    | ``attention.gemma3``               |
+
+Projections may be any module that maps the same widths (the book's LoRA wrapper, quantized linears):
+the fused layers call them as the book's code does. The pkg package's cached variants whose forward
+takes ``(..., start_pos, cache)`` and returns ``(context, next_cache)`` keep their cache in the caller;
+they are refused with that reason.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
+import warnings
 
 import torch
 from torch import nn
 
-from attention import fused, reference
+from attention import fused, gemma3, gqa, kv_cache, llama3, qwen3, reference, swa
 
 log = logging.getLogger(__name__)
 
-_FUSED = {
+_CHAPTER = {
     "SelfAttention_v1": fused.SelfAttention_v1,
     "SelfAttention_v2": fused.SelfAttention_v2,
     "CausalAttention": fused.CausalAttention,
     "MultiHeadAttentionWrapper": fused.MultiHeadAttentionWrapper,
     "MultiHeadAttention": fused.MultiHeadAttention,
 }
+FUSED_CLASSES = tuple(_CHAPTER.values()) + (
+    kv_cache.MultiHeadAttention,
+    gqa.GroupedQueryAttention,
+    swa.MultiHeadAttentionWithSWA,
+    llama3.GroupedQueryAttention,
+    qwen3.GroupedQueryAttention,
+    gemma3.GroupedQueryAttention,
+)
 
-# What each chapter class holds, by name: what a faithful conversion needs and may not exceed.
-_LAYOUT = {
-    "SelfAttention_v1": (("W_query", "W_key", "W_value"), (), ()),
-    "SelfAttention_v2": ((), ("W_query", "W_key", "W_value"), ()),
-    "CausalAttention": ((), ("W_query", "W_key", "W_value", "dropout"), ("mask",)),
-    "MultiHeadAttentionWrapper": ((), ("heads",), ()),
-    "MultiHeadAttention": ((), ("W_query", "W_key", "W_value", "out_proj", "dropout"), ("mask",)),
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """One book class: what a faithful conversion needs and may not exceed."""
+
+    book: str
+    target: type
+    params: tuple = ()
+    children: tuple = ()
+    buffers: tuple = ()
+    optional_children: tuple = ()  # submodules the book's constructor may leave as None (QK-norm)
+    attrs: tuple = ()  # plain attributes the fused forward reads
+
+
+_PROJECTIONS = ("W_query", "W_key", "W_value")
+_KINDS = {
+    "SelfAttention_v1": _Kind("chapter 3", fused.SelfAttention_v1, params=_PROJECTIONS),
+    "SelfAttention_v2": _Kind("chapter 3", fused.SelfAttention_v2, children=_PROJECTIONS),
+    "CausalAttention": _Kind(
+        "chapter 3", fused.CausalAttention, children=_PROJECTIONS + ("dropout",), buffers=("mask",), attrs=("d_out",)
+    ),
+    "MultiHeadAttentionWrapper": _Kind("chapter 3", fused.MultiHeadAttentionWrapper, children=("heads",)),
+    "MultiHeadAttention": _Kind(
+        "chapter 3",
+        fused.MultiHeadAttention,
+        children=_PROJECTIONS + ("out_proj", "dropout"),
+        buffers=("mask",),
+        attrs=("d_out", "num_heads", "head_dim"),
+    ),
+    "kv:MultiHeadAttention": _Kind(
+        "ch04/03_kv-cache",
+        kv_cache.MultiHeadAttention,
+        children=_PROJECTIONS + ("out_proj", "dropout"),
+        buffers=("mask", "cache_k", "cache_v"),
+        attrs=("d_out", "num_heads", "head_dim", "ptr_current_pos"),
+    ),
+    "gqa:GroupedQueryAttention": _Kind(
+        "ch04/04_gqa",
+        gqa.GroupedQueryAttention,
+        children=_PROJECTIONS + ("out_proj", "dropout"),
+        buffers=("cache_k", "cache_v"),
+        attrs=("d_out", "num_heads", "head_dim", "num_kv_groups", "group_size", "ptr_current_pos"),
+    ),
+    "MultiHeadAttentionWithSWA": _Kind(
+        "ch04/06_swa",
+        swa.MultiHeadAttentionWithSWA,
+        children=_PROJECTIONS + ("out_proj", "dropout"),
+        buffers=("cache_k", "cache_v"),
+        attrs=("d_out", "num_heads", "head_dim", "sliding_window_size", "ptr_current_pos"),
+    ),
+    "llama3:GroupedQueryAttention": _Kind(
+        "Llama 3.2",
+        llama3.GroupedQueryAttention,
+        children=_PROJECTIONS + ("out_proj",),
+        attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+    ),
+    "qwen3:GroupedQueryAttention": _Kind(
+        "Qwen3",
+        qwen3.GroupedQueryAttention,
+        children=_PROJECTIONS + ("out_proj",),
+        optional_children=("q_norm", "k_norm"),
+        attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+    ),
+    "gemma3:GroupedQueryAttention": _Kind(
+        "Gemma 3",
+        gemma3.GroupedQueryAttention,
+        children=_PROJECTIONS + ("out_proj",),
+        optional_children=("q_norm", "k_norm"),
+        attrs=("d_out", "num_heads", "head_dim", "num_kv_groups", "scaling"),
+    ),
 }
+_NAMES = {"MultiHeadAttention", "GroupedQueryAttention", "MultiHeadAttentionWithSWA", *_CHAPTER}
 
 
 def _refuse(name: str, module: nn.Module, why: str) -> ValueError:
     return ValueError(f"cannot swap {name or '<root>'} ({type(module).__qualname__}) faithfully: {why}")
 
 
-def _check_linear(name: str, module: nn.Module, attr: str, d_in: int, d_out: int) -> None:
-    lin = getattr(module, attr)
-    if type(lin) is not nn.Linear or (lin.in_features, lin.out_features) != (d_in, d_out):
-        raise _refuse(name, module, f"{attr} is not nn.Linear({d_in}, {d_out})")
+def _forward_args(module: nn.Module) -> tuple[str, ...]:
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return ()
+    return tuple(params)[1:]
+
+
+def _kind_of(name: str, module: nn.Module) -> str | None:
+    """The _KINDS key of a book layer (or a look-alike to check and refuse), None for anything else."""
+    cls = type(module)
+    if isinstance(module, FUSED_CLASSES) or cls.__name__ not in _NAMES:
+        return None
+    args = _forward_args(module)
+    if "start_pos" in args or "cache" in args:
+        raise _refuse(
+            name,
+            module,
+            "its forward takes (..., start_pos, cache) and returns (context, next_cache): the caller holds the "
+            "cache (the book's pkg kv_cache variant). Use the cached layer of ch04/03 (forward(x, use_cache)), "
+            "whose cache lives in the layer, or kernels.flash_attention_with_kvcache directly",
+        )
+    if cls.__name__ == "MultiHeadAttention":
+        return "kv:MultiHeadAttention" if "use_cache" in args or "cache_k" in module._buffers else "MultiHeadAttention"
+    if cls.__name__ == "GroupedQueryAttention":
+        if "use_cache" in args or "cache_k" in module._buffers:
+            return "gqa:GroupedQueryAttention"
+        if hasattr(module, "scaling"):
+            return "gemma3:GroupedQueryAttention"
+        return "qwen3:GroupedQueryAttention" if hasattr(module, "q_norm") else "llama3:GroupedQueryAttention"
+    return cls.__name__
+
+
+def widths(projection: nn.Module) -> tuple[int | None, int | None]:
+    """(in, out) widths of a projection: an nn.Linear's, or that of the module a wrapper holds as ``.linear``
+    (LoRA); None where nothing says."""
+    d_in = reference.in_features(projection)
+    out = None
+    for _ in range(8):
+        out = getattr(projection, "out_features", None)
+        if isinstance(out, int) or not isinstance(getattr(projection, "linear", None), nn.Module):
+            break
+        projection = projection.linear
+    return d_in, out if isinstance(out, int) else None
+
+
+def _check_projection(name, module, attr, d_in, d_out) -> None:
+    proj = getattr(module, attr)
+    if not isinstance(proj, nn.Module):
+        raise _refuse(name, module, f"{attr} is not a module")
+    got_in, got_out = widths(proj)
+    if (d_in is not None and got_in is not None and got_in != d_in) or (got_out is not None and got_out != d_out):
+        raise _refuse(name, module, f"{attr} maps {got_in} -> {got_out}, expected {d_in} -> {d_out}")
+
+
+def _check_layout(name: str, module: nn.Module, key: str) -> None:
+    kind = _KINDS[key]
+    have_children = {c for c, m in module._modules.items() if m is not None}
+    want_children = set(kind.children) | {c for c in kind.optional_children if module._modules.get(c) is not None}
+    if (
+        set(module._parameters) != set(kind.params)
+        or have_children != want_children
+        or set(module._buffers) != set(kind.buffers)
+    ):
+        raise _refuse(
+            name,
+            module,
+            f"expected the {kind.book} layout: parameters {sorted(kind.params)}, submodules {sorted(want_children)}, "
+            f"buffers {sorted(kind.buffers)}; found {sorted(module._parameters)}, {sorted(have_children)}, "
+            f"{sorted(module._buffers)} (a KV cache or other extension of another shape is not supported)",
+        )
+    missing = [a for a in kind.attrs if not hasattr(module, a)]
+    if missing:
+        raise _refuse(name, module, f"attributes {missing} of the {kind.book} class are missing")
+    if key == "SelfAttention_v1":
+        shapes = {tuple(module._parameters[p].shape) for p in kind.params}
+        if len(shapes) != 1 or len(shapes.pop()) != 2:
+            raise _refuse(name, module, "W_query, W_key, W_value must be (d_in, d_out) matrices of one shape")
+        return
+    if key == "MultiHeadAttentionWrapper":
+        heads = module.heads
+        ok = isinstance(heads, nn.ModuleList) and all(
+            type(h) is fused.CausalAttention or _kind_of("", h) == "CausalAttention" for h in heads
+        )
+        if not ok:
+            raise _refuse(name, module, "heads must be a ModuleList of CausalAttention layers")
+        return
+    d_in, q_out = widths(module.W_query)
+    if key == "SelfAttention_v2":
+        for attr in _PROJECTIONS:
+            _check_projection(name, module, attr, d_in, q_out)
+        return
+    d_out = getattr(module, "d_out", q_out)
+    heads = getattr(module, "num_heads", 1)
+    head_dim = getattr(module, "head_dim", d_out)
+    kv_heads = getattr(module, "num_kv_groups", heads)
+    if not all(isinstance(v, int) and v >= 1 for v in (d_out, heads, head_dim, kv_heads)) or heads % kv_heads:
+        raise _refuse(name, module, f"d_out {d_out}, num_heads {heads}, num_kv_groups {kv_heads} do not split")
+    if heads * head_dim != d_out:
+        raise _refuse(name, module, f"num_heads {heads} x head_dim {head_dim} != d_out {d_out}")
+    _check_projection(name, module, "W_query", d_in, d_out)
+    _check_projection(name, module, "W_key", d_in, kv_heads * head_dim)
+    _check_projection(name, module, "W_value", d_in, kv_heads * head_dim)
+    if "out_proj" in kind.children:  # back to d_out (the chapter, ch04) or to d_in (Qwen3, Gemma 3)
+        back = d_in if key in ("qwen3:GroupedQueryAttention", "gemma3:GroupedQueryAttention") else d_out
+        _check_projection(name, module, "out_proj", d_out, back)
+    if "dropout" in kind.children and type(module.dropout) is not nn.Dropout:
+        raise _refuse(name, module, "dropout is not nn.Dropout")
+    if "mask" in kind.buffers:
+        _check_mask(name, module)
+    if key == "MultiHeadAttentionWithSWA":
+        try:
+            swa.window_of(module.sliding_window_size)
+        except (TypeError, ValueError) as err:
+            raise _refuse(name, module, str(err)) from None
 
 
 def _check_mask(name: str, module: nn.Module) -> None:
@@ -47,80 +252,61 @@ def _check_mask(name: str, module: nn.Module) -> None:
         raise _refuse(name, module, "its mask buffer is not the chapter's causal triu(ones, 1)")
 
 
-def _check_layout(name: str, module: nn.Module, cls_name: str) -> None:
-    params, children, buffers = _LAYOUT[cls_name]
-    have_params = set(module._parameters)
-    have_children = set(module._modules)
-    have_buffers = set(module._buffers)
-    if have_params != set(params) or have_children != set(children) or have_buffers != set(buffers):
-        raise _refuse(
-            name,
-            module,
-            f"expected parameters {sorted(params)}, submodules {sorted(children)}, buffers {sorted(buffers)}; "
-            f"found {sorted(have_params)}, {sorted(have_children)}, {sorted(have_buffers)} "
-            "(a KV cache or other extension is not supported)",
-        )
-    if cls_name == "SelfAttention_v1":
-        shapes = {tuple(module._parameters[p].shape) for p in params}
-        if len(shapes) != 1 or len(shapes.pop()) != 2:
-            raise _refuse(name, module, "W_query, W_key, W_value must be (d_in, d_out) matrices of one shape")
+def _adopt_cache(module: nn.Module, key: str) -> None:
+    """A cache the book's layer was filling moves into the fused layer's bookkeeping (ch04/04 keeps it as
+    (b, heads, T, hd); the others as (b, T, heads, hd), the fused layers' layout)."""
+    cache_k, cache_v = module._buffers.get("cache_k"), module._buffers.get("cache_v")
+    if cache_k is None or cache_v is None:
         return
-    if cls_name == "MultiHeadAttentionWrapper":
-        heads = module.heads
-        # Heads that are chapter CausalAttention layers are checked (and swapped) as layers of their own.
-        ok = isinstance(heads, nn.ModuleList) and all(
-            type(h) is fused.CausalAttention or _chapter_class(h) == "CausalAttention" for h in heads
-        )
-        if not ok:
-            raise _refuse(name, module, "heads must be a ModuleList of CausalAttention layers")
-        return
-    d_in, d_out = module.W_query.in_features, module.W_query.out_features
-    for attr in ("W_query", "W_key", "W_value"):
-        _check_linear(name, module, attr, d_in, d_out)
-    if cls_name in ("CausalAttention", "MultiHeadAttention"):
-        if type(module.dropout) is not nn.Dropout:
-            raise _refuse(name, module, "dropout is not nn.Dropout")
-        _check_mask(name, module)
-        if getattr(module, "d_out", None) != d_out:
-            raise _refuse(name, module, f"attribute d_out {getattr(module, 'd_out', None)} != projection width {d_out}")
-    if cls_name == "MultiHeadAttention":
-        _check_linear(name, module, "out_proj", d_out, d_out)
-        nh, hd = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
-        if not isinstance(nh, int) or nh < 1 or hd != d_out // nh or d_out % nh:
-            raise _refuse(name, module, f"num_heads {nh} and head_dim {hd} do not split d_out {d_out}")
+    if key == "gqa:GroupedQueryAttention":
+        cache_k, cache_v = cache_k.transpose(1, 2).contiguous(), cache_v.transpose(1, 2).contiguous()
+        module.cache_k, module.cache_v = cache_k, cache_v
+    module._cache_len = cache_k.shape[1]
+    module._cache_start = module.ptr_current_pos - cache_k.shape[1]
 
 
-def _chapter_class(module: nn.Module) -> str | None:
-    """The chapter class name this module is an instance of, or a look-alike copy of; None otherwise."""
-    cls = type(module)
-    if cls in _FUSED.values():
-        return None  # already fused
-    for name in _FUSED:
-        if cls is getattr(reference, name) or cls.__name__ == name:
-            return name
-    return None
+def fused_layers(model: nn.Module) -> list[str]:
+    """Names of the fused attention layers in ``model`` (what swap_attention converted, or built fused)."""
+    return [name or "<root>" for name, m in model.named_modules() if isinstance(m, FUSED_CLASSES)]
 
 
 def swap_attention(model: nn.Module) -> nn.Module:
-    """Replace, in place, every chapter-3 attention layer in ``model`` by its fused drop-in.
+    """Replace, in place, every book attention layer in ``model`` by its fused drop-in (see the module's table).
 
-    Converts instances of ``attention.reference``'s classes and of any class with a chapter class's
-    name and attribute layout (a reader's own copy of the book's code). The module objects stay the
-    same (their class changes), so Parameters, buffers, hooks, train/eval mode and any optimizer built
-    before the swap carry over. A look-alike that cannot be converted faithfully (extra buffers such as
-    a KV cache, other submodules, a non-causal mask) raises ``ValueError`` before anything is changed.
-    Each swap is logged at INFO level on the ``attention.swap`` logger.
+    The module objects stay the same (their class changes), so Parameters, buffers, hooks, train/eval mode
+    and any optimizer built before the swap carry over; ``isinstance(layer, TheBookClass)`` is False
+    afterwards. A look-alike that cannot be converted faithfully (a cache of another shape, other
+    submodules, a non-causal mask) raises ``ValueError`` before anything is changed. Each swap is logged at
+    INFO level on the ``attention.swap`` logger; a model in which nothing was or is fused gets a
+    ``UserWarning`` naming the attention-like classes it left alone. ``fused_layers(model)`` lists them.
 
     Returns the model (the same object, or the model's own class changed when the root is a layer).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_attention expects an nn.Module, got {type(model).__name__}")
-    todo = [(name, m, cls) for name, m in model.named_modules() if (cls := _chapter_class(m)) is not None]
+    todo = [(name, m, key) for name, m in model.named_modules() if (key := _kind_of(name, m)) is not None]
     # Check every layer first, so a refusal leaves the model untouched.
-    for name, module, cls in todo:
-        _check_layout(name, module, cls)
-    for name, module, cls in todo:
-        log.info("swap_attention: %s: %s -> %s", name or "<root>", type(module).__qualname__, _FUSED[cls].__qualname__)
-        module.__class__ = _FUSED[cls]
+    for name, module, key in todo:
+        _check_layout(name, module, key)
+    for name, module, key in todo:
+        target = _KINDS[key].target
+        old = type(module).__qualname__
+        log.info("swap_attention: %s: %s -> %s.%s", name or "<root>", old, target.__module__, target.__qualname__)
+        module.__class__ = target
+        _adopt_cache(module, key)
     log.info("swap_attention: %d layer(s) swapped", len(todo))
+    if not todo and not fused_layers(model):
+        seen = sorted(
+            {
+                f"{type(m).__module__}.{type(m).__qualname__}"
+                for _, m in model.named_modules()
+                if "attention" in type(m).__name__.lower()
+            }
+        )
+        warnings.warn(
+            "swap_attention converted no layer: the model has none of the book's attention classes it knows"
+            + (f"; attention-like classes left alone: {', '.join(seen)}" if seen else ""),
+            UserWarning,
+            stacklevel=2,
+        )
     return model

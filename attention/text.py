@@ -61,6 +61,18 @@ def gpt2_encoding() -> tiktoken.Encoding:
     )
 
 
+def register_gpt2_offline() -> tiktoken.Encoding:
+    """Make the book's own ``tiktoken.get_encoding("gpt2")`` work offline, unchanged: the encoding built here
+    from local, hash-checked files is placed in tiktoken's registry under "gpt2" (tiktoken then returns it
+    without a download). Returns it. Idempotent; the same ranks, pattern and special token as tiktoken's."""
+    import tiktoken.registry
+
+    enc = gpt2_encoding()
+    with tiktoken.registry._lock:
+        tiktoken.registry.ENCODINGS["gpt2"] = enc
+    return enc
+
+
 def text_to_token_ids(text: str = DEFAULT_TEXT) -> torch.Tensor:
     """GPT-2 token ids of ``text`` as a 1-D int64 tensor (``<|endoftext|>`` allowed)."""
     if not isinstance(text, str):

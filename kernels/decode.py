@@ -415,7 +415,7 @@ def flash_attention_with_kvcache(
     if q.numel() == 0:
         return q.mul(0.0)
     if not use_triton:
-        return _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new, spec)
+        return _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec)
     return _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec, num_splits)
 
 
@@ -487,11 +487,11 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int,
     return out
 
 
-def _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new: int, spec):
-    """The same semantics through PyTorch's fused attention: keys beyond each sequence's length and keys the
-    rule hides are masked per batch entry; rows that see no key return zeros."""
+def _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int, spec):
+    """The same semantics through PyTorch's fused attention: keys past each sequence's length and keys the
+    rule hides are masked per batch entry; rows that see no key return zeros. The cache past a sequence's
+    length is never read (it may hold anything, NaN included: a mask does not stop 0 * NaN)."""
     B, H, N_Q, D = q.shape
-    t_max = k_cache.shape[2]
     lengths = (
         torch.full((B,), cache_seqlens, device=q.device)
         if isinstance(cache_seqlens, int)
@@ -499,15 +499,18 @@ def _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new: int, spec):
     ) + n_new
     mask_left, mask_right, left, right = window_flags(spec.causal, (spec.window_left, spec.window_right))
     pos = torch.arange(N_Q, device=q.device)[None, :, None] + (lengths - N_Q)[:, None, None]  # (B, Nq, 1)
-    keys = torch.arange(t_max, device=q.device)[None, None, :]  # (1, 1, T)
-    seen = keys < lengths[:, None, None]  # (B, Nq, T)
+    keys = torch.arange(max_len, device=q.device)[None, None, :]  # (1, 1, T)
+    valid = keys < lengths[:, None, None]  # (B, 1, T)
+    seen = valid
     if mask_right:
         seen = seen & (keys <= pos + right)
     if mask_left:
         seen = seen & (keys >= pos - left)
     any_key = seen.any(-1, keepdim=True)  # (B, Nq, 1)
     mask = (seen | ~any_key)[:, None]  # (B, 1, Nq, T): a row with no key attends anywhere, then is zeroed
+    k = torch.where(valid[:, :, :, None], k_cache[:, :, :max_len], 0.0)  # (B, Hkv, T, D)
+    v = torch.where(valid[:, :, :, None], v_cache[:, :, :max_len], 0.0)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k_cache, v_cache, attn_mask=mask, scale=spec.softmax_scale, enable_gqa=H != k_cache.shape[1]
+        q, k, v, attn_mask=mask, scale=spec.softmax_scale, enable_gqa=H != k_cache.shape[1]
     )
     return torch.where(any_key[:, None], out, 0.0).to(q.dtype)

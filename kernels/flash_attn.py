@@ -40,6 +40,7 @@ same base-2 units.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -787,20 +788,8 @@ def _attn_bwd_preprocess(
 
 
 def _flags(q: torch.Tensor, spec: Spec) -> dict:
-    """Run-time window bounds and the constexprs every kernel of one call shares."""
-    mask_left, mask_right, left, right = window_flags(spec.causal, (spec.window_left, spec.window_right))
-    return dict(
-        left=left,
-        right=right,
-        head_dim=q.shape[-1],
-        BLOCK_D=configs.block_d(q.shape[-1]),
-        MASK_LEFT=mask_left,
-        MASK_RIGHT=mask_right,
-        DROPOUT=spec.dropout_p > 0.0,
-        INPUT_PRECISION="ieee" if _precision(q) == "ieee" else "tf32",
-        # The interpreter's tl.dot on bfloat16 operands is wrong; do those dots in float32 there.
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-    )
+    """Run-time window bounds and the constexprs every kernel of one call shares (a fresh dict)."""
+    return dict(_plan(None, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5]))
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -808,8 +797,35 @@ def _precision(q: torch.Tensor) -> str:
     return configs.precision(q.dtype, torch.backends.cuda.matmul.allow_tf32)
 
 
-def _config(kernel: str, q: torch.Tensor, spec: Spec) -> dict[str, int]:
-    return configs.select(kernel, q.shape[-1], _precision(q), dropout=spec.dropout_p > 0, interpret=INTERPRET)
+@functools.lru_cache(maxsize=1024)
+def _plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale, window_left, window_right) -> dict:
+    """Everything a launch passes by keyword besides tensors, strides and sizes: the window, the constexprs
+    and (for ``kernel``) the config table's tile. Cached: a training step launches the same few kernels with
+    the same settings every time, and the host path is what a small call costs (bench/NOTES.md)."""
+    mask_left, mask_right, left, right = window_flags(causal, (window_left, window_right))
+    prec = configs.precision(dtype, allow_tf32)
+    kwargs = dict(
+        left=left,
+        right=right,
+        head_dim=head_dim,
+        BLOCK_D=configs.block_d(head_dim),
+        MASK_LEFT=mask_left,
+        MASK_RIGHT=mask_right,
+        DROPOUT=dropout_p > 0.0,
+        INPUT_PRECISION="ieee" if prec == "ieee" else "tf32",
+        # The interpreter's tl.dot on bfloat16 operands is wrong; do those dots in float32 there.
+        UPCAST=INTERPRET and dtype == torch.bfloat16,
+    )
+    if kernel is not None:
+        kwargs.update(configs.select(kernel, head_dim, prec, dropout=dropout_p > 0, interpret=INTERPRET))
+    if kernel == "fwd":
+        kwargs["POS_SCALE"] = softmax_scale > 0
+    return kwargs
+
+
+def _launch_kwargs(kernel: str, q: torch.Tensor, spec: Spec, tile: dict | None) -> dict:
+    kwargs = _plan(kernel, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5])
+    return {**kwargs, **tile} if tile else kwargs
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile: dict | None = None):
@@ -822,14 +838,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile:
     o = torch.empty_like(q)
     lse = torch.empty((B, H, N_Q), dtype=torch.float32, device=q.device)
     seed = new_seed(q.device, spec.dropout_p)
-    cfg = tile or _config("fwd", q, spec)
-    grid = (triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)
+    kwargs = _launch_kwargs("fwd", q, spec, tile)
+    grid = (triton.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)
     _attn_fwd[grid](
         q, k, v, o, lse, seed,
         spec.softmax_scale * _LOG2E, keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // k.shape[1], N_Q, N_K,
-        **_flags(q, spec), **cfg, POS_SCALE=spec.softmax_scale > 0,
+        **kwargs,
     )  # fmt: skip
     return o, lse, seed
 
@@ -845,7 +861,7 @@ def backward(do, q, k, v, o, lse, seed, spec: Spec, tiles: dict | None = None, p
     "dq", "dkdv"), ``per_lane_bits`` the table's choice of how dK/dV computes its dropout bits."""
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
-    flags = _flags(q, spec)
+    block_d = configs.block_d(D)
     if not tile_offsets_fit(do):
         do = do.contiguous()  # a gradient with absurd strides: a copy beats wrong addresses
     dk = torch.empty_like(k)
@@ -857,17 +873,17 @@ def backward(do, q, k, v, o, lse, seed, spec: Spec, tiles: dict | None = None, p
         keep_scale(spec.dropout_p),
         keep_threshold(spec.dropout_p),
     )
-    cfgs = tiles or {}
-    per_lane = flags["BLOCK_D"] <= configs.PER_LANE_BITS_MAX_BLOCK_D if per_lane_bits is None else per_lane_bits
+    tiles = tiles or {}
+    per_lane = block_d <= configs.PER_LANE_BITS_MAX_BLOCK_D if per_lane_bits is None else per_lane_bits
     if spec.deterministic:
         dq = torch.empty_like(q)
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
-        cfg = cfgs.get("dq") or _config("dq", q, spec)
-        _attn_bwd_dq[(triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)](
+        kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
+        _attn_bwd_dq[(triton.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)](
             q, k, v, o, do, dq, lse, delta, seed, *scales,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
             H, H // H_KV, N_Q, N_K,
-            **flags, **cfg,
+            **kwargs,
         )  # fmt: skip
         dq_buf, kernel = dq, "dkdv"
     else:
@@ -875,15 +891,15 @@ def backward(do, q, k, v, o, lse, seed, spec: Spec, tiles: dict | None = None, p
         dq_buf = torch.empty_like(q, dtype=torch.float32)
         _attn_bwd_preprocess[(triton.cdiv(N_Q, 64), H, B)](
             o, do, dq_buf, delta, *o.stride(), *do.stride(), *dq_buf.stride(), H, N_Q, D,
-            BLOCK_D=flags["BLOCK_D"], BLOCK_M=64,
+            BLOCK_D=block_d, BLOCK_M=64,
         )  # fmt: skip
         kernel = "bwd"
-    cfg = cfgs.get(kernel) or _config(kernel, q, spec)
-    _attn_bwd_kv[(triton.cdiv(N_K, cfg["BLOCK_N"]), H_KV, B)](
+    kwargs = _launch_kwargs(kernel, q, spec, tiles.get(kernel))
+    _attn_bwd_kv[(triton.cdiv(N_K, kwargs["BLOCK_N"]), H_KV, B)](
         q, k, v, do, dq_buf, dk, dv, lse, delta, seed, *scales,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq_buf.stride(), *dk.stride(), *dv.stride(),
         H, H // H_KV, N_Q, N_K,
-        **flags, **cfg, PER_LANE=per_lane, DQ_ATOMIC=not spec.deterministic,
+        **kwargs, PER_LANE=per_lane, DQ_ATOMIC=not spec.deterministic,
     )  # fmt: skip
     dq = dq_buf if dq_buf.dtype == q.dtype else dq_buf.to(q.dtype)
     return dq, dk, dv

@@ -85,6 +85,26 @@ def test_train_mode_and_dropout_survive_the_swap():
     assert not torch.equal(model(idx), model(idx))
 
 
+@pytest.mark.parametrize("backend_name", ["triton", "sdpa"])
+def test_attention_dropout_itself_survives_the_swap(backend_name):
+    # The GPT's other dropouts off and the attention's at 0.5: only attention dropout can move the output, so a
+    # swap that lost it (or kept it on in eval) shows; and its average over many draws is the eval output.
+    model = small_gpt(drop_rate=0.0)
+    for block in model.trf_blocks:
+        block.att.dropout.p = 0.5
+    attention.swap_attention(model)
+    idx = torch.randint(0, SMALL_GPT["vocab_size"], (1, 9), device=DEVICE)
+    with attention.use_backend(backend_name):
+        model.eval()
+        clean = model(idx)
+        assert torch.equal(clean, model(idx))
+        model.train()
+        draws = torch.stack([model(idx) for _ in range(40)])
+    assert not torch.equal(draws[0], draws[1]), "attention dropout was lost in the swap"
+    assert (draws[0] - clean).abs().max() > 1e-3
+    assert (draws.mean(0) - clean).abs().mean() < (draws[0] - clean).abs().mean() / 3, "dropout is not unbiased"
+
+
 def test_every_chapter_class_and_nested_wrapper():
     torch.manual_seed(0)
     model = nn.ModuleDict(
@@ -134,8 +154,8 @@ class MultiHeadAttention(nn.Module):
         return ref.MultiHeadAttention.forward(self, x)
 
 
-class KVCacheMultiHeadAttention(MultiHeadAttention):
-    """The bonus KV-cache variant: extra cache buffers the fused layer does not implement."""
+class CachedLookAlike(MultiHeadAttention):
+    """Cache buffers like ch04/03's KV-cache class, but not its forward or its ptr_current_pos."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -143,7 +163,7 @@ class KVCacheMultiHeadAttention(MultiHeadAttention):
         self.register_buffer("cache_v", None, persistent=False)
 
 
-KVCacheMultiHeadAttention.__name__ = "MultiHeadAttention"
+CachedLookAlike.__name__ = "MultiHeadAttention"
 
 
 def test_readers_copy_is_swapped():
@@ -158,9 +178,9 @@ def test_readers_copy_is_swapped():
 
 def test_unfaithful_look_alikes_are_refused_untouched():
     ok = MultiHeadAttention(8, 8, 16, 0.0, 2)
-    cached = KVCacheMultiHeadAttention(8, 8, 16, 0.0, 2)
+    cached = CachedLookAlike(8, 8, 16, 0.0, 2)
     model = nn.Sequential(ok, cached)
-    with pytest.raises(ValueError, match="KV cache"):
+    with pytest.raises(ValueError, match="ch04/03_kv-cache"):
         attention.swap_attention(model)
     assert type(model[0]) is MultiHeadAttention, "a refused swap must leave the model as it was"
 
@@ -170,12 +190,37 @@ def test_unfaithful_look_alikes_are_refused_untouched():
         attention.swap_attention(nn.Sequential(not_causal))
 
     odd = MultiHeadAttention(8, 8, 16, 0.0, 2)
-    odd.out_proj = nn.Identity()
+    odd.out_proj = nn.Linear(8, 5)  # a projection of another width
     with pytest.raises(ValueError, match="out_proj"):
         attention.swap_attention(nn.Sequential(odd))
 
+    extra = MultiHeadAttention(8, 8, 16, 0.0, 2)
+    extra.rotary = nn.Identity()  # a submodule the book's class does not have
+    with pytest.raises(ValueError, match="layout"):
+        attention.swap_attention(nn.Sequential(extra))
+
     with pytest.raises(TypeError):
         attention.swap_attention("not a model")
+
+
+def test_a_swap_that_converts_nothing_warns_and_names_what_it_left():
+    class SelfAttentionOfMyOwn(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(nn.Linear(4, 4), SelfAttentionOfMyOwn())
+    with pytest.warns(UserWarning, match="converted no layer.*SelfAttentionOfMyOwn"):
+        assert attention.swap_attention(model) is model
+    assert attention.fused_layers(model) == []
+    gpt = small_gpt()
+    attention.swap_attention(gpt)
+    assert attention.fused_layers(gpt) == ["trf_blocks.0.att", "trf_blocks.1.att"]
+
+
+def test_isinstance_of_the_book_class_is_false_after_a_swap():
+    layer = MultiHeadAttention(8, 8, 16, 0.0, 2)
+    attention.swap_attention(layer)
+    assert not isinstance(layer, MultiHeadAttention) and isinstance(layer, ref.MultiHeadAttention)
 
 
 @requires_gpu

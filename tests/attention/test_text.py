@@ -71,3 +71,21 @@ def test_embeddings_are_seeded_and_shaped():
 def test_embedding_bad_input(kwargs):
     with pytest.raises(ValueError):
         text.text_to_embeddings(**kwargs)
+
+
+def test_the_books_own_call_works_offline_once_registered(monkeypatch):
+    # The book calls tiktoken.get_encoding("gpt2"), which downloads. After register_gpt2_offline() it returns
+    # the locally built encoding; any attempt to reach the network fails this test.
+    import tiktoken
+    import tiktoken.load
+    import tiktoken.registry
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tiktoken tried to download")
+
+    monkeypatch.setattr(tiktoken.load, "read_file_cached", no_network)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    enc = text.register_gpt2_offline()
+    assert tiktoken.get_encoding("gpt2") is enc
+    book_ids = tiktoken.get_encoding("gpt2").encode("Hello, I am", allowed_special={"<|endoftext|>"})
+    assert book_ids == [15496, 11, 314, 716]

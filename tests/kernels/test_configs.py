@@ -24,15 +24,40 @@ CASES = [
 ]
 
 
-def _as_on_a_gpu(monkeypatch, override: dict | None = None):
-    """Make the launchers pick the GPU's tiles (optionally one kernel's overridden) under the interpreter."""
+_SELECT, _PLAN = configs.select, fa._plan  # the real ones, whatever a test has patched since
 
-    def gpu_config(kernel, q, spec):
+
+def _as_on_a_gpu(monkeypatch, override: dict | None = None):
+    """Make the launchers pick the GPU's tiles (optionally one kernel's replaced) under the interpreter:
+    the config table is asked as a GPU run asks it, and the launchers' cached plans are dropped."""
+
+    def gpu_select(kernel, head_dim, prec, *, dropout, interpret):
         if override and kernel in override:
             return dict(override[kernel])
-        return configs.select(kernel, q.shape[-1], fa._precision(q), dropout=spec.dropout_p > 0, interpret=False)
+        return _SELECT(kernel, head_dim, prec, dropout=dropout, interpret=False)
 
-    monkeypatch.setattr(fa, "_config", gpu_config)
+    monkeypatch.setattr(configs, "select", gpu_select)
+    _PLAN.cache_clear()
+    seen = []
+    real_plan = _PLAN
+
+    def plan_spy(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, *rest):
+        out = real_plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, *rest)
+        if kernel is not None:
+            prec = configs.precision(dtype, allow_tf32)
+            expected = gpu_select(kernel, head_dim, prec, dropout=dropout_p > 0, interpret=False)
+            seen.append((kernel, all(out[key] == value for key, value in expected.items())))
+        return out
+
+    monkeypatch.setattr(fa, "_plan", plan_spy)
+    return seen
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    _PLAN.cache_clear()
+    yield
+    _PLAN.cache_clear()
 
 
 def _id(case):
@@ -45,9 +70,10 @@ def _id(case):
 def test_gpu_tiles_are_correct(case, deterministic, monkeypatch):
     head_dim, dtype, tf32 = case
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    _as_on_a_gpu(monkeypatch)
+    seen = _as_on_a_gpu(monkeypatch)
     # Grouped heads, Nq < Nk, both ragged against every block size used.
     check_against_reference(*make_qkv(1, 4, 2, 150, 190, head_dim, dtype), causal=True, deterministic=deterministic)
+    assert seen and all(ok for _, ok in seen), f"a launch did not use the GPU's tile: {seen}"
 
 
 @pytest.mark.parametrize(
@@ -72,9 +98,7 @@ def test_dropout_bits_do_not_depend_on_tiles(monkeypatch):
         else:
             dtype, tf32 = choice
             prec = configs.precision(dtype, tf32)
-            tiles = {
-                name: configs.select(name, 64, prec, dropout=True, interpret=False) for name in ("fwd", "dq", "bwd")
-            }
+            tiles = {name: _SELECT(name, 64, prec, dropout=True, interpret=False) for name in ("fwd", "dq", "bwd")}
             _as_on_a_gpu(monkeypatch, {name: tiles[name] for name in tiles})
         seen.add(tuple(sorted((n, tuple(t.values())) for n, t in tiles.items())))
         for deterministic in (False, True):

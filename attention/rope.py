@@ -1,0 +1,151 @@
+"""What the bonus models' fused layers share: RoPE, their RMSNorms, and reading the mask a model passes in.
+
+Llama 3.2, Qwen3 and Gemma 3 (the book's bonus chapters) build their attention mask in the model and
+pass it to every layer: ``True`` where a key is hidden, ``(num_tokens, num_tokens)``. The fused layers
+recognise the masks those models build (causal, and Gemma 3's causal sliding window) and hand the
+kernel its causal flag and window instead of a dense mask. The verdict is computed once per mask tensor
+(one comparison against the rule's own mask, ``O(N^2)`` but once, not per layer) and kept on the tensor
+itself, checked against its in-place version counter, so a later mask can never inherit it. Any other
+mask runs PyTorch's attention with that mask and one warning: never a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention import fused
+from kernels.masks import visible_mask
+
+_warned_masks: set[str] = set()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """The book's split-halves RoPE: x (b, heads, n, head_dim) rotated by positions offset + [0, n)."""
+    n, head_dim = x.shape[2], x.shape[3]
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+    cos = cos[offset : offset + n][None, None]  # (1, 1, n, head_dim)
+    sin = sin[offset : offset + n][None, None]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return ((x * cos) + (rotated * sin)).to(dtype=x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Qwen3's RMSNorm (its QK-norm over each head), computed in float32."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-6, bias: bool = False, qwen3_compatible: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.qwen3_compatible = qwen3_compatible
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self.qwen3_compatible:
+            x = x.to(torch.float32)
+        norm = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.scale
+        if self.shift is not None:
+            norm = norm + self.shift
+        return norm.to(dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma 3's RMSNorm: zero-centred weights applied as (1 + w), in float32."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-6, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.zeros(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps) * (1.0 + self.scale.float())
+        if self.shift is not None:
+            out = out + self.shift.float()
+        return out.to(dtype)
+
+
+def mask_rule(mask: torch.Tensor) -> tuple[bool, tuple[int, int]] | None:
+    """(causal, window) when ``mask`` (True: hidden) is exactly a rule the kernel has, else None.
+
+    Recognised: all visible; causal (bottom-right when it is not square); causal with a window of the last
+    W keys (Gemma 3's local mask, ch04/06's). Remembered on the tensor for its current version."""
+    verdict = getattr(mask, "_attention_rule", None)
+    if verdict is not None and verdict[0] == mask._version:
+        return verdict[1]
+    rule = _read_rule(mask)
+    mask._attention_rule = (mask._version, rule)
+    return rule
+
+
+def _read_rule(mask: torch.Tensor) -> tuple[bool, tuple[int, int]] | None:
+    if mask.dtype != torch.bool or mask.dim() != 2 or 0 in mask.shape:
+        return None
+    n_q, n_k = mask.shape
+    seen = ~mask
+    if bool(seen.all()):
+        return False, (-1, -1)
+    candidates = [(True, (-1, -1))]
+    width = int(seen[-1].sum())  # the last query sees the most keys of a causal window
+    if 0 < width < n_k:
+        candidates.append((True, (width - 1, -1)))
+    for causal, window in candidates:
+        if torch.equal(seen, visible_mask(n_q, n_k, causal=causal, window=window, device=mask.device)):
+            return causal, window
+    return None
+
+
+def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, layer: str) -> torch.Tensor:
+    """q (b, heads, n, hd), k and v (b, kv_heads, N_k, hd): one kernel call when the mask is a rule the kernel
+    has; PyTorch's attention with the mask itself (and one warning per layer class) otherwise."""
+    rule = mask_rule(mask) if isinstance(mask, torch.Tensor) else None
+    if rule is not None:
+        causal, window = rule
+        return fused._attend(q, k, v, causal=causal, dropout_p=0.0, softmax_scale=scale, window_size=window)
+    if layer not in _warned_masks:
+        _warned_masks.add(layer)
+        warnings.warn(
+            f"{layer}: the attention mask passed in is neither causal nor a causal sliding window; running "
+            "PyTorch's attention with that mask (not fused)",
+            stacklevel=3,
+        )
+    keep = ~mask if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool else mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+class RopeAttentionMixin:
+    """The forward of the bonus models' grouped-query attention: projections, optional QK-norm, RoPE, and
+    one kernel call with the query heads of a group reading their key/value head (no repeat_interleave)."""
+
+    def _heads(self, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
+        y = getattr(self, name)(x)  # (b, n, heads * head_dim)
+        if y.shape[-1] != heads * self.head_dim:
+            raise ValueError(
+                f"{type(self).__name__}: {name} returned width {y.shape[-1]}, expected {heads * self.head_dim}"
+            )
+        return y.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)  # (b, heads, n, head_dim)
+
+    def _qkv_rope(self, x, cos, sin, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (b, heads, n, head_dim) and keys (b, kv_heads, n, head_dim) normed and rotated, and values."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(
+                f"{type(self).__name__} expects x of shape (batch, num_tokens, d_in), got {getattr(x, 'shape', x)}"
+            )
+        queries = self._heads(x, "W_query", self.num_heads)
+        keys = self._heads(x, "W_key", self.num_kv_groups)
+        values = self._heads(x, "W_value", self.num_kv_groups)
+        if getattr(self, "q_norm", None) is not None:
+            queries = self.q_norm(queries)
+        if getattr(self, "k_norm", None) is not None:
+            keys = self.k_norm(keys)
+        queries = apply_rope(queries, cos, sin, offset)
+        keys = apply_rope(keys, cos, sin, offset)
+        return queries, keys, values

@@ -1,0 +1,98 @@
+"""The book's sliding-window attention with a KV cache (ch04/06_swa), fused.
+
+Same constructor (``d_in, d_out, dropout, num_heads, qkv_bias=False, sliding_window_size=None``), parameters,
+buffers and ``forward(x, use_cache=False)``; ``sliding_window_size`` may be changed after construction (the
+book's GPTModel sets it per layer). Query i sees keys i - W < j <= i: the kernels' window ``(W - 1, 0)``,
+whose tiles outside the window are never visited. The cache is written in place; with a window it keeps
+what the next queries can still see and drops the rest when full, as the book keeps the last W keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attention import fused
+from attention.gqa import growing_capacity
+from attention.kv_cache import KVCacheMixin
+from attention.reference import _check_heads, _check_projected, _check_rank, _check_width, in_features
+
+
+def window_of(sliding_window_size: int | None) -> tuple[int, int]:
+    """The kernels' (left, right) for the book's window of W keys (None: plain causal)."""
+    if sliding_window_size is None:
+        return (-1, -1)
+    if isinstance(sliding_window_size, bool) or int(sliding_window_size) != sliding_window_size:
+        raise TypeError(f"sliding_window_size must be an int or None, got {sliding_window_size!r}")
+    if sliding_window_size < 1:
+        raise ValueError(f"sliding_window_size must be at least 1, got {sliding_window_size}")
+    return (int(sliding_window_size) - 1, -1)
+
+
+class MultiHeadAttentionWithSWA(KVCacheMixin, nn.Module):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        sliding_window_size: int | None = None,
+    ):
+        super().__init__()
+        _check_heads(d_out, num_heads)
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.sliding_window_size = sliding_window_size
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
+        self.ptr_current_pos = 0
+
+    def _cache_capacity(self, needed: int) -> int:
+        w = self.sliding_window_size
+        return growing_capacity(max(needed, 2 * w if w else 0))
+
+    def _make_room(self, n: int) -> None:
+        # With a window, the next n queries need the last W - 1 keys; a full cache drops the older ones
+        # (one copy of W - 1 rows every ~W tokens, not a torch.cat per token).
+        w = self.sliding_window_size
+        cache = self.cache_k
+        if w is None or cache is None or self._cache_len + n <= cache.shape[1]:
+            return
+        keep = min(self._cache_len, w - 1)
+        drop = self._cache_len - keep
+        if drop:
+            for t in (self.cache_k, self.cache_v):
+                t[:, :keep] = t[:, drop : self._cache_len].clone()
+            self._cache_start += drop
+            self._cache_len = keep
+
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
+        _check_width(x, in_features(self.W_query), type(self).__name__)
+        b, n, _ = x.shape
+        keys, values, queries = (self._split(x, name) for name in ("W_key", "W_value", "W_query"))  # (b, T, nh, hs)
+        window = window_of(self.sliding_window_size)
+        p = fused._dropout_p(self.dropout)
+        if use_cache:
+            context = self._cache_attend(queries.transpose(1, 2), keys, values, p, window)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (queries, keys, values))  # (b, nh, T, hs)
+            context = fused._attend(q, k, v, causal=True, dropout_p=p, window_size=window)
+            self.ptr_current_pos = 0
+        return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out))
+
+    def _split(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        y = getattr(self, name)(x)  # (b, T, d_out)
+        _check_projected(y, self.d_out, name, type(self).__name__)
+        return y.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
+
+    def reset_cache(self) -> None:
+        self._reset_kv()
+        self.ptr_current_pos = 0
