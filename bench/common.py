@@ -69,6 +69,14 @@ class Timing(NamedTuple):
 
 
 MIN_REPS = 10  # every reported time is the median of at least this many timed calls
+SMOKE_REPS = 2  # a --smoke run checks the benchmarks' code (tiny shapes, the interpreter), its times mean nothing
+_smoke = False
+
+
+def smoke_mode() -> None:
+    """Time every call SMOKE_REPS times from now on: for --smoke runs only, whose times are not reported."""
+    global _smoke
+    _smoke = True
 
 
 def measure(
@@ -83,11 +91,14 @@ def measure(
 ) -> Timing:
     """Time fn: at least ``min_reps`` calls, more while they fit in ``rep_ms``.
 
-    On a GPU: CUDA events around each call after a warm-up, the L2 cache flushed before each one (a
+    In a --smoke run (``smoke_mode``) two calls only. On a GPU: CUDA events around each call after a warm-up,
+    the L2 cache flushed before each one (a
     256 MB write outside the timed region), as triton.testing.do_bench does but never fewer than
     ``min_reps`` calls (do_bench times a 24 ms call once at rep=40). On a CPU: perf_counter around
     each call after one warm-up call.
     """
+    if _smoke:
+        min_reps, max_reps, rep_ms, warmup_ms = SMOKE_REPS, SMOKE_REPS, 0.0, 0.0
     if device == "cuda":
         fn()
         torch.cuda.synchronize()

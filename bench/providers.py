@@ -35,7 +35,7 @@ def sdpa(backend_name: str, **sdpa_kw) -> Callable:
             try:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, **sdpa_kw)
             except RuntimeError as err:
-                if "No available kernel" in str(err):
+                if "No available kernel" in str(err) or "No viable backend" in str(err):
                     raise Unavailable(f"SDPA {backend_name}: no kernel for this case") from err
                 raise
 

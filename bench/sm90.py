@@ -37,7 +37,7 @@ import torch
 import triton
 
 import kernels.flash_attn as fa
-from kernels import hopper
+from kernels import decode, hopper
 
 UNSUPPORTED = 3  # exit status: this Triton lacks the internals the offline compile relies on
 
@@ -73,6 +73,9 @@ KERNELS = {
     "_attn_bwd_kv": fa,
     "_attn_bwd_preprocess": fa,
     "_attn_fwd_tma": hopper,
+    "_append_kv": decode,
+    "_decode_fwd": decode,
+    "_decode_combine": decode,
 }
 
 
@@ -211,6 +214,11 @@ def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float,
             for variant in hopper.VARIANTS[1:]:
                 if hopper.supports(q, k, v, spec, variant):
                     hopper.forward(q, k, v, spec, variant)
+            if dropout_p == 0.0:  # the KV-cache decode: a step of 2 queries on 8 groups, split 4 ways, appending
+                qd = torch.zeros(B, H * 4, 2, D, dtype=dtype)
+                cache = torch.zeros(B, H, N, D, dtype=dtype)
+                new = torch.zeros(B, H, 2, D, dtype=dtype)
+                decode.launch(qd, cache, cache.clone(), new, new.clone(), N - 8, N - 6, spec, num_splits=4)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
     return found

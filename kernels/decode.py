@@ -410,29 +410,38 @@ def flash_attention_with_kvcache(
             raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on a CPU), got {q.device}")
         if q.shape[-1] > fa.MAX_HEAD_DIM:
             raise ValueError(f"head_dim {q.shape[-1]} is not supported by the Triton kernel (1 to {fa.MAX_HEAD_DIM})")
-    if k is not None:
-        _append(q, k_cache, v_cache, k, v, cache_seqlens, use_triton)
+    if not use_triton:
+        if k is not None:
+            _append_torch(k_cache, v_cache, k, v, cache_seqlens)
+        return q.mul(0.0) if q.numel() == 0 else _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec)
+    return launch(q, k_cache, v_cache, k, v, cache_seqlens, max_len, spec, num_splits)
+
+
+def launch(q, k_cache, v_cache, k, v, cache_seqlens, max_len: int, spec, num_splits: int = 0) -> torch.Tensor:
+    """The Triton launchers after the checks: append (if k, v), decode, merge the splits. ``max_len`` bounds
+    the keys any sequence sees (it sizes the splits)."""
+    if k is not None and k.shape[2] and k.shape[0]:
+        _append_triton(k_cache, v_cache, k, v, cache_seqlens)
     if q.numel() == 0:
         return q.mul(0.0)
-    if not use_triton:
-        return _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec)
+    n_new = 0 if k is None else k.shape[2]
     return _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec, num_splits)
 
 
-def _append(q, k_cache, v_cache, k, v, cache_seqlens, use_triton: bool) -> None:
+def _append_torch(k_cache, v_cache, k, v, cache_seqlens) -> None:
+    B, n_new = k.shape[0], k.shape[2]
+    if isinstance(cache_seqlens, int):
+        k_cache[:, :, cache_seqlens : cache_seqlens + n_new].copy_(k)
+        v_cache[:, :, cache_seqlens : cache_seqlens + n_new].copy_(v)
+        return
+    rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+    cols = cache_seqlens.long()[:, None] + torch.arange(n_new, device=k.device)  # (B, n_new)
+    k_cache[rows, :, cols] = k.transpose(1, 2)  # the indexed view is (B, n_new, Hkv, D)
+    v_cache[rows, :, cols] = v.transpose(1, 2)
+
+
+def _append_triton(k_cache, v_cache, k, v, cache_seqlens) -> None:
     B, H_KV, n_new, D = k.shape
-    if n_new == 0 or B == 0:
-        return
-    if not use_triton:
-        if isinstance(cache_seqlens, int):
-            k_cache[:, :, cache_seqlens : cache_seqlens + n_new].copy_(k)
-            v_cache[:, :, cache_seqlens : cache_seqlens + n_new].copy_(v)
-            return
-        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
-        cols = cache_seqlens.long()[:, None] + torch.arange(n_new, device=k.device)  # (B, n_new)
-        k_cache[rows, :, cols] = k.transpose(1, 2)  # the indexed view is (B, n_new, Hkv, D)
-        v_cache[rows, :, cols] = v.transpose(1, 2)
-        return
     tensor = isinstance(cache_seqlens, torch.Tensor)
     block_n = 16 if fa.INTERPRET else 64
     _append_kv[(triton.cdiv(n_new, block_n), B * H_KV)](

@@ -71,3 +71,41 @@ def masks(n, sliding_window, device):
     global_ = torch.triu(ones, diagonal=1)
     far_past = torch.triu(ones, diagonal=sliding_window).T
     return global_, global_ | far_past
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], dtype=cfg["dtype"], bias=False)
+        self.fc2 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], dtype=cfg["dtype"], bias=False)
+        self.fc3 = nn.Linear(cfg["hidden_dim"], cfg["emb_dim"], dtype=cfg["dtype"], bias=False)
+
+    def forward(self, x):
+        return self.fc3(nn.functional.gelu(self.fc1(x), approximate="tanh") * self.fc2(x))
+
+
+class TransformerBlock(nn.Module):
+    """Gemma 3's block: four norms, the local (sliding-window) or global mask by the layer's type."""
+
+    def __init__(self, cfg, attn_type):
+        super().__init__()
+        self.attn_type = attn_type
+        self.att = GroupedQueryAttention(
+            d_in=cfg["emb_dim"],
+            num_heads=cfg["n_heads"],
+            num_kv_groups=cfg["n_kv_groups"],
+            head_dim=cfg["head_dim"],
+            qk_norm=True,
+            query_pre_attn_scalar=cfg["query_pre_attn_scalar"],
+            dtype=cfg["dtype"],
+        )
+        self.ff = FeedForward(cfg)
+        self.input_layernorm = GemmaRMSNorm(cfg["emb_dim"], eps=1e-6)
+        self.post_attention_layernorm = GemmaRMSNorm(cfg["emb_dim"], eps=1e-6)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(cfg["emb_dim"], eps=1e-6)
+        self.post_feedforward_layernorm = GemmaRMSNorm(cfg["emb_dim"], eps=1e-6)
+
+    def forward(self, x, mask_global, mask_local, cos, sin):
+        mask = mask_local if self.attn_type == "sliding_attention" else mask_global
+        x = x + self.post_attention_layernorm(self.att(self.input_layernorm(x), mask, cos, sin))
+        return x + self.post_feedforward_layernorm(self.ff(self.pre_feedforward_layernorm(x)))

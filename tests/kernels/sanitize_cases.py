@@ -2,28 +2,40 @@
 
     compute-sanitizer --tool memcheck python tests/kernels/sanitize_cases.py
 
-Ragged sizes, head dims that need padding, grouped heads, Nq != Nk, dropout: the launches most likely
-to read or write out of bounds.
+Ragged sizes, head dims that need padding, grouped heads, Nq != Nk, dropout, windows, both backward paths,
+and the KV-cache decode kernel (ragged lengths, splits, appends): the launches most likely to read or write
+out of bounds.
 """
 
 import torch
 
-from kernels import flash_attention
+from kernels import flash_attention, flash_attention_with_kvcache
 
 CASES = [
-    # (B, Hq, Hkv, Nq, Nk, D, dtype, dropout_p)
-    (2, 4, 2, 97, 131, 40, torch.float16, 0.0),
-    (1, 3, 1, 200, 70, 80, torch.bfloat16, 0.1),
-    (1, 2, 2, 1, 300, 256, torch.float32, 0.0),
-    (2, 2, 2, 333, 333, 1, torch.bfloat16, 0.2),
+    # (B, Hq, Hkv, Nq, Nk, D, dtype, dropout_p, window, deterministic)
+    (2, 4, 2, 97, 131, 40, torch.float16, 0.0, (-1, -1), False),
+    (1, 3, 1, 200, 70, 80, torch.bfloat16, 0.1, (-1, -1), True),
+    (1, 2, 2, 1, 300, 256, torch.float32, 0.0, (-1, -1), False),
+    (2, 2, 2, 333, 333, 1, torch.bfloat16, 0.2, (-1, -1), False),
+    (1, 4, 2, 300, 300, 64, torch.bfloat16, 0.0, (37, -1), False),
 ]
 
 if __name__ == "__main__":
-    for B, Hq, Hkv, Nq, Nk, D, dtype, p in CASES:
+    for B, Hq, Hkv, Nq, Nk, D, dtype, p, window, det in CASES:
         q = torch.randn(B, Hq, Nq, D, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(B, Hkv, Nk, D, device="cuda", dtype=dtype, requires_grad=True)
         v = torch.randn(B, Hkv, Nk, D, device="cuda", dtype=dtype, requires_grad=True)
-        out = flash_attention(q, k, v, causal=True, dropout_p=p)
+        out = flash_attention(q, k, v, causal=True, dropout_p=p, window_size=window, deterministic=det)
         out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
-        print(f"ok {(B, Hq, Hkv, Nq, Nk, D, str(dtype), p)}")
+        print(f"ok {(B, Hq, Hkv, Nq, Nk, D, str(dtype), p, window, det)}")
+    with torch.no_grad():
+        for B, T, lengths, splits in ((3, 97, [0, 40, 95], 3), (2, 513, [500, 7], 0)):
+            q = torch.randn(B, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+            k_cache = torch.randn(B, 2, T, 64, device="cuda", dtype=torch.bfloat16)
+            v_cache = torch.randn_like(k_cache)
+            new = torch.randn(B, 2, 1, 64, device="cuda", dtype=torch.bfloat16)
+            seqlens = torch.tensor(lengths, device="cuda", dtype=torch.int32)
+            flash_attention_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=seqlens, num_splits=splits)
+            torch.cuda.synchronize()
+            print(f"ok decode {(B, T, lengths, splits)}")

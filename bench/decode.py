@@ -1,0 +1,187 @@
+"""The KV-cache decode kernel against PyTorch's attentions: one new query per sequence over a cache.
+
+Decoding is memory-bound: the bytes a step must read are the cache's keys and values, ``B * len * Hkv * D *
+2 (K and V) * element size`` (the queries and outputs are noise). So each row reports GB/s and its share of
+the copy bandwidth measured in the same run (a device-to-device copy, bytes read plus written), for ours
+and for every SDPA backend that accepts the case (``q_len`` 1, ``is_causal=False``, ``enable_gqa``) and
+FlexAttention. Every provider is captured in a CUDA graph and timed by its replays (decoding is
+launch-bound at small sizes; graphs take the launch out of every provider alike). bf16.
+
+    python -m bench.decode --json decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench import providers
+from bench.common import measure, metadata, smoke_mode
+from kernels import flash_attention_with_kvcache
+
+BATCHES = (1, 8, 64)
+CACHES = (512, 4096, 32768)
+GROUPS = (1, 4, 8)
+HEAD_DIMS = (64, 128)
+KV_HEADS = 8  # query heads = KV_HEADS * group
+SHAPES = list(itertools.product(BATCHES, CACHES, GROUPS, HEAD_DIMS))  # (B, cache, group, D)
+FLEX_SHAPES = [(8, 4096, 8, 128), (1, 32768, 1, 128)]  # FlexAttention compiles per shape: two of them
+
+
+def goal_first(shape) -> tuple:
+    """The goal's shapes (cache >= 4k, batch >= 8) first, so a cut run still answers it."""
+    B, T, _, _ = shape
+    return (T < 4096 or B < 8, shape)
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Device-to-device copy of 1 GiB: bytes read plus bytes written per second."""
+    n = 2**29 if device == "cuda" else 2**22
+    a = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    ms = measure(lambda: b.copy_(a), device, flush_l2=False).ms
+    return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
+
+
+def _graphed(fn, device: str):
+    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay. On a CPU, fn."""
+    if device != "cuda":
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def decode_providers(flex: bool) -> dict:
+    def ours(q, k, v, length):
+        return flash_attention_with_kvcache(q, k, v, cache_seqlens=length, causal=True)
+
+    def sdpa(name):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def run(q, k, v, length):
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                try:
+                    return F.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length], enable_gqa=True)
+                except RuntimeError as err:
+                    if "No available kernel" in str(err) or "No viable backend" in str(err):
+                        raise providers.Unavailable(f"SDPA {name}: no kernel for this case") from err
+                    raise
+
+        return run
+
+    table = {"ours": ours}
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+        table["sdpa_" + name.split("_")[0].lower()] = sdpa(name)
+    if flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            compiled = torch.compile(flex_attention, dynamic=False)
+            table["flex"] = lambda q, k, v, length: compiled(q, k[:, :, :length], v[:, :, :length], enable_gqa=True)
+        except ImportError:
+            pass
+    return table
+
+
+def run(device: str, shapes, flex_shapes=(), on_row=None) -> tuple[list[dict], float]:
+    bandwidth = copy_bandwidth_gbs(device)
+    rows = []
+    fns = decode_providers(flex=bool(flex_shapes))
+    for B, T, group, D in shapes:
+        H = KV_HEADS * group
+        q = torch.randn(B, H, 1, D, device=device, dtype=torch.bfloat16)
+        k = torch.randn(B, KV_HEADS, T, D, device=device, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        cache_bytes = 2 * B * T * KV_HEADS * D * k.element_size()
+        for name, fn in fns.items():
+            if name == "flex" and (B, T, group, D) not in flex_shapes:
+                continue
+            row = dict(provider=name, batch=B, cache=T, group=group, head_dim=D, kv_heads=KV_HEADS, dtype="bf16")
+            try:
+                with torch.no_grad():
+                    call = lambda fn=fn, q=q, k=k, v=v, T=T: fn(q, k, v, T)
+                    out = call()
+                    if name == "ours" or name == "sdpa_math":
+                        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+                        row["max_err"] = (out.float() - ref).abs().max().item()
+                    timing = measure(_graphed(call, device), device)
+                row.update(us=timing.ms * 1e3, us_p20=timing.p20 * 1e3, us_p80=timing.p80 * 1e3, reps=timing.reps)
+                row["gbs"] = cache_bytes / (timing.ms * 1e-3) / 1e9
+                row["pct_copy_bandwidth"] = 100 * row["gbs"] / bandwidth
+            except providers.Unavailable as err:
+                row["error"] = f"n/a: {err}"
+            except Exception as err:  # ours: an error (the caller exits non-zero); peers: recorded as such
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                if name == "ours":
+                    row["ours_failed"] = True
+            rows.append(row)
+            if on_row:
+                on_row(rows, bandwidth)
+        del q, k, v
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows, bandwidth
+
+
+def table(rows: list[dict], bandwidth: float) -> list[str]:
+    names = list(dict.fromkeys(r["provider"] for r in rows))
+    lines = [f"decode, bf16, q_len 1, {KV_HEADS} KV heads; copy bandwidth {bandwidth:.0f} GB/s. GB/s (% of copy):"]
+    lines.append(f"{'B':>3} {'cache':>6} {'group':>5} {'D':>4} " + " ".join(f"{n:>17}" for n in names))
+    for key in dict.fromkeys((r["batch"], r["cache"], r["group"], r["head_dim"]) for r in rows):
+        cells = []
+        for n in names:
+            r = next(
+                (r for r in rows if (r["batch"], r["cache"], r["group"], r["head_dim"]) == key and r["provider"] == n),
+                None,
+            )
+            if r is None:
+                cells.append(f"{'-':>17}")
+            elif "gbs" not in r:
+                cells.append(f"{'ERROR' if r.get('ours_failed') else 'n/a':>17}")
+            else:
+                cells.append(f"{r['gbs']:>9.0f} ({r['pct_copy_bandwidth']:>3.0f}%)")
+        lines.append(f"{key[0]:>3} {key[1]:>6} {key[2]:>5} {key[3]:>4} " + " ".join(cells))
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.decode")
+    ap.add_argument("--json", help="write the rows here (after every row)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is here (a code check)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        smoke_mode()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        shapes, flex_shapes = [(2, 64, 2, 64)], []
+    else:
+        shapes, flex_shapes = sorted(SHAPES, key=goal_first), FLEX_SHAPES
+
+    def save(rows, bandwidth):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": metadata(device), "copy_gbs": bandwidth, "rows": rows}, f, indent=1)
+
+    rows, bandwidth = run(device, shapes, flex_shapes, on_row=save)
+    print("\n".join(table(rows, bandwidth)))
+    failed = [r for r in rows if r.get("ours_failed")]
+    for r in failed:
+        print(f"ERROR ours B{r['batch']} T{r['cache']} g{r['group']} D{r['head_dim']}: {r['error']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
