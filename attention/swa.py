@@ -76,9 +76,9 @@ class MultiHeadAttentionWithSWA(KVCacheMixin, nn.Module):
     def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
         _check_width(x, in_features(self.W_query), type(self).__name__)
+        window = window_of(self.sliding_window_size)  # a bad window is refused before any work
         b, n, _ = x.shape
         keys, values, queries = (self._split(x, name) for name in ("W_key", "W_value", "W_query"))  # (b, T, nh, hs)
-        window = window_of(self.sliding_window_size)
         p = fused._dropout_p(self.dropout)
         if use_cache:
             context = self._cache_attend(queries.transpose(1, 2), keys, values, p, window)

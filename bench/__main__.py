@@ -170,7 +170,7 @@ def _main(args: argparse.Namespace, device: str) -> int:
 
     if "generate" in parts:
         if device == "cuda":
-            rows = generate.run(device, generate.GPT_CONFIG_124M, batches=(1, 8), new_tokens=1000, uncached_tokens=200)
+            rows = generate.run(device, generate.GPT_CONFIG_124M, batches=(1, 8), new_tokens=1000, uncached_tokens=100)
         else:
             rows = generate.run(device, generate.GPT_CONFIG_124M, batches=(1,), new_tokens=100, uncached_tokens=20)
         report["generate"] = rows

@@ -114,9 +114,11 @@ def run(device: str, shapes, flex_shapes=(), on_row=None) -> tuple[list[dict], f
                 with torch.no_grad():
                     call = lambda fn=fn, q=q, k=k, v=v, T=T: fn(q, k, v, T)
                     out = call()
-                    if name == "ours" or name == "sdpa_math":
-                        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
-                        row["max_err"] = (out.float() - ref).abs().max().item()
+                    if name == "ours" or name == "sdpa_math":  # checked on the first sequence (memory)
+                        ref = F.scaled_dot_product_attention(
+                            q[:1].float(), k[:1].float(), v[:1].float(), enable_gqa=True
+                        )
+                        row["max_err"] = (out[:1].float() - ref).abs().max().item()
                     timing = measure(_graphed(call, device), device)
                 row.update(us=timing.ms * 1e3, us_p20=timing.p20 * 1e3, us_p80=timing.p80 * 1e3, reps=timing.reps)
                 row["gbs"] = cache_bytes / (timing.ms * 1e-3) / 1e9
@@ -134,6 +136,49 @@ def run(device: str, shapes, flex_shapes=(), on_row=None) -> tuple[list[dict], f
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows, bandwidth
+
+
+def splits_rows(device: str, shapes, factors=(1, 2, 4, 8)) -> list[dict]:
+    """Our kernel at num_splits = the heuristic's choice times each factor: what the heuristic leaves on the table."""
+    rows = []
+    for B, T, group, D in shapes:
+        q = torch.randn(B, KV_HEADS * group, 1, D, device=device, dtype=torch.bfloat16)
+        k = torch.randn(B, KV_HEADS, T, D, device=device, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        cache_bytes = 2 * B * T * KV_HEADS * D * k.element_size()
+        chosen = decode_splits(B, T, group, D, device)
+        for factor in factors:
+            splits = chosen * factor
+            call = lambda splits=splits: flash_attention_with_kvcache(q, k, v, cache_seqlens=T, num_splits=splits)
+            with torch.no_grad():
+                t = measure(_graphed(call, device), device)
+            gbs = cache_bytes / (t.ms * 1e-3) / 1e9
+            rows.append(
+                dict(
+                    batch=B,
+                    cache=T,
+                    group=group,
+                    head_dim=D,
+                    heuristic=chosen,
+                    num_splits=splits,
+                    us=t.ms * 1e3,
+                    gbs=gbs,
+                )
+            )
+            print(f"B{B} T{T} g{group} D{D}: splits {splits:>3} ({factor}x the heuristic's {chosen}): {gbs:7.0f} GB/s")
+    return rows
+
+
+def decode_splits(B: int, T: int, group: int, D: int, device: str) -> int:
+    """The split count the kernel's heuristic picks for this shape (as flash_attention_with_kvcache does)."""
+    from kernels import configs
+    from kernels.decode import _num_sms, num_splits_heuristic
+
+    tile = configs.select("decode", D, "half", dropout=False, interpret=device != "cuda")
+    rows = group  # one query per sequence: the packed rows are the group's query heads
+    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
+    sms = _num_sms(0) if device == "cuda" else 4
+    return num_splits_heuristic(B * KV_HEADS * -(-rows // block_m), sms, -(-T // tile["BLOCK_N"]))
 
 
 def table(rows: list[dict], bandwidth: float) -> list[str]:
@@ -161,10 +206,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.decode")
     ap.add_argument("--json", help="write the rows here (after every row)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is here (a code check)")
+    ap.add_argument("--splits", action="store_true", help="only the split-count experiment")
     args = ap.parse_args(argv)
     if args.smoke:
         smoke_mode()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.splits:
+        shapes = (
+            [(2, 64, 2, 64)]
+            if args.smoke
+            else [(8, 4096, 1, 64), (8, 4096, 8, 128), (1, 4096, 8, 64), (1, 32768, 1, 128)]
+        )
+        rows = splits_rows(device, shapes)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": metadata(device), "splits": rows}, f, indent=1)
+        return 0
     if args.smoke:
         shapes, flex_shapes = [(2, 64, 2, 64)], []
     else:

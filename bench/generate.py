@@ -99,8 +99,11 @@ def _timed(fn, device):
     return result, time.perf_counter() - start
 
 
-def run(device: str, cfg: dict, batches, new_tokens: int, uncached_tokens: int, prompt_len: int = 24) -> list[dict]:
-    rows = []
+def run(
+    device: str, cfg: dict, batches, new_tokens: int, uncached_tokens: int, prompt_len: int = 24, on_row=None
+) -> list[dict]:
+    """Every variant at every batch size; ``on_row(rows)`` after each row (to print and save as it goes)."""
+    rows = _Rows(on_row)
     ids = text_to_token_ids()
     for b in batches:
         prompt = torch.stack([ids[i : i + prompt_len] for i in range(b)]).to(device)  # (b, prompt_len)
@@ -137,6 +140,17 @@ def run(device: str, cfg: dict, batches, new_tokens: int, uncached_tokens: int, 
     return rows
 
 
+class _Rows(list):
+    def __init__(self, on_row):
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row) -> None:
+        super().append(row)
+        if self.on_row:
+            self.on_row(self)
+
+
 def _row(name, batch, n, seconds, tokens, reference) -> dict:
     return dict(
         variant=name,
@@ -169,17 +183,21 @@ def main(argv=None) -> int:
     if args.smoke:
         smoke_mode()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def on_row(rows):
+        print(table(rows[-1:])[-1], flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": metadata(device), "rows": list(rows)}, f, indent=1)
+
+    print(table([])[0])
     if args.smoke:
         cfg = {**GPT_CONFIG_124M, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
-        rows = run(device, cfg, batches=(1,), new_tokens=8, uncached_tokens=4, prompt_len=6)
+        rows = run(device, cfg, batches=(1,), new_tokens=8, uncached_tokens=4, prompt_len=6, on_row=on_row)
     elif device == "cuda":
-        rows = run(device, GPT_CONFIG_124M, batches=(1, 8), new_tokens=1000, uncached_tokens=200)
+        rows = run(device, GPT_CONFIG_124M, batches=(1, 8), new_tokens=1000, uncached_tokens=100, on_row=on_row)
     else:  # a CPU: the same model, fewer tokens
-        rows = run(device, GPT_CONFIG_124M, batches=(1,), new_tokens=100, uncached_tokens=20)
-    print("\n".join(table(rows)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": metadata(device), "rows": rows}, f, indent=1)
+        rows = run(device, GPT_CONFIG_124M, batches=(1,), new_tokens=100, uncached_tokens=20, on_row=on_row)
     return 0 if all(r.get("same_tokens_as_uncached") for r in rows) else 1
 
 

@@ -8,6 +8,7 @@
 #             specialized); one-pass against deterministic backward (bench/host.py)
 #   sweep     the attention core against every SDPA backend: bf16/fp16 at head dims 64 and 128 first
 #   decode    the KV-cache decode kernel's GB/s against SDPA and FlexAttention (bench/decode.py)
+#   splits    the decode kernel at multiples of its heuristic's split count
 #   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included
 #   window    window 512 at N 16k, Qwen3 / Gemma 3 block training steps (bench/window.py)
 #   dropout   dropout 0.1's cost against SDPA's at the GPT-2 shape and N 8192 (bench/dropout_cost.py)
@@ -49,7 +50,9 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $RES/NAME.
   tar -czf "$OUT/results.tar.gz" -C "$OUT" results 2>/dev/null  # after every stage: a cut call keeps it
 }
 
-stage tests "${TESTS_LIMIT:-110}" $PY -m pytest tests -v -n 16 -p no:cacheprovider --timeout 90 -rfE -p no:benchmark
+# shellcheck disable=SC2086
+stage tests "${TESTS_LIMIT:-110}" $PY -m pytest ${TESTS:-tests} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
+  -p no:benchmark
 grep -E "(FAILED|ERROR) " "$RES/tests.log" | head -20 | tee -a "$OUT/summary.log"
 stage host "${HOST_LIMIT:-90}" $PY -m bench.host --json "$RES/host.json"
 # shellcheck disable=SC2086
@@ -57,7 +60,8 @@ stage sweep "${SWEEP_LIMIT:-110}" $PY -m bench --parts sweep --budget "${SWEEP_B
   --out "$RES/sweep" --seq-lens 1024,2048,4096,8192,16384 \
   --providers ours,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,chapter ${BENCH_ARGS:-}
 stage decode "${DECODE_LIMIT:-75}" $PY -m bench.decode --json "$RES/decode.json"
-stage generate "${GENERATE_LIMIT:-60}" $PY -m bench.generate --json "$RES/generate.json"
+stage splits "${SPLITS_LIMIT:-40}" $PY -m bench.decode --splits --json "$RES/splits.json"
+stage generate "${GENERATE_LIMIT:-80}" $PY -m bench.generate --json "$RES/generate.json"
 stage window "${WINDOW_LIMIT:-75}" $PY -m bench.window --json "$RES/window.json"
 stage dropout "${DROPOUT_LIMIT:-40}" $PY -m bench.dropout_cost --json "$RES/dropout.json"
 stage e2e "${E2E_LIMIT:-60}" $PY -m bench --parts layers,e2e --out "$RES/e2e" --no-progress

@@ -9,7 +9,7 @@
    A call is host-bound when ``host`` > ``device``. Plus a cProfile of our forward+backward by own time.
 2. Forward variants (kernels/hopper.py): the pointer kernel, TMA loads, a persistent grid and warp
    specialization, bf16 causal at head dims 64 and 128, N 4096 to 16384, with SDPA's cuDNN beside them.
-3. The backward at the same shapes: one pass (dQ by atomics) against the deterministic two kernels.
+3. The backward at the same shapes: one pass (dQ by atomics) against the two kernels (dQ, then dK/dV).
 
     python -m bench.host --json host.json
 """
@@ -144,11 +144,12 @@ def variant_rows(device: str, shapes) -> list[dict]:
         o, lse, seed = fa.forward(q, k, v, spec)
         do = torch.randn_like(o)
         flops = attention_flops(B, H, N, D, True, "fwd_bwd") - attention_flops(B, H, N, D, True, "fwd")
-        for name, deterministic in (("one-pass", False), ("deterministic", True)):
+        for name, one_pass in (("one-pass", True), ("two-kernel", False)):
             row = dict(kind="backward", impl=name, batch=B, heads=H, seq_len=N, head_dim=D, dtype="bf16", causal=True)
             try:
-                s = spec._replace(deterministic=deterministic)
-                t = measure(lambda s=s: fa.backward(do, q, k, v, o, lse, seed, s), device)
+                t = measure(
+                    lambda one_pass=one_pass: fa.backward(do, q, k, v, o, lse, seed, spec, one_pass=one_pass), device
+                )
                 row.update(ms=t.ms, p20=t.p20, p80=t.p80, tflops=flops / (t.ms * 1e-3) / 1e12)
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"

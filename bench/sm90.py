@@ -209,8 +209,8 @@ def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float,
         with compile_only(found):
             spec = fa.Spec(causal, dropout_p, D**-0.5, window[0], window[1])
             o, lse, seed = fa.forward(q, k, v, spec)
-            for deterministic in (True, False):
-                fa.backward(torch.zeros_like(o), q, k, v, o, lse, seed, spec._replace(deterministic=deterministic))
+            for one_pass in (False, True):
+                fa.backward(torch.zeros_like(o), q, k, v, o, lse, seed, spec, one_pass=one_pass)
             for variant in hopper.VARIANTS[1:]:
                 if hopper.supports(q, k, v, spec, variant):
                     hopper.forward(q, k, v, spec, variant)

@@ -49,10 +49,10 @@ def configs_experiment(deadline: float, shapes) -> list[dict]:
     rows = []
     for B, H, N, D, p in shapes:
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        for deterministic in (False, True):
-            spec = fa.Spec(True, p, D**-0.5, deterministic=deterministic)
-            base_fwd, base_bwd = time_launchers(q, k, v, spec)
-            path = "deterministic" if deterministic else "one-pass"
+        for one_pass in (False, True):
+            spec = fa.Spec(True, p, D**-0.5)
+            base_fwd, base_bwd = time_launchers(q, k, v, spec, one_pass=one_pass)
+            path = "one-pass" if one_pass else "two-kernel"
             where = f"bf16 B{B} H{H} N{N} D{D} dropout {p}, {path} backward"
             print(f"\n{where}: table fwd {base_fwd:.3f} ms, bwd {base_bwd:.3f} ms")
             rows.append(dict(B=B, H=H, N=N, D=D, p=p, path=path, variant="table", fwd_ms=base_fwd, bwd_ms=base_bwd))
@@ -60,19 +60,15 @@ def configs_experiment(deadline: float, shapes) -> list[dict]:
                 if time.perf_counter() > deadline:
                     print("  (deadline reached)")
                     return rows
-                if (kernel in ("dq", "dkdv")) != deterministic and kernel != "fwd":
-                    continue
-                if kernel == "fwd" and deterministic:
-                    continue
+                if kernel != "fwd" and (kernel in ("dq", "dkdv")) == one_pass:
+                    continue  # a tile of the other backward path
+                if kernel == "fwd" and one_pass:
+                    continue  # the forward's tiles once, with the two-kernel path
                 try:
                     f, b = time_launchers(
-                        q,
-                        k,
-                        v,
-                        spec,
-                        tile=tile if kernel == "fwd" else None,
+                        q, k, v, spec, one_pass=one_pass, tile=tile if kernel == "fwd" else None,
                         tiles={kernel: tile} if kernel != "fwd" else None,
-                    )
+                    )  # fmt: skip
                 except Exception as err:  # a tile that does not compile (shared memory) is a result too
                     print(f"  {kernel:<5} {tile}: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
                     rows.append(
@@ -90,12 +86,12 @@ def dropout_bits_experiment() -> list[dict]:
     rows = []
     for D, H in ((64, 12), (128, 16)):
         q, k, v = (torch.randn(8, H, 4096, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        for deterministic in (False, True):
-            spec = fa.Spec(True, 0.1, D**-0.5, deterministic=deterministic)
+        for one_pass in (False, True):
+            spec = fa.Spec(True, 0.1, D**-0.5)
             table = configs.block_d(D) <= configs.PER_LANE_BITS_MAX_BLOCK_D
             for per_lane in (True, False):
-                _, b = time_launchers(q, k, v, spec, per_lane_bits=per_lane)
-                path = "deterministic" if deterministic else "one-pass"
+                _, b = time_launchers(q, k, v, spec, one_pass=one_pass, per_lane_bits=per_lane)
+                path = "one-pass" if one_pass else "two-kernel"
                 mark = " (table)" if per_lane == table else ""
                 print(f"dropout 0.1 D{D} N4096 {path}: bits per lane {per_lane}{mark}: bwd {b:.3f} ms")
                 rows.append(dict(D=D, N=4096, path=path, per_lane_bits=per_lane, table=per_lane == table, bwd_ms=b))

@@ -118,6 +118,18 @@ PER_LANE_BITS_MAX_BLOCK_D = 64
 _TMA_KERNELS = ("fwd_tma", "fwd_ws")
 
 
+# Which backward runs: the two-kernel one (dQ, then dK/dV; deterministic) or the one pass (dK/dV per key tile,
+# dQ by float32 atomics, the dropout mask made once). The two kernels were faster at every shape measured
+# without dropout, and with dropout from 4096 keys on; the one pass with dropout at 1024 keys, where making
+# the mask once matters most (H100, run 3: bench/NOTES.md).
+ONE_PASS_MAX_KEYS_WITH_DROPOUT = 1024
+
+
+def one_pass_backward(dropout: bool, n_keys: int) -> bool:
+    """Whether a backward that need not be deterministic runs in one pass."""
+    return dropout and n_keys <= ONE_PASS_MAX_KEYS_WITH_DROPOUT
+
+
 def block_d(head_dim: int) -> int:
     """The padded head dim: tl.dot needs every dimension >= 16; the load masks zero-pad the rest."""
     return max(16, 1 << (head_dim - 1).bit_length())

@@ -522,4 +522,5 @@ def _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int, 
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=spec.softmax_scale, enable_gqa=H != k_cache.shape[1]
     )
-    return torch.where(any_key[:, None], out, 0.0).to(q.dtype)
+    # Into q's memory layout (SDPA's CUDA kernels return their own), rows without a key zeroed.
+    return torch.empty_like(q).copy_(out.masked_fill(~any_key[:, None], 0.0))

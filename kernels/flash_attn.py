@@ -4,16 +4,16 @@ Computes ``dropout(softmax(q @ k^T * softmax_scale + mask)) @ v`` without ever s
 score matrix: each program owns a tile of query rows, streams key/value tiles through an online
 softmax (running row max ``m_i``, running normalizer ``l_i``, unnormalized output ``acc``) and writes
 the output plus one float32 log-sum-exp per row. The backward recomputes the attention probabilities
-tile by tile from that log-sum-exp, in one of two ways:
+tile by tile from that log-sum-exp, in one of two ways (``configs.one_pass_backward`` chooses, by what
+an H100 measured):
 
-- **one pass** (the default, FlashAttention-2's design): a small kernel writes ``delta = rowsum(dO * O)``
-  and zeroes a float32 dQ buffer; then one program per key/value tile walks the query tiles that see
-  it, accumulates dK and dV in registers and adds its share of dQ with float32 atomics: five matmuls
-  per tile, the dropout bits made once per tile. The order of the atomic adds varies from run to run,
-  so dQ's last bits do too.
-- **deterministic** (``deterministic=True``, or under ``torch.use_deterministic_algorithms(True)``): the
-  dQ kernel (one program per query tile, which also writes ``delta``) then the dK/dV kernel; no
-  atomics, bit-reproducible, seven matmuls per tile.
+- **two kernels** (the default): the dQ kernel (one program per query tile, which also writes
+  ``delta = rowsum(dO * O)``) then the dK/dV kernel; no atomics, bit-reproducible, seven matmuls per tile.
+- **one pass** (FlashAttention-2's design; chosen with dropout on short sequences): a small kernel writes
+  ``delta`` and zeroes a float32 dQ buffer; then one program per key/value tile walks the query tiles that
+  see it, accumulates dK and dV in registers and adds its share of dQ with float32 atomics: five matmuls
+  per tile, the dropout bits made once per tile. The order of the atomic adds varies from run to run, so
+  dQ's last bits do too: ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) rules it out.
 
 Layout: ``q`` is ``(B, Hq, Nq, D)``, ``k`` and ``v`` are ``(B, Hkv, Nk, D)``, any strides. Query head
 ``h`` reads key/value head ``h // (Hq // Hkv)`` (grouped-query / multi-query attention); dK/dV programs
@@ -855,10 +855,13 @@ def tile_offsets_fit(t: torch.Tensor) -> bool:
     return t.stride(2) < MAX_TILE_SPAN and t.stride(3) < MAX_TILE_SPAN
 
 
-def backward(do, q, k, v, o, lse, seed, spec: Spec, tiles: dict | None = None, per_lane_bits: bool | None = None):
-    """The backward launcher: returns ``(dq, dk, dv)``. One pass with dQ atomics unless
-    ``spec.deterministic``. For the experiments: ``tiles`` replaces the table's rows by kernel name ("bwd",
-    "dq", "dkdv"), ``per_lane_bits`` the table's choice of how dK/dV computes its dropout bits."""
+def backward(
+    do, q, k, v, o, lse, seed, spec: Spec, tiles: dict | None = None, per_lane_bits: bool | None = None, one_pass=None
+):
+    """The backward launcher: returns ``(dq, dk, dv)``. The two-kernel backward, or the one pass with dQ atomics
+    where ``configs.one_pass_backward`` says it is faster and ``spec.deterministic`` does not forbid it. For the
+    experiments: ``one_pass`` forces a path, ``tiles`` replaces the table's rows by kernel name ("bwd", "dq",
+    "dkdv"), ``per_lane_bits`` the table's choice of how dK/dV computes its dropout bits."""
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
     block_d = configs.block_d(D)
@@ -875,7 +878,9 @@ def backward(do, q, k, v, o, lse, seed, spec: Spec, tiles: dict | None = None, p
     )
     tiles = tiles or {}
     per_lane = block_d <= configs.PER_LANE_BITS_MAX_BLOCK_D if per_lane_bits is None else per_lane_bits
-    if spec.deterministic:
+    if one_pass is None:
+        one_pass = not spec.deterministic and configs.one_pass_backward(spec.dropout_p > 0, N_K)
+    if not one_pass:
         dq = torch.empty_like(q)
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
         kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
@@ -899,7 +904,7 @@ def backward(do, q, k, v, o, lse, seed, spec: Spec, tiles: dict | None = None, p
         q, k, v, do, dq_buf, dk, dv, lse, delta, seed, *scales,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq_buf.stride(), *dk.stride(), *dv.stride(),
         H, H // H_KV, N_Q, N_K,
-        **kwargs, PER_LANE=per_lane, DQ_ATOMIC=not spec.deterministic,
+        **kwargs, PER_LANE=per_lane, DQ_ATOMIC=one_pass,
     )  # fmt: skip
     dq = dq_buf if dq_buf.dtype == q.dtype else dq_buf.to(q.dtype)
     return dq, dk, dv

@@ -250,8 +250,9 @@ def flash_attention(
         window_size: ``(left, right)``, FlashAttention's sliding window: query ``i`` (at ``i' = i + Nk - Nq``)
             sees keys ``i' - left <= j <= i' + right``; ``-1`` is unbounded; with ``causal`` the right side
             is 0. Tiles outside the window are skipped: the cost grows as ``N * W``.
-        deterministic: bit-reproducible gradients (the two-kernel backward, no atomics). Default:
-            ``torch.are_deterministic_algorithms_enabled()``; otherwise the faster one-pass backward.
+        deterministic: bit-reproducible gradients: the two-kernel backward, no atomics. Default:
+            ``torch.are_deterministic_algorithms_enabled()``; otherwise the faster backward for the case (the
+            two-kernel one too, except with dropout on short sequences: ``kernels.configs``).
         backend: ``"triton"``, ``"sdpa"`` (PyTorch's fused kernels, any device), ``"torch"`` (the readable
             eager reference) or ``"auto"`` (Triton where it can run, else ``"sdpa"``).
 

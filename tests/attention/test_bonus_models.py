@@ -87,7 +87,7 @@ def test_sliding_window_outputs_gradients_and_cache(window, backend):
 
 
 def test_sliding_window_size_is_checked():
-    layer = swa.MultiHeadAttentionWithSWA(8, 8, 0.0, 2, sliding_window_size=0)
+    layer = swa.MultiHeadAttentionWithSWA(8, 8, 0.0, 2, sliding_window_size=0).to(DEVICE)
     with pytest.raises(ValueError, match="sliding_window_size"):
         layer(torch.randn(1, 4, 8, device=DEVICE))
 

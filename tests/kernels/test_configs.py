@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import check_against_reference, make_qkv
+from helpers import backward_path, check_against_reference, make_qkv
 
 import kernels.flash_attn as fa
 from bench.tune import VARIANTS
@@ -65,14 +65,14 @@ def _id(case):
     return f"d{head_dim}-{str(dtype).removeprefix('torch.')}{'-tf32' if tf32 else ''}"
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "deterministic"])
+@pytest.mark.parametrize("backward", ["one-pass", "two-kernel"])
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_gpu_tiles_are_correct(case, deterministic, monkeypatch):
+def test_gpu_tiles_are_correct(case, backward, monkeypatch):
     head_dim, dtype, tf32 = case
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     seen = _as_on_a_gpu(monkeypatch)
     # Grouped heads, Nq < Nk, both ragged against every block size used.
-    check_against_reference(*make_qkv(1, 4, 2, 150, 190, head_dim, dtype), causal=True, deterministic=deterministic)
+    check_against_reference(*make_qkv(1, 4, 2, 150, 190, head_dim, dtype), causal=True, backward=backward)
     assert seen and all(ok for _, ok in seen), f"a launch did not use the GPU's tile: {seen}"
 
 
@@ -84,7 +84,9 @@ def test_gpu_tiles_are_correct(case, deterministic, monkeypatch):
 def test_tuning_candidates_are_correct(kernel, override, head_dim, monkeypatch):
     _as_on_a_gpu(monkeypatch, {kernel: override})
     check_against_reference(
-        *make_qkv(1, 4, 2, 150, 190, head_dim, torch.float16), causal=True, deterministic=kernel in ("dq", "dkdv")
+        *make_qkv(1, 4, 2, 150, 190, head_dim, torch.float16),
+        causal=True,
+        backward="two-kernel" if kernel in ("dq", "dkdv") else "one-pass",
     )
 
 
@@ -101,11 +103,12 @@ def test_dropout_bits_do_not_depend_on_tiles(monkeypatch):
             tiles = {name: _SELECT(name, 64, prec, dropout=True, interpret=False) for name in ("fwd", "dq", "bwd")}
             _as_on_a_gpu(monkeypatch, {name: tiles[name] for name in tiles})
         seen.add(tuple(sorted((n, tuple(t.values())) for n, t in tiles.items())))
-        for deterministic in (False, True):
+        for path in ("one-pass", "two-kernel"):
             qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
             torch.manual_seed(9)
-            out = flash_attention(qq, kk, vv, causal=True, dropout_p=0.3, backend="triton", deterministic=deterministic)
-            out.backward(torch.ones_like(out))
+            with backward_path(path):
+                out = flash_attention(qq, kk, vv, causal=True, dropout_p=0.3, backend="triton")
+                out.backward(torch.ones_like(out))
             outs.append((out, qq.grad, kk.grad, vv.grad))
     assert len(seen) == len(tile_sets), "the tile sets compared must differ"
     for other in outs[1:]:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import DEVICE, assert_close_to_reference, attention_eager, requires_gpu
+from helpers import DEVICE, assert_close_to_reference, attention_eager, backward_path, requires_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -141,10 +141,10 @@ def test_p0_is_the_no_dropout_path():
         (1, 2, 1, 40, 56, 80),  # padded head dim 128: dK/dV exchanges the bits between lanes (not per lane)
     ],
 )
-@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "deterministic"])
+@pytest.mark.parametrize("backward", ["one-pass", "two-kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_forward_and_backward_share_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, deterministic):
-    check_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, p=0.25, causal=True, deterministic=deterministic)
+def test_forward_and_backward_share_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, backward):
+    check_one_mask(B, Hq, Hkv, Nq, Nk, D, dtype, p=0.25, causal=True, backward=backward)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -153,6 +153,7 @@ def test_dropout_with_a_sliding_window(causal, window, dtype):
     check_one_mask(1, 4, 2, 70, 70, 32, dtype, p=0.3, causal=causal, window=window)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the chunked dropout path is the one off CUDA (on CUDA, SDPA's own)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_on_the_sdpa_path_shares_one_mask(dtype):
     # Off CUDA with dropout: query chunks, each mask drawn from PyTorch's generator and drawn again in the
@@ -177,7 +178,7 @@ def test_random_shapes_share_one_mask(Hkv, group, Nq, Nk, D, p, causal):
 
 
 def check_one_mask(
-    B, Hq, Hkv, Nq, Nk, D, dtype, p, causal, seed=1234, window=(-1, -1), deterministic=None, backend="triton"
+    B, Hq, Hkv, Nq, Nk, D, dtype, p, causal, seed=1234, window=(-1, -1), backward=None, backend="triton"
 ):
     """out, dq, dk, dv of a dropout call against float64 with the mask that call used, recovered first."""
     # The mask is recovered with head dim Nk; the real call uses D: on a GPU that means other tiles.
@@ -186,11 +187,10 @@ def check_one_mask(
     k = torch.randn(B, Hkv, Nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
     v = torch.randn(B, Hkv, Nk, D, device=DEVICE, dtype=dtype, requires_grad=True)
     torch.manual_seed(seed)
-    out = flash_attention(
-        q, k, v, causal=causal, dropout_p=p, window_size=window, deterministic=deterministic, backend=backend
-    )
-    dout = torch.randn_like(out)
-    out.backward(dout)
+    with backward_path(backward):
+        out = flash_attention(q, k, v, causal=causal, dropout_p=p, window_size=window, backend=backend)
+        dout = torch.randn_like(out)
+        out.backward(dout)
 
     refs = {}
     for label, compute in (("ref64", torch.float64), ("lowp", dtype)):

@@ -15,6 +15,7 @@ from helpers import (
     ON_GPU,
     assert_close_to_reference,
     attention_eager,
+    backward_path,
     check_against_reference,
     make_qkv,
     requires_gpu,
@@ -70,7 +71,7 @@ def test_matches_reference_bf16(shape, causal, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[10], SHAPES[13]])
 def test_deterministic_backward_matches_reference(shape, dtype):
-    # The two-kernel backward (dQ, then dK/dV; no atomics), under the same rule as the one-pass default.
+    # deterministic=True: the two-kernel backward (dQ, then dK/dV; no atomics) whatever the case.
     check_against_reference(*make_qkv(*shape, dtype), causal=True, deterministic=True)
 
 
@@ -149,20 +150,21 @@ def test_custom_softmax_scale():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_rows_without_keys_are_zero_with_zero_grad(deterministic, backend):
+@pytest.mark.parametrize("backward", ["one-pass", "two-kernel"])
+def test_rows_without_keys_are_zero_with_zero_grad(backward, backend):
     # Nq > Nk, causal: query i sees keys j <= i - 20, so rows 0..19 see nothing.
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 1, 50, 30, 16, torch.float32))
-    out = flash_attention(q, k, v, causal=True, deterministic=deterministic, backend=backend)
-    out.sum().backward()
+    with backward_path(backward):
+        out = flash_attention(q, k, v, causal=True, backend=backend)
+        out.sum().backward()
     assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20]))
     assert torch.equal(q.grad[:, :, :20], torch.zeros_like(q.grad[:, :, :20]))
     assert out[:, :, 20:].abs().sum() > 0
     assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_every_element_is_written(monkeypatch, deterministic):
+@pytest.mark.parametrize("backward", ["one-pass", "two-kernel"])
+def test_every_element_is_written(monkeypatch, backward):
     """Outputs and gradients allocated as NaN: any element the kernels skip stays NaN."""
     real_empty_like, real_empty = torch.empty_like, torch.empty
 
@@ -172,8 +174,9 @@ def test_every_element_is_written(monkeypatch, deterministic):
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: poison(real_empty_like(t, **kw)))
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, 70, 53, 40, torch.float16))
-    out = flash_attention(q, k, v, causal=True, backend="triton", deterministic=deterministic)
-    out.backward(torch.randn_like(out))
+    with backward_path(backward):
+        out = flash_attention(q, k, v, causal=True, backend="triton")
+        out.backward(torch.randn_like(out))
     for name, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
         assert not torch.isnan(t).any(), f"{name} has unwritten elements"
 
@@ -215,6 +218,21 @@ def test_deterministic_algorithms_flag_picks_the_deterministic_backward(monkeypa
     assert seen == [False, True, True]
 
 
+def test_deterministic_rules_out_the_one_pass_backward(monkeypatch):
+    # Even where the config table would take the one pass (dropout on a short sequence), deterministic=True
+    # keeps the atomics out: the one pass's first kernel never launches.
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("the one-pass backward ran under deterministic=True")
+
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 40, 40, 16, torch.float32))
+    monkeypatch.setattr(fa, "_attn_bwd_preprocess", Refuse())
+    with backward_path("one-pass"):
+        flash_attention(q, k, v, causal=True, dropout_p=0.2, deterministic=True).sum().backward()
+        with pytest.raises(AssertionError, match="one-pass backward ran"):
+            flash_attention(q, k, v, causal=True, dropout_p=0.2).sum().backward()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("Nq, Nk", [(0, 8), (8, 0), (0, 0)])
 def test_empty_sequences_match_the_eager_path(Nq, Nk, backend):
@@ -254,11 +272,11 @@ def test_no_grad_and_inference_mode():
     left=st.sampled_from([-1, -1, 0, 5, 31]),
     right=st.sampled_from([-1, -1, 0, 9]),
     dtype=st.sampled_from([torch.float32, torch.float16]),
-    deterministic=st.booleans(),
+    backward=st.sampled_from(["one-pass", "two-kernel"]),
 )
-def test_random_shapes(B, Hkv, group, Nq, Nk, D, causal, left, right, dtype, deterministic):
+def test_random_shapes(B, Hkv, group, Nq, Nk, D, causal, left, right, dtype, backward):
     q, k, v = make_qkv(B, Hkv * group, Hkv, Nq, Nk, D, dtype)
-    check_against_reference(q, k, v, causal, window=(left, right), deterministic=deterministic)
+    check_against_reference(q, k, v, causal, window=(left, right), backward=backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,12 +440,12 @@ def test_autocast_runs_in_lower_precision():
 
 
 @requires_gpu
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("backward", ["one-pass", "two-kernel"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N, D", [(1024, 64), (2047, 128), (8192, 64), (4096, 256)])
-def test_large_shapes_gpu(N, D, dtype, deterministic):
+def test_large_shapes_gpu(N, D, dtype, backward):
     # Grouped heads at long N; small B*H keeps the float64 reference (B, H, N, N) within a few GB.
-    check_against_reference(*make_qkv(1, 2, 1, N, N, D, dtype), causal=True, deterministic=deterministic)
+    check_against_reference(*make_qkv(1, 2, 1, N, N, D, dtype), causal=True, backward=backward)
 
 
 @requires_gpu
