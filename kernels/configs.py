@@ -73,8 +73,7 @@ TABLE: dict[tuple[str, int, str], Tile] = {
     ("bwd", 256, "half"): T(16, 64, 8, 2),  # 24 / 96 B of spills, as dK/dV's row; no tile tried had none with wgmma
     ("bwd", 256, "tf32"): T(16, 32, 8, 1),  # 219 / 255, no spill
     ("bwd", 256, "ieee"): T(16, 16, 8, 1),  # 173 / 177; 16x32 spilled 24 B
-    # The TMA forwards (kernels/hopper.py): the pointer forward's tiles; warp specialization needs 4 warps
-    # and 128 rows (two consumer groups of 64), and takes half precision up to head dim 128 only.
+    # The TMA forwards (kernels/hopper.py): the pointer forward's tiles.
     ("fwd_tma", 64, "half"): T(128, 64, 8, 3),
     ("fwd_tma", 64, "tf32"): T(128, 32, 4, 3),
     ("fwd_tma", 64, "ieee"): T(64, 32, 8, 2),
@@ -84,8 +83,6 @@ TABLE: dict[tuple[str, int, str], Tile] = {
     ("fwd_tma", 256, "half"): T(64, 32, 8, 2),
     ("fwd_tma", 256, "tf32"): T(32, 32, 8, 2),
     ("fwd_tma", 256, "ieee"): T(32, 32, 8, 2),
-    ("fwd_ws", 64, "half"): T(128, 64, 4, 3),
-    ("fwd_ws", 128, "half"): T(128, 64, 4, 3),  # 164 KB of shared memory at 3 stages (TRITON36-HOPPER.md)
     # The KV-cache decode kernel: memory-bound, BLOCK_M is the packed query rows (set by the launcher, not
     # here); BLOCK_N keys per load, three loads in flight.
     ("decode", 64, "half"): T(16, 64, 4, 3),
@@ -107,15 +104,13 @@ INTERPRETER: dict[str, Tile] = {
     "bwd": T(16, 32, 4, 1),
     "decode": T(16, 16, 4, 1),
     "fwd_tma": T(32, 16, 4, 1),
-    "fwd_ws": T(32, 16, 4, 1),
 }
 # The dK/dV kernels' dropout bits: computed per lane (no exchange between lanes, twice the Philox work) up
 # to this padded head dim; above it the registers are scarcer (56 B of spills at 128 against 8 B with the
 # exchange, bench/sm90.py), so there the forward's grouping and one layout conversion.
 PER_LANE_BITS_MAX_BLOCK_D = 64
-# Kernels that load through TMA descriptors: no element-wise loads at any head dim (and warp specialization
-# needs its 4 warps).
-_TMA_KERNELS = ("fwd_tma", "fwd_ws")
+# Kernels that load through TMA descriptors: no element-wise loads at any head dim.
+_TMA_KERNELS = ("fwd_tma",)
 
 
 # Which backward runs: the two-kernel one (dQ, then dK/dV; deterministic) or the one pass (dK/dV per key tile,

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kernels import configs
 from kernels import flash_attn as fa
-from kernels.flash_attn import _cast
+from kernels.flash_attn import _cast, _tf32
 from kernels.interface import check_options, triton_runs_on
 from kernels.masks import _visible, window_flags
 
@@ -151,6 +151,7 @@ def _decode_fwd(
     SEQLENS_TENSOR: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     """One program: split ``program_id(0)`` of the keys, tile ``program_id(1)`` of the packed rows, and
     (batch, key/value head) ``program_id(2)``. Row r of the packed rows is query ``r % N_Q`` of query head
@@ -174,6 +175,7 @@ def _decode_fwd(
     q = tl.load(q_rows[:, None] + offs_d[None, :] * stride_qk, mask=row_valid[:, None] & mask_d[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    q = _tf32(q, ROUND_TF32)
     k_base = K + z * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + z * stride_vz + off_hk.to(tl.int64) * stride_vh
 
@@ -199,6 +201,7 @@ def _decode_fwd(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        k, v = _tf32(k, ROUND_TF32), _tf32(v, ROUND_TF32)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         seen = _visible(qi[:, None], cols[None, :], hi, diag, left, right, MASK_LEFT, MASK_RIGHT, True)
         qk = tl.where(seen & row_valid[:, None], qk * qk_scale, float("-inf"))
@@ -207,7 +210,7 @@ def _decode_fwd(
         p = tl.math.exp2(qk - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        acc = tl.dot(_tf32(p.to(v.dtype), ROUND_TF32), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_ij
 
     empty = l_i == 0.0
@@ -485,6 +488,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int,
         B, H, H_KV, group, N_Q, n_new, keys_per_split, flags["left"], flags["right"], D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, MASK_LEFT=flags["MASK_LEFT"], MASK_RIGHT=flags["MASK_RIGHT"],
         SPLIT=split, SEQLENS_TENSOR=tensor, INPUT_PRECISION=flags["INPUT_PRECISION"], UPCAST=flags["UPCAST"],
+        ROUND_TF32=flags["ROUND_TF32"],
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip
     if split:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from kernels.dropout import keep_scale
 from kernels.masks import visible_mask, window_flags
 
-# Query rows per chunk on the chunked paths. MHA d 768, 12 heads, B 2, N 1024, dropout 0.1, forward+backward
-# on 2 CPU cores: 256 rows 433 ms / 161 MiB peak, 128 rows 378 ms / 115 MiB, 64 rows 384 ms / 91 MiB.
+# Query rows per chunk on the chunked paths: the fastest of 64, 128 and 256 on a 2-core CPU, at a peak between
+# theirs (bench/NOTES.md, "CPU").
 CHUNK_ROWS = 128
 
 
@@ -64,8 +64,10 @@ def attention_sdpa(q, k, v, spec) -> torch.Tensor:
     """PyTorch's fused attention with our semantics (see the module docstring)."""
     N_Q, N_K = q.shape[2], k.shape[2]
     first = _first_seeing_row(N_Q, N_K, spec) if N_K else N_Q
-    if first == N_Q or q.numel() == 0:
-        return q.mul(0.0)  # no row sees a key (or nothing to compute): zeros, and zero gradients
+    if first == N_Q or q.numel() == 0 or spec.dropout_p == 1.0:
+        # No row sees a key, nothing to compute, or every weight dropped (nn.Dropout(1.0); SDPA's own dropout
+        # would scale by 1 / 0): zeros, and zero gradients.
+        return q.mul(0.0)
     q_seen = q[:, :, first:]  # (B, Hq, Nq - first, D): a view
     mask_left, mask_right, _, right = window_flags(spec.causal, _window(spec))
     if spec.dropout_p > 0.0 and q.device.type != "cuda":

@@ -85,6 +85,20 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def _tf32(x, ROUND_TF32: tl.constexpr):
+    """A float32 matmul operand rounded to TF32's 10-bit mantissa, to nearest (ties away), as cuBLAS rounds
+    its operands. Unrounded, the tensor cores drop the low 13 bits: a one-sided truncation, 3.5-4x the error
+    of cuBLAS-TF32 attention (H200, run 4). Applied to the operands a program holds in registers anyway (its
+    own q, dO, k, v tile; P and dS): rounding the tiles streamed through shared memory would take them
+    through registers too, which spilled at head dim 128 (bench/NOTES.md, with the emulation of both).
+    Float32 is sign and magnitude, so adding half of the dropped unit to the bits rounds both signs."""
+    if ROUND_TF32:
+        bits = x.to(tl.int32, bitcast=True)
+        x = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = ~0x1FFF: clear the low 13 bits
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +137,7 @@ def _attn_fwd_inner(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     POS_SCALE: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
     offs_m = row0 + tl.arange(0, BLOCK_M)  # the tile's query rows
@@ -172,7 +187,7 @@ def _attn_fwd_inner(
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(_tf32(p.to(v.dtype), ROUND_TF32), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -220,6 +235,7 @@ def _attn_fwd(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     POS_SCALE: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
@@ -250,6 +266,7 @@ def _attn_fwd(
     )
     if UPCAST:
         q = q.to(tl.float32)
+    q = _tf32(q, ROUND_TF32)
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -267,12 +284,14 @@ def _attn_fwd(
             lo, full_lo, qk_scale, seed, off_zh, drop_threshold, N_K, diag, left, right,
             head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
             DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
+            ROUND_TF32=ROUND_TF32,
         )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
         full_lo, full_hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
         DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
+        ROUND_TF32=ROUND_TF32,
     )  # fmt: skip
     # The causal diagonal, the window's right edge and the ragged end.
     acc, l_i, m_i = _attn_fwd_inner(
@@ -280,6 +299,7 @@ def _attn_fwd(
         full_hi, hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
         DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
+        ROUND_TF32=ROUND_TF32,
     )  # fmt: skip
 
     # Rows that saw no key: output 0 and lse = +inf, so the backward's exp2(s - lse) is 0 there.
@@ -336,6 +356,7 @@ def _attn_bwd_dq_inner(
     DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
     offs_m = row0 + tl.arange(0, BLOCK_M)  # the tile's query rows
@@ -365,7 +386,7 @@ def _attn_bwd_dq_inner(
             keep = _dropout_keep(seed, off_zh, row0, start_n, drop_threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+        dq = tl.dot(_tf32(ds.to(kT.dtype), ROUND_TF32), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
     return dq
 
 
@@ -423,6 +444,7 @@ def _attn_bwd_dq(
     DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
@@ -455,6 +477,7 @@ def _attn_bwd_dq(
     o = tl.load(o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=qo_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, delta, mask=row_mask)
+    q, do = _tf32(q, ROUND_TF32), _tf32(do, ROUND_TF32)  # after delta, which takes dO as it is
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -469,19 +492,19 @@ def _attn_bwd_dq(
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
             lo, full_lo, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
             head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-            DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+            DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32,
         )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
         full_lo, full_hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
         full_hi, hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST,
+        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32,
     )  # fmt: skip
     dq = dq * softmax_scale
     dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh + row0 * stride_dqm
@@ -535,6 +558,7 @@ def _attn_bwd_kv_inner(
     UPCAST: tl.constexpr,
     PER_LANE: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [lo, hi), in the transposed (keys, queries)
     orientation so that dV += P^T dO and dK += dS^T Q need no transposed accumulator. DQ_ATOMIC (the
@@ -578,15 +602,15 @@ def _attn_bwd_kv_inner(
             pT_drop = tl.where(keepT, pT, 0.0)  # the 1 / (1 - p) goes on dV once, at the end
         else:
             pT_drop = pT
-        dv = tl.dot(pT_drop.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dv = tl.dot(_tf32(pT_drop.to(do.dtype), ROUND_TF32), do, dv, input_precision=INPUT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=row_mask, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
             dpT = tl.where(keepT, dpT * inv_keep, 0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        dsT = _tf32((pT * (dpT - delta[None, :])).to(qT.dtype), ROUND_TF32)
+        dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=INPUT_PRECISION)
         if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, D)
+            dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, D)
             dq_ptrs = (
                 dq_base + start_m.to(tl.int64) * stride_dqm + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqk
             )
@@ -655,6 +679,7 @@ def _attn_bwd_kv(
     UPCAST: tl.constexpr,
     PER_LANE: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     """dK and dV of one key/value tile, summed over the query heads of its group in this program. With
     DQ_ATOMIC (the one-pass backward) it also adds each tile's share of dQ (float32, atomics); without,
@@ -676,6 +701,7 @@ def _attn_bwd_kv(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    k, v = _tf32(k, ROUND_TF32), _tf32(v, ROUND_TF32)
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
@@ -700,7 +726,7 @@ def _attn_bwd_kv(
                 softmax_scale, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
                 head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
                 DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, PER_LANE=PER_LANE,
-                DQ_ATOMIC=DQ_ATOMIC,
+                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32,
             )  # fmt: skip
         dk, dv = _attn_bwd_kv_inner(
             dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qm, stride_qk,
@@ -708,7 +734,7 @@ def _attn_bwd_kv(
             softmax_scale, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
             head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=False, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
             DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, PER_LANE=PER_LANE,
-            DQ_ATOMIC=DQ_ATOMIC,
+            DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32,
         )  # fmt: skip
         if MASK_LEFT:  # the window's left edge: rows that no longer see all of the tile
             dk, dv = _attn_bwd_kv_inner(
@@ -717,7 +743,7 @@ def _attn_bwd_kv(
                 softmax_scale, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
                 head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
                 DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, PER_LANE=PER_LANE,
-                DQ_ATOMIC=DQ_ATOMIC,
+                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32,
             )  # fmt: skip
 
     # dS was taken w.r.t. the scaled scores s = softmax_scale * q.k, hence one more factor here.
@@ -815,6 +841,8 @@ def _plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale,
         INPUT_PRECISION="ieee" if prec == "ieee" else "tf32",
         # The interpreter's tl.dot on bfloat16 operands is wrong; do those dots in float32 there.
         UPCAST=INTERPRET and dtype == torch.bfloat16,
+        # Register-held TF32 operands rounded as cuBLAS rounds them (_tf32); the interpreter's dots are float32.
+        ROUND_TF32=prec == "tf32" and not INTERPRET,
     )
     if kernel is not None:
         kwargs.update(configs.select(kernel, head_dim, prec, dropout=dropout_p > 0, interpret=INTERPRET))

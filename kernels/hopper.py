@@ -1,4 +1,4 @@
-"""Forward variants for Hopper: TMA loads, automatic warp specialization, a persistent grid.
+"""Forward variants for Hopper: TMA loads and a persistent grid.
 
 The pointer forward of ``kernels/flash_attn.py`` is the reference and the fallback. These variants load
 q, k, v tiles with the tensor memory accelerator through device-side descriptors
@@ -8,12 +8,12 @@ in how the work is scheduled:
 
 - ``"tma"``: the pointer kernel's grid, causal query tiles longest first;
 - ``"tma_persistent"``: one program per SM walks all tiles in decreasing work, round-robin (a greedy
-  longest-first schedule that evens out the causal tail and saves a block launch per tile);
-- ``"ws"``: ``tl.range(..., warp_specialize=True)``. Triton 3.6 then splits each program into a producer
-  warp group issuing the TMA loads and two consumer groups of 64 rows each, but only under conditions
-  ``shared/TRITON36-HOPPER.md`` records (device descriptors, 4 warps, one key/value loop, no run-time
-  if/else; silently nothing otherwise). So every variant here walks the visible keys in one loop with the
-  mask on every block (the pointer kernel masks the edge blocks only), and all branches are constexpr.
+  longest-first schedule that evens out the causal tail and saves a block launch per tile).
+
+Both walk the visible keys in one loop with the mask on every block (the pointer kernel masks the edge
+blocks only). A third variant, automatic warp specialization (``tl.range(..., warp_specialize=True)``,
+which Triton 3.6 did apply: 12 warps, setmaxnreg), measured 0.66-0.93x the pointer kernel (H100, run 3)
+and gave wrong results on an H200 (run 4; bench/NOTES.md): removed.
 
 Which variant runs by default is ``DEFAULT`` (by head-dim class), from GPU measurements (``bench/NOTES.md``);
 ``forward(..., variant=...)`` runs any for the benchmarks and tests. No dropout here (the pointer kernel
@@ -28,10 +28,10 @@ import triton.language as tl
 
 from kernels import configs
 from kernels.dropout import new_seed
-from kernels.flash_attn import _LOG2E, INTERPRET, _cast, _flags, _precision
+from kernels.flash_attn import _LOG2E, INTERPRET, _cast, _flags, _precision, _tf32
 from kernels.masks import _key_range, _visible
 
-VARIANTS = ("pointer", "tma", "tma_persistent", "ws")
+VARIANTS = ("pointer", "tma", "tma_persistent")
 # The forward each head-dim class runs by default on a GPU (half precision, no dropout).
 DEFAULT = {64: "pointer", 128: "pointer", 256: "pointer"}
 
@@ -71,9 +71,9 @@ def _fwd_tile(
     BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     """Query rows start_m * BLOCK_M + [0, BLOCK_M) of head off_h, batch off_z: one key/value loop."""
     z = off_z.to(tl.int64)
@@ -105,6 +105,7 @@ def _fwd_tile(
     q = q_desc.load([first_row, 0])
     if UPCAST:
         q = q.to(tl.float32)
+    q = _tf32(q, ROUND_TF32)
     offs_m = first_row + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     diag, lo, full_lo, full_hi, hi = _key_range(
@@ -113,7 +114,7 @@ def _fwd_tile(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in range(lo, hi, BLOCK_N):
         k = k_desc.load([start_n, 0])
         if UPCAST:
             k = k.to(tl.float32)
@@ -129,7 +130,7 @@ def _fwd_tile(
         v = v_desc.load([start_n, 0])
         if UPCAST:
             v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        acc = tl.dot(_tf32(p.to(v.dtype), ROUND_TF32), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_ij
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -171,10 +172,10 @@ def _attn_fwd_tma(
     BLOCK_N: tl.constexpr,
     MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
     PERSISTENT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     num_m = tl.cdiv(N_Q, BLOCK_M)
     if PERSISTENT:
@@ -186,7 +187,7 @@ def _attn_fwd_tma(
                 Q, K, V, Out, LSE, num_m - 1 - t // (B * H), bh % H, bh // H, qk_scale,
                 stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn,
                 stride_oz, stride_oh, stride_om, H, GROUP, N_Q, N_K, left, right, head_dim,
-                BLOCK_D, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, False, INPUT_PRECISION, UPCAST,
+                BLOCK_D, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, INPUT_PRECISION, UPCAST, ROUND_TF32,
             )  # fmt: skip
     else:
         start_m = tl.program_id(0)
@@ -196,16 +197,14 @@ def _attn_fwd_tma(
             Q, K, V, Out, LSE, start_m, tl.program_id(1), tl.program_id(2), qk_scale,
             stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn,
             stride_oz, stride_oh, stride_om, H, GROUP, N_Q, N_K, left, right, head_dim,
-            BLOCK_D, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, WARP_SPECIALIZE, INPUT_PRECISION, UPCAST,
+            BLOCK_D, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, INPUT_PRECISION, UPCAST, ROUND_TF32,
         )  # fmt: skip
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, variant: str) -> bool:
     """Whether TMA can address these tensors: rows contiguous, every other stride and every (batch, head)
-    plane 16-byte aligned; no dropout; warp specialization for half precision up to head dim 128."""
+    plane 16-byte aligned; no dropout."""
     if spec.dropout_p > 0 or q.shape[-1] > 256:
-        return False
-    if variant == "ws" and (q.dtype == torch.float32 or q.shape[-1] > 128):
         return False
     o_like = q  # the output is allocated in q's layout
     for t in (q, k, v, o_like):
@@ -239,8 +238,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, variant: st
     flags = _flags(q, spec)
     flags.pop("DROPOUT")
     left, right = flags.pop("left"), flags.pop("right")
-    kernel = "fwd_ws" if variant == "ws" else "fwd_tma"
-    cfg = tile or configs.select(kernel, D, _precision(q), dropout=False, interpret=INTERPRET)
+    cfg = tile or configs.select("fwd_tma", D, _precision(q), dropout=False, interpret=INTERPRET)
     if INTERPRET:
         triton.set_allocator(_interpreter_allocator)
     else:
@@ -258,6 +256,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, variant: st
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         B, H, H // k.shape[1], N_Q, N_K, left, right,
-        **flags, **cfg, WARP_SPECIALIZE=variant == "ws", PERSISTENT=persistent,
+        **flags, **cfg, PERSISTENT=persistent,
     )  # fmt: skip
     return o, lse, new_seed(q.device, 0.0)

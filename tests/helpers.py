@@ -15,6 +15,12 @@ always passes and a wrong kernel does not:
    below 1.3e-3 in every case measured); TF32 truncates its operands, so there both carry a little (H100,
    run 3). A result scaled by 1.01 sits at 1e-2. The max rule alone cannot see that in bf16: 1% is about
    one ulp.
+
+TF32 (float32 on a GPU with ``allow_tf32``): the factor 2 of rules 1 and 2 becomes ``TF32_FACTOR``. PyTorch's
+cuBLAS matmuls round every operand to TF32; our kernels round the operands a program holds in registers and
+the tensor cores truncate the tiles streamed through shared memory (kernels/flash_attn.py, ``_tf32``). The
+emulation in bench/NOTES.md puts that at 1.3 to 3.5x cuBLAS's max error (truncating everything: 2.1 to 5.5x;
+H200, run 4 measured 3.3 to 5.3x at this suite's shapes before the rounding).
 """
 
 from __future__ import annotations
@@ -40,6 +46,13 @@ requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled
 FLOOR = {torch.float32: 2e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 RMS_FLOOR = {torch.float32: 1e-5, torch.float16: 2**-11, torch.bfloat16: 2**-8}
 BIAS = {torch.float32: 1e-4, torch.float16: 5e-4, torch.bfloat16: 3e-3}
+TF32_FACTOR = 4.0
+
+
+def _factor(t: torch.Tensor) -> float:
+    """How many times PyTorch's error ours may reach: 2, or TF32_FACTOR where our float32 dots run as TF32."""
+    tf32 = t.dtype == torch.float32 and t.is_cuda and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+    return TF32_FACTOR if tf32 else 2.0
 
 
 def make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, device=DEVICE, scale=1.0):
@@ -74,14 +87,18 @@ def assert_close_to_reference(name: str, ours: torch.Tensor, ref64: torch.Tensor
     exact = ref64.double()
     mine, theirs = ours.double() - exact, torch_lowp.double() - exact
     err, err_torch = mine.abs().max().item(), theirs.abs().max().item()
-    floor = FLOOR[dtype] * max(1.0, exact.abs().max().item())
-    assert err <= 2 * err_torch + floor, f"{name}: max error {err:.3e} > 2 * torch's {err_torch:.3e} + {floor:.1e}"
+    floor, factor = FLOOR[dtype] * max(1.0, exact.abs().max().item()), _factor(ours)
+    assert err <= factor * err_torch + floor, (
+        f"{name}: max error {err:.3e} > {factor:g} * torch's {err_torch:.3e} + {floor:.1e}"
+    )
     norm = exact.pow(2).sum().item()
     if norm == 0.0:
         return
     rms, rms_torch = (mine.pow(2).sum().item() / norm) ** 0.5, (theirs.pow(2).sum().item() / norm) ** 0.5
-    limit = 2 * rms_torch + RMS_FLOOR[dtype]
-    assert rms <= limit, f"{name}: relative RMS error {rms:.3e} > 2 * torch's {rms_torch:.3e} + {RMS_FLOOR[dtype]:.1e}"
+    limit = factor * rms_torch + RMS_FLOOR[dtype]
+    assert rms <= limit, (
+        f"{name}: relative RMS error {rms:.3e} > {factor:g} * torch's {rms_torch:.3e} + {RMS_FLOOR[dtype]:.1e}"
+    )
     bias, bias_torch = (mine * exact).sum().item() / norm, (theirs * exact).sum().item() / norm
     limit = 2 * abs(bias_torch) + BIAS[dtype]
     assert abs(bias) <= limit, f"{name}: systematic error {bias:+.2e} along the reference (limit {limit:.1e})"

@@ -139,6 +139,24 @@ def test_dropout_one_in_training_matches_the_chapter(name, args, shape, backend)
     torch.testing.assert_close(xa.grad, xb.grad, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "name, args", [("CausalAttention", (16, 8, 12, 0.3)), ("MultiHeadAttention", (16, 16, 12, 0.1, 4))]
+)
+def test_torch_backend_draws_the_chapters_dropout_mask(name, args):
+    # README: with use_backend("torch") the mask comes from PyTorch's generator where the chapter's layer draws
+    # it, so under one seed the book's numbers come back (the kernels draw their own Philox bits).
+    ours, theirs = build(name, args)
+    x = torch.randn(2, 10, 16, device=DEVICE)
+    torch.manual_seed(5)
+    expected = theirs(x)
+    with attention.use_backend("torch"):
+        torch.manual_seed(5)
+        got = ours(x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.manual_seed(6)
+    assert not torch.allclose(theirs(x), expected), "the seed did not change the mask"
+
+
 def test_training_step_with_dropout(backend):
     torch.manual_seed(0)
     mha = attention.MultiHeadAttention(16, 16, 32, 0.1, 4).to(DEVICE)

@@ -50,8 +50,8 @@ def test_lora_wrapped_gpt_matches_the_book(order, backend):
         torch.manual_seed(123)
         ours = attention.swap_attention(GPTModel(CFG).to(DEVICE))
         torch.manual_seed(7)
-        replace_linear_with_lora(ours, rank=4, alpha=8)
-        ours.load_state_dict(book.state_dict())
+        replace_linear_with_lora(ours, rank=4, alpha=8)  # the new A and B are made on the CPU, as in the book
+        ours.to(DEVICE).load_state_dict(book.state_dict())
     assert len(attention.fused_layers(ours)) == CFG["n_layers"]
     idx = torch.randint(0, CFG["vocab_size"], (2, 33), device=DEVICE)
     with attention.use_backend(backend):
@@ -72,16 +72,18 @@ def test_lora_on_every_chapter_layer():
         ("MultiHeadAttention", (6, 6, 12, 0.0, 3), (2, 9, 6)),
     ]:
         torch.manual_seed(1)
-        theirs = getattr(ref, name)(*args).to(DEVICE)
+        theirs = getattr(ref, name)(*args)
         replace_linear_with_lora(theirs, rank=2, alpha=4)
+        theirs.to(DEVICE)
         ours = attention.swap_attention(copy.deepcopy(theirs))
         x = torch.randn(*shape, device=DEVICE)
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_width_errors_stay_clear_with_wrapped_projections():
-    layer = attention.MultiHeadAttention(8, 8, 16, 0.0, 2).to(DEVICE)
+    layer = attention.MultiHeadAttention(8, 8, 16, 0.0, 2)
     replace_linear_with_lora(layer, rank=2, alpha=1)
+    layer.to(DEVICE)
     with pytest.raises(ValueError, match="d_in=8"):
         layer(torch.randn(1, 4, 5, device=DEVICE))
     layer.W_key = torch.nn.Linear(8, 6).to(DEVICE)  # a projection of the wrong width, found by what it returns

@@ -122,13 +122,14 @@ def test_p0_is_the_no_dropout_path():
     # attention itself. p = 2^-18 rounds to a threshold of 0: the dropout kernel runs, keeps every weight, and
     # must agree with it to the last rounding of the 1 / (1 - p) scale.
     q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
-    state = torch.get_rng_state()
+    rng_state = torch.cuda.get_rng_state if DEVICE == "cuda" else torch.get_rng_state  # the input device's generator
+    state = rng_state()
     none = flash_attention(q, k, v, causal=True, dropout_p=0.0)
-    assert torch.equal(torch.get_rng_state(), state), "p = 0 drew a dropout seed"
+    assert torch.equal(rng_state(), state), "p = 0 drew a dropout seed"
     exact = attention_eager(q.double(), k.double(), v.double(), causal=True)
     assert (none.double() - exact).abs().max() < 1e-5
     tiny = flash_attention(q, k, v, causal=True, dropout_p=2**-18)
-    assert not torch.equal(torch.get_rng_state(), state), "p > 0 did not draw a seed"
+    assert not torch.equal(rng_state(), state), "p > 0 did not draw a seed"
     torch.testing.assert_close(tiny, none, atol=1e-5, rtol=1e-5)
 
 

@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import (
     DEVICE,
     ON_GPU,
@@ -378,6 +380,35 @@ def test_mixed_devices():
     other = torch.empty(1, 1, 4, 16, device="meta")
     with pytest.raises(ValueError, match="one device"):
         flash_attention(q, other, other, causal=True)
+
+
+@triton.jit
+def _round_tf32_kernel(X, Y, n, ROUND_TF32: tl.constexpr):
+    offs = tl.arange(0, 1024)
+    x = tl.load(X + offs, mask=offs < n)
+    tl.store(Y + offs, fa._tf32(x, ROUND_TF32), mask=offs < n)
+
+
+def test_tf32_rounding_is_round_to_nearest_ties_away():
+    # _tf32 against the rounding cuBLAS applies (cvt.rna.tf32.f32), written on the bits: keep sign, exponent
+    # and 10 mantissa bits, to nearest, halfway cases away from zero. Ties, both signs, carries into the
+    # exponent, subnormals, infinities.
+    mantissa = torch.tensor([0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x7FFFFF, 0x7FF000], dtype=torch.int32)
+    exponent = torch.tensor([0, 1, 100, 127, 254], dtype=torch.int32) << 23
+    bits = (exponent[:, None] | mantissa[None, :]).flatten()
+    bits = torch.cat([bits, bits | torch.tensor(-(2**31), dtype=torch.int32)])
+    x = torch.cat([bits.view(torch.float32), torch.randn(500), torch.tensor([float("inf"), -float("inf"), 0.0])])
+    y = torch.empty_like(x)
+    with torch.device(DEVICE):
+        x, y = x.to(DEVICE), y.to(DEVICE)
+        _round_tf32_kernel[(1,)](x, y, x.numel(), ROUND_TF32=True)
+        xb = x.cpu().view(torch.int32)
+        magnitude = xb & 0x7FFFFFFF
+        rounded = ((magnitude + 0x1000) & ~0x1FFF) | (xb & -(2**31))  # on the magnitude, then the sign back
+        assert torch.equal(y.cpu().view(torch.int32), rounded)
+        assert (y.cpu().view(torch.int32) & 0x1FFF).eq(0).all()  # exactly representable in TF32
+        _round_tf32_kernel[(1,)](x, y, x.numel(), ROUND_TF32=False)
+        assert torch.equal(y, x)  # off: the operand as it is
 
 
 def test_tf32_follows_torch_setting(monkeypatch):
