@@ -138,8 +138,8 @@ def run(device: str, shapes, flex_shapes=(), on_row=None) -> tuple[list[dict], f
     return rows, bandwidth
 
 
-def splits_rows(device: str, shapes, factors=(1, 2, 4, 8)) -> list[dict]:
-    """Our kernel at num_splits = the heuristic's choice times each factor: what the heuristic leaves on the table."""
+def splits_rows(device: str, shapes, factors=(0.5, 1, 2, 4)) -> list[dict]:
+    """Our kernel at num_splits = the default's choice times each factor: what the default leaves on the table."""
     rows = []
     for B, T, group, D in shapes:
         q = torch.randn(B, KV_HEADS * group, 1, D, device=device, dtype=torch.bfloat16)
@@ -148,7 +148,7 @@ def splits_rows(device: str, shapes, factors=(1, 2, 4, 8)) -> list[dict]:
         cache_bytes = 2 * B * T * KV_HEADS * D * k.element_size()
         chosen = decode_splits(B, T, group, D, device)
         for factor in factors:
-            splits = chosen * factor
+            splits = max(1, round(chosen * factor))
             call = lambda splits=splits: flash_attention_with_kvcache(q, k, v, cache_seqlens=T, num_splits=splits)
             with torch.no_grad():
                 t = measure(_graphed(call, device), device)
@@ -159,26 +159,27 @@ def splits_rows(device: str, shapes, factors=(1, 2, 4, 8)) -> list[dict]:
                     cache=T,
                     group=group,
                     head_dim=D,
-                    heuristic=chosen,
+                    default_splits=chosen,
                     num_splits=splits,
                     us=t.ms * 1e3,
                     gbs=gbs,
                 )
             )
-            print(f"B{B} T{T} g{group} D{D}: splits {splits:>3} ({factor}x the heuristic's {chosen}): {gbs:7.0f} GB/s")
+            print(f"B{B} T{T} g{group} D{D}: splits {splits:>3} ({factor:g}x the default's {chosen}): {gbs:7.0f} GB/s")
     return rows
 
 
 def decode_splits(B: int, T: int, group: int, D: int, device: str) -> int:
-    """The split count the kernel's heuristic picks for this shape (as flash_attention_with_kvcache does)."""
+    """The split count the kernel picks for this shape when left to it (as flash_attention_with_kvcache does)."""
     from kernels import configs
-    from kernels.decode import _num_sms, num_splits_heuristic
+    from kernels.decode import _num_sms, split_count
 
     tile = configs.select("decode", D, "half", dropout=False, interpret=device != "cuda")
     rows = group  # one query per sequence: the packed rows are the group's query heads
     block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
     sms = _num_sms(0) if device == "cuda" else 4
-    return num_splits_heuristic(B * KV_HEADS * -(-rows // block_m), sms, -(-T // tile["BLOCK_N"]))
+    blocks = -(-T // tile["BLOCK_N"])
+    return split_count(B * KV_HEADS * -(-rows // block_m), sms, blocks, tile["BLOCK_N"], configs.block_d(D))
 
 
 def table(rows: list[dict], bandwidth: float) -> list[str]:

@@ -24,10 +24,11 @@ def run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("module", ["decode", "generate", "window", "host"])
+@pytest.mark.parametrize("module", ["decode", "decode --splits", "generate", "window", "host"])
 def test_gpu_benchmark_module_runs(module, tmp_path):
-    out = tmp_path / f"{module}.json"
-    run(["-m", f"bench.{module}", "--smoke", "--json", str(out)], tmp_path)
+    out = tmp_path / "rows.json"
+    name, *flags = module.split()
+    run(["-m", f"bench.{name}", *flags, "--smoke", "--json", str(out)], tmp_path)
     assert json.loads(out.read_text())["meta"]["torch"]
 
 

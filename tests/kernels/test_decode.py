@@ -135,6 +135,20 @@ def test_split_heuristic():
     assert decode.num_splits_heuristic(programs=1, num_sms=132, num_blocks=3) <= 3
 
 
+def test_narrow_heads_split_more_while_the_grid_is_thin():
+    # The shapes of the H200 split experiment (bench/NOTES.md, run 4), 132 SMs, 64-key blocks: B 8 cache 4096
+    # D 64 goes from the heuristic's 2 splits to 4 (measured 1.21x); D 128 keeps 2 (2 and 4 tied); B 1 keeps
+    # its 16 splits of 256 keys (32 measured slower); a full grid never splits.
+    blocks = 4096 // 64
+    assert decode.num_splits_heuristic(64, 132, blocks) == 2
+    assert decode.split_count(64, 132, blocks, 64, 64) == 4
+    assert decode.split_count(64, 132, blocks, 64, 128) == 2
+    assert decode.split_count(8, 132, blocks, 64, 64) == decode.num_splits_heuristic(8, 132, blocks) == 16
+    assert decode.split_count(132, 132, blocks, 64, 64) == 1
+    s = decode.split_count(64, 132, 32768 // 64, 64, 64)  # B 8 cache 32768: grows to two programs per SM
+    assert 64 * s >= 2 * 132 and 64 * s // 2 < 2 * 132
+
+
 def _q(*shape, dtype=torch.float32, **kw):
     return torch.randn(*shape, device=DEVICE, dtype=dtype, **kw)
 
