@@ -468,7 +468,9 @@ def _append_torch(k_cache, v_cache, k, v, cache_seqlens) -> None:
 def _append_triton(k_cache, v_cache, k, v, cache_seqlens) -> None:
     B, H_KV, n_new, D = k.shape
     tensor = isinstance(cache_seqlens, torch.Tensor)
-    block_n = 16 if fa.INTERPRET else 64
+    # Rows of k and v per program: 16 KB of float32 per tensor at most (64 rows of head dim 64; at head dim 256
+    # the 64 rows held 64 KB per tensor and spilled 256 B per thread, bench/sm90.py).
+    block_n = 16 if fa.INTERPRET else max(16, 4096 // configs.block_d(D))
     _append_kv[(triton.cdiv(n_new, block_n), B * H_KV)](
         k, v, k_cache, v_cache, cache_seqlens if tensor else k, 0 if tensor else cache_seqlens,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
