@@ -50,6 +50,14 @@ def current_backend_for_decode() -> str:
     return "torch" if _backend in ("sdpa", "torch") else _backend
 
 
+def project_heads(layer: nn.Module, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
+    """The layer's projection ``name`` of x split into heads: (b, T, d_in) -> (b, T, heads, head_dim), a view. A
+    projection that is not an nn.Linear (LoRA, quantized) is checked by the width it returns."""
+    y = getattr(layer, name)(x)  # (b, T, heads * head_dim)
+    _check_projected(y, heads * layer.head_dim, name, type(layer).__name__)
+    return y.view(x.shape[0], x.shape[1], heads, layer.head_dim)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, **kw) -> torch.Tensor:
     return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=_backend, **kw)
 
@@ -161,14 +169,10 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         _check_width(x, in_features(self.W_query), type(self).__name__)
         b, num_tokens, _ = x.shape
         _check_context(num_tokens, self.mask.shape[0], type(self).__name__)
-        queries, keys, values = (self._heads(x, name) for name in ("W_query", "W_key", "W_value"))
+        queries, keys, values = (
+            project_heads(self, x, name, self.num_heads).transpose(1, 2) for name in ("W_query", "W_key", "W_value")
+        )  # (b, nh, T, hs): views of the projections
         context = _attend(queries, keys, values, causal=True, dropout_p=_dropout_p(self.dropout))  # (b, nh, T, hs)
         # The kernel writes the output in q's (b, T, nh, hs) memory layout, so this reshape is a view.
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)  # (b, T, d_out)
         return self.out_proj(context)
-
-    def _heads(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """One projection split into heads: (b, T, d_in) -> (b, nh, T, hs), a view of the projection."""
-        y = getattr(self, name)(x)  # (b, T, d_out)
-        _check_projected(y, self.d_out, name, type(self).__name__)
-        return y.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)

@@ -1,17 +1,23 @@
 """Gemma 3's grouped-query attention (the book's ch05/12_gemma3), fused: same constructor, parameters,
 ``forward(x, mask, cos, sin)``; QK-norm and RoPE as the book applies them, the scale from
 ``query_pre_attn_scalar``; the model's global mask becomes the kernel's causal flag and its local mask the
-kernel's sliding window (512 at 270M), whose tiles outside the window are never visited."""
+kernel's sliding window (512 at 270M), whose tiles outside the window are never visited.
+
+The book's class is Qwen3's with Gemma's RMSNorm (weights around 1, not 0) and its own scale, and so is this
+one: ``attention.qwen3.GroupedQueryAttention`` with those two changed."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from attention.rope import GemmaRMSNorm, RopeAttentionMixin, attend_with_mask
+from attention import qwen3
+from attention.rope import GemmaRMSNorm
 
 
-class GroupedQueryAttention(RopeAttentionMixin, nn.Module):
+class GroupedQueryAttention(qwen3.GroupedQueryAttention):
+    _norm = GemmaRMSNorm
+    _label = "gemma3.GroupedQueryAttention"
+
     def __init__(
         self,
         d_in: int,
@@ -22,31 +28,8 @@ class GroupedQueryAttention(RopeAttentionMixin, nn.Module):
         query_pre_attn_scalar: float | None = None,
         dtype: torch.dtype | None = None,
     ):
-        super().__init__()
-        if num_heads < 1 or num_kv_groups < 1 or num_heads % num_kv_groups:
-            raise ValueError(f"num_heads {num_heads} must be divisible by num_kv_groups {num_kv_groups}")
-        self.num_heads = num_heads
-        self.num_kv_groups = num_kv_groups
-        self.group_size = num_heads // num_kv_groups
-        if head_dim is None:
-            if d_in % num_heads:
-                raise ValueError(f"d_in {d_in} must be divisible by num_heads {num_heads} when head_dim is not set")
-            head_dim = d_in // num_heads
-        self.head_dim = head_dim
-        self.d_out = num_heads * head_dim
-        self.W_query = nn.Linear(d_in, self.d_out, bias=False, dtype=dtype)
-        self.W_key = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
-        self.W_value = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
-        self.out_proj = nn.Linear(self.d_out, d_in, bias=False, dtype=dtype)
-        if qk_norm:
-            self.q_norm = GemmaRMSNorm(head_dim, eps=1e-6)
-            self.k_norm = GemmaRMSNorm(head_dim, eps=1e-6)
-        else:
-            self.q_norm = self.k_norm = None
-        self.scaling = (query_pre_attn_scalar if query_pre_attn_scalar is not None else head_dim) ** -0.5
+        super().__init__(d_in, num_heads, num_kv_groups, head_dim, qk_norm, dtype)
+        self.scaling = (query_pre_attn_scalar if query_pre_attn_scalar is not None else self.head_dim) ** -0.5
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, n = x.shape[0], x.shape[1]
-        queries, keys, values = self._qkv_rope(x, cos, sin)
-        context = attend_with_mask(queries, keys, values, mask, self.scaling, "gemma3.GroupedQueryAttention")
-        return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out))  # (b, n, d_in)
+    def _softmax_scale(self) -> float:
+        return self.scaling

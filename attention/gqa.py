@@ -15,7 +15,7 @@ from torch import nn
 
 from attention import fused
 from attention.kv_cache import KVCacheMixin
-from attention.reference import _check_projected, _check_rank, _check_width, in_features
+from attention.reference import _check_groups, _check_rank, _check_width, in_features
 
 MIN_CACHE = 256  # positions allocated at the first cached call (then doubled as needed)
 
@@ -36,11 +36,7 @@ class GroupedQueryAttention(KVCacheMixin, nn.Module):
         qkv_bias: bool = False,
     ):
         super().__init__()
-        if num_heads < 1 or d_out % num_heads or num_kv_groups < 1 or num_heads % num_kv_groups:
-            raise ValueError(
-                f"d_out {d_out} must be divisible by num_heads {num_heads}, "
-                f"and num_heads by num_kv_groups {num_kv_groups}"
-            )
+        _check_groups(num_heads, num_kv_groups, d_out)
         self.d_out = d_out
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
@@ -62,8 +58,9 @@ class GroupedQueryAttention(KVCacheMixin, nn.Module):
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
         _check_width(x, in_features(self.W_query), type(self).__name__)
         b, n, _ = x.shape
-        queries = self._split(x, "W_query", self.num_heads)  # (b, T, nh, hs)
-        keys, values = self._split(x, "W_key", self.num_kv_groups), self._split(x, "W_value", self.num_kv_groups)
+        queries = fused.project_heads(self, x, "W_query", self.num_heads)  # (b, T, nh, hs)
+        keys = fused.project_heads(self, x, "W_key", self.num_kv_groups)  # (b, T, n_kv, hs)
+        values = fused.project_heads(self, x, "W_value", self.num_kv_groups)
         p = fused._dropout_p(self.dropout)
         if use_cache:
             context = self._cache_attend(queries.transpose(1, 2), keys, values, p, (-1, -1))
@@ -74,11 +71,6 @@ class GroupedQueryAttention(KVCacheMixin, nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (queries, keys, values))  # (b, heads, T, hs)
             context = fused._attend(q, k, v, causal=True, dropout_p=p)
         return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out))
-
-    def _split(self, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
-        y = getattr(self, name)(x)  # (b, T, heads * hs)
-        _check_projected(y, heads * self.head_dim, name, type(self).__name__)
-        return y.view(x.shape[0], x.shape[1], heads, self.head_dim)
 
     def reset_cache(self) -> None:
         self._reset_kv()

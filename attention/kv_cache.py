@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from attention import fused
-from attention.reference import _check_context, _check_heads, _check_projected, _check_rank, _check_width, in_features
+from attention.reference import _check_context, _check_heads, _check_rank, _check_width, in_features
 from kernels import flash_attention_with_kvcache
 
 # New tokens per cached call up to which the decode kernel runs; a longer chunk (a prompt) is a prefill.
@@ -141,7 +141,7 @@ class MultiHeadAttention(KVCacheMixin, nn.Module):
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
         _check_width(x, in_features(self.W_query), type(self).__name__)
         b, n, _ = x.shape
-        split = lambda name: self._split(x, name)  # (b, T, nh, hs)
+        split = lambda name: fused.project_heads(self, x, name, self.num_heads)  # (b, T, nh, hs)
         keys_new, values_new, queries = split("W_key"), split("W_value"), split("W_query")
         p = fused._dropout_p(self.dropout)
         if use_cache:
@@ -151,11 +151,6 @@ class MultiHeadAttention(KVCacheMixin, nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (queries, keys_new, values_new))  # (b, nh, T, hs)
             context = fused._attend(q, k, v, causal=True, dropout_p=p)
         return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out))  # (b, T, d_out)
-
-    def _split(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        y = getattr(self, name)(x)  # (b, T, d_out)
-        _check_projected(y, self.d_out, name, type(self).__name__)
-        return y.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
 
     def reset_cache(self) -> None:
         self._reset_kv()

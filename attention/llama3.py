@@ -7,17 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attention.reference import _check_groups
 from attention.rope import RopeAttentionMixin, attend_with_mask
 
 
 class GroupedQueryAttention(RopeAttentionMixin, nn.Module):
     def __init__(self, d_in: int, d_out: int, num_heads: int, num_kv_groups: int, dtype: torch.dtype | None = None):
         super().__init__()
-        if num_heads < 1 or d_out % num_heads or num_kv_groups < 1 or num_heads % num_kv_groups:
-            raise ValueError(
-                f"d_out {d_out} must be divisible by num_heads {num_heads}, "
-                f"and num_heads by num_kv_groups {num_kv_groups}"
-            )
+        _check_groups(num_heads, num_kv_groups, d_out)
         self.d_out = d_out
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads

@@ -7,10 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attention.reference import _check_groups
 from attention.rope import RMSNorm, RopeAttentionMixin, attend_with_mask
 
 
 class GroupedQueryAttention(RopeAttentionMixin, nn.Module):
+    _norm = RMSNorm  # QK-norm's class (Gemma 3 has its own)
+    _label = "qwen3.GroupedQueryAttention"  # how a warning names the layer
+
     def __init__(
         self,
         d_in: int,
@@ -21,8 +25,7 @@ class GroupedQueryAttention(RopeAttentionMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        if num_heads < 1 or num_kv_groups < 1 or num_heads % num_kv_groups:
-            raise ValueError(f"num_heads {num_heads} must be divisible by num_kv_groups {num_kv_groups}")
+        _check_groups(num_heads, num_kv_groups)
         self.num_heads = num_heads
         self.num_kv_groups = num_kv_groups
         self.group_size = num_heads // num_kv_groups
@@ -37,13 +40,16 @@ class GroupedQueryAttention(RopeAttentionMixin, nn.Module):
         self.W_value = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
         self.out_proj = nn.Linear(self.d_out, d_in, bias=False, dtype=dtype)
         if qk_norm:
-            self.q_norm = RMSNorm(head_dim, eps=1e-6)
-            self.k_norm = RMSNorm(head_dim, eps=1e-6)
+            self.q_norm = self._norm(head_dim, eps=1e-6)
+            self.k_norm = self._norm(head_dim, eps=1e-6)
         else:
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[0], x.shape[1]
         queries, keys, values = self._qkv_rope(x, cos, sin)
-        context = attend_with_mask(queries, keys, values, mask, self.head_dim**-0.5, "qwen3.GroupedQueryAttention")
+        context = attend_with_mask(queries, keys, values, mask, self._softmax_scale(), self._label)
         return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out))  # (b, n, d_in)
+
+    def _softmax_scale(self) -> float:
+        return self.head_dim**-0.5

@@ -55,6 +55,15 @@ def _check_heads(d_out: int, num_heads: int) -> None:
         raise ValueError(f"d_out {d_out} must be divisible by num_heads {num_heads}")
 
 
+def _check_groups(num_heads: int, num_kv_groups: int, d_out: int | None = None) -> None:
+    """Grouped-query attention's head counts (the bonus models): ``d_out`` (when the layer takes one) splits
+    into num_heads, and num_heads into num_kv_groups."""
+    if d_out is not None:
+        _check_heads(d_out, num_heads)
+    if num_heads < 1 or num_kv_groups < 1 or num_heads % num_kv_groups:
+        raise ValueError(f"num_heads {num_heads} must be divisible by num_kv_groups {num_kv_groups}")
+
+
 def simplified_self_attention(x: torch.Tensor) -> torch.Tensor:
     """Step 1 (section 3.3): attention of the inputs with themselves, no weights and no scaling."""
     _check_rank(x, 2, "(num_tokens, d)", "simplified_self_attention")

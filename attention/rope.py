@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention import fused
+from attention.reference import _check_rank
 from kernels.masks import visible_mask
 
 _warned_masks: set[str] = set()
@@ -125,23 +126,13 @@ class RopeAttentionMixin:
     """The forward of the bonus models' grouped-query attention: projections, optional QK-norm, RoPE, and
     one kernel call with the query heads of a group reading their key/value head (no repeat_interleave)."""
 
-    def _heads(self, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
-        y = getattr(self, name)(x)  # (b, n, heads * head_dim)
-        if y.shape[-1] != heads * self.head_dim:
-            raise ValueError(
-                f"{type(self).__name__}: {name} returned width {y.shape[-1]}, expected {heads * self.head_dim}"
-            )
-        return y.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)  # (b, heads, n, head_dim)
-
     def _qkv_rope(self, x, cos, sin, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (b, heads, n, head_dim) and keys (b, kv_heads, n, head_dim) normed and rotated, and values."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(
-                f"{type(self).__name__} expects x of shape (batch, num_tokens, d_in), got {getattr(x, 'shape', x)}"
-            )
-        queries = self._heads(x, "W_query", self.num_heads)
-        keys = self._heads(x, "W_key", self.num_kv_groups)
-        values = self._heads(x, "W_value", self.num_kv_groups)
+        _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
+        heads = {"W_query": self.num_heads, "W_key": self.num_kv_groups, "W_value": self.num_kv_groups}
+        queries, keys, values = (
+            fused.project_heads(self, x, name, n).transpose(1, 2) for name, n in heads.items()
+        )  # (b, heads, n, head_dim)
         if getattr(self, "q_norm", None) is not None:
             queries = self.q_norm(queries)
         if getattr(self, "k_norm", None) is not None:

@@ -15,7 +15,7 @@ from torch import nn
 from attention import fused
 from attention.gqa import growing_capacity
 from attention.kv_cache import KVCacheMixin
-from attention.reference import _check_heads, _check_projected, _check_rank, _check_width, in_features
+from attention.reference import _check_heads, _check_rank, _check_width, in_features
 
 
 def window_of(sliding_window_size: int | None) -> tuple[int, int]:
@@ -78,7 +78,9 @@ class MultiHeadAttentionWithSWA(KVCacheMixin, nn.Module):
         _check_width(x, in_features(self.W_query), type(self).__name__)
         window = window_of(self.sliding_window_size)  # a bad window is refused before any work
         b, n, _ = x.shape
-        keys, values, queries = (self._split(x, name) for name in ("W_key", "W_value", "W_query"))  # (b, T, nh, hs)
+        keys, values, queries = (
+            fused.project_heads(self, x, name, self.num_heads) for name in ("W_key", "W_value", "W_query")
+        )  # (b, T, nh, hs)
         p = fused._dropout_p(self.dropout)
         if use_cache:
             context = self._cache_attend(queries.transpose(1, 2), keys, values, p, window)
@@ -87,11 +89,6 @@ class MultiHeadAttentionWithSWA(KVCacheMixin, nn.Module):
             context = fused._attend(q, k, v, causal=True, dropout_p=p, window_size=window)
             self.ptr_current_pos = 0
         return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out))
-
-    def _split(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        y = getattr(self, name)(x)  # (b, T, d_out)
-        _check_projected(y, self.d_out, name, type(self).__name__)
-        return y.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
 
     def reset_cache(self) -> None:
         self._reset_kv()

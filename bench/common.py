@@ -134,6 +134,22 @@ def measure(
     return Timing(statistics.median(times), q[1], q[7], len(times))
 
 
+def graphed(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay. On a CPU, fn."""
+    if device != "cuda":
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def fwd_and_fwd_bwd_ms(attend: Callable, q, k, v, dropout_p: float, device: str = "cuda") -> tuple[float, float]:
     """Median ms of ``attend(q, k, v, dropout_p)`` without grad, and of it with its backward."""
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -170,3 +186,10 @@ def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def save_json(path: str | None, payload: dict) -> None:
+    """A benchmark's ``--json`` file, when one was asked for: rewritten whole after every row, so a run cut short
+    keeps what it measured."""
+    if path:
+        write_json(Path(path), payload)

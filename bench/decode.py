@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from bench import providers
-from bench.common import measure, metadata, smoke_mode
+from bench.common import graphed, measure, metadata, save_json, smoke_mode
 from kernels import flash_attention_with_kvcache
 
 BATCHES = (1, 8, 64)
@@ -46,22 +45,6 @@ def copy_bandwidth_gbs(device: str) -> float:
     b = torch.empty_like(a)
     ms = measure(lambda: b.copy_(a), device, flush_l2=False).ms
     return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
-
-
-def _graphed(fn, device: str):
-    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay. On a CPU, fn."""
-    if device != "cuda":
-        return fn
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def decode_providers(flex: bool) -> dict:
@@ -119,7 +102,7 @@ def run(device: str, shapes, flex_shapes=(), on_row=None) -> tuple[list[dict], f
                             q[:1].float(), k[:1].float(), v[:1].float(), enable_gqa=True
                         )
                         row["max_err"] = (out[:1].float() - ref).abs().max().item()
-                    timing = measure(_graphed(call, device), device)
+                    timing = measure(graphed(call, device), device)
                 row.update(us=timing.ms * 1e3, us_p20=timing.p20 * 1e3, us_p80=timing.p80 * 1e3, reps=timing.reps)
                 row["gbs"] = cache_bytes / (timing.ms * 1e-3) / 1e9
                 row["pct_copy_bandwidth"] = 100 * row["gbs"] / bandwidth
@@ -151,7 +134,7 @@ def splits_rows(device: str, shapes, factors=(0.5, 1, 2, 4)) -> list[dict]:
             splits = max(1, round(chosen * factor))
             call = lambda splits=splits: flash_attention_with_kvcache(q, k, v, cache_seqlens=T, num_splits=splits)
             with torch.no_grad():
-                t = measure(_graphed(call, device), device)
+                t = measure(graphed(call, device), device)
             gbs = cache_bytes / (t.ms * 1e-3) / 1e9
             rows.append(
                 dict(
@@ -170,16 +153,11 @@ def splits_rows(device: str, shapes, factors=(0.5, 1, 2, 4)) -> list[dict]:
 
 
 def decode_splits(B: int, T: int, group: int, D: int, device: str) -> int:
-    """The split count the kernel picks for this shape when left to it (as flash_attention_with_kvcache does)."""
-    from kernels import configs
-    from kernels.decode import _num_sms, split_count
+    """The split count the kernel picks for this shape when left to it (as flash_attention_with_kvcache does):
+    one query per sequence, so the packed rows are the group's query heads."""
+    from kernels import decode
 
-    tile = configs.select("decode", D, "half", dropout=False, interpret=device != "cuda")
-    rows = group  # one query per sequence: the packed rows are the group's query heads
-    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
-    sms = _num_sms(0) if device == "cuda" else 4
-    blocks = -(-T // tile["BLOCK_N"])
-    return split_count(B * KV_HEADS * -(-rows // block_m), sms, blocks, tile["BLOCK_N"], configs.block_d(D))
+    return decode.plan(B, KV_HEADS, group, T, D, "half", 0, 0).num_splits
 
 
 def table(rows: list[dict], bandwidth: float) -> list[str]:
@@ -218,20 +196,17 @@ def main(argv=None) -> int:
             if args.smoke
             else [(8, 4096, 1, 64), (8, 4096, 8, 128), (1, 4096, 8, 64), (1, 32768, 1, 128)]
         )
-        rows = splits_rows(device, shapes)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": metadata(device), "splits": rows}, f, indent=1)
+        save_json(args.json, {"meta": metadata(device), "splits": splits_rows(device, shapes)})
         return 0
     if args.smoke:
         shapes, flex_shapes = [(2, 64, 2, 64)], []
     else:
         shapes, flex_shapes = sorted(SHAPES, key=goal_first), FLEX_SHAPES
 
+    meta = metadata(device)
+
     def save(rows, bandwidth):
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": metadata(device), "copy_gbs": bandwidth, "rows": rows}, f, indent=1)
+        save_json(args.json, {"meta": meta, "copy_gbs": bandwidth, "rows": rows})
 
     rows, bandwidth = run(device, shapes, flex_shapes, on_row=save)
     print("\n".join(table(rows, bandwidth)))

@@ -25,6 +25,21 @@ import attention
 from bench.gpt import GPT_CONFIG_124M, GPTModel
 
 
+def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """The model data-parallel over the initialized process group: DDP, or FSDP2 with one unit per transformer
+    block (``model.trf_blocks``, as in the book's GPTModel) and one for the rest."""
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.trf_blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m bench.distributed", description=__doc__)
     ap.add_argument("--mode", choices=("ddp", "fsdp2"), default="fsdp2")
@@ -45,17 +60,7 @@ def main(argv=None) -> int:
 
     cfg = {**GPT_CONFIG_124M, "context_length": args.context, "n_layers": args.layers}
     torch.manual_seed(123)
-    model = attention.swap_attention(GPTModel(cfg)).to(device)
-    if args.mode == "ddp":
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    else:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(device.type, (world,))
-        for block in model.trf_blocks:  # one unit per transformer block, then the rest
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    model = wrap(attention.swap_attention(GPTModel(cfg)).to(device), args.mode, device)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
 
     g = torch.Generator().manual_seed(1000 + rank)  # each rank its own slice of the global batch

@@ -11,12 +11,11 @@ deterministic backward are both measured.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from bench import providers
-from bench.common import fwd_and_fwd_bwd_ms, metadata
+from bench.common import fwd_and_fwd_bwd_ms, metadata, save_json
 
 SHAPES = [(8, 12, 1024, 64), (8, 12, 8192, 64), (8, 16, 4096, 128)]
 
@@ -48,9 +47,7 @@ def main() -> None:
                 f"  B{B} H{H} N{N} D{D} {name:<19} fwd {f0:.3f} -> {f1:.3f} ms ({f1 / f0 - 1:+.0%})  "
                 f"fwd+bwd {fb0:.3f} -> {fb1:.3f} ms ({fb1 / fb0 - 1:+.0%})"
             )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": metadata("cuda"), "rows": rows}, f, indent=1)
+    save_json(args.json, {"meta": metadata("cuda"), "rows": rows})
 
 
 if __name__ == "__main__":

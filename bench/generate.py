@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 
@@ -28,7 +27,7 @@ import torch
 import attention
 from attention.text import text_to_token_ids
 from bench.book import kv_cache as book
-from bench.common import metadata, smoke_mode, sync
+from bench.common import metadata, save_json, smoke_mode, sync
 from bench.gpt import GPT_CONFIG_124M
 from kernels import flash_attention_with_kvcache
 
@@ -183,12 +182,11 @@ def main(argv=None) -> int:
     if args.smoke:
         smoke_mode()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = metadata(device)
 
     def on_row(rows):
         print(table(rows[-1:])[-1], flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": metadata(device), "rows": list(rows)}, f, indent=1)
+        save_json(args.json, {"meta": meta, "rows": list(rows)})
 
     print(table([])[0])
     if args.smoke:

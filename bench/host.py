@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import sys
 import time
@@ -27,7 +26,7 @@ import time
 import torch
 
 from bench import providers
-from bench.common import measure, metadata, smoke_mode
+from bench.common import graphed, measure, metadata, save_json, smoke_mode
 from bench.sweep import attention_flops
 from kernels import flash_attn as fa
 from kernels import hopper
@@ -55,16 +54,7 @@ def device_us(fn, device: str) -> float | None:
     """The call's GPU time: captured in a CUDA graph, timed by its replays."""
     if device != "cuda":
         return None
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return measure(graph.replay, device).ms * 1e3
+    return measure(graphed(fn, device), device).ms * 1e3
 
 
 def host_rows(device: str, shape=GPT2, calls: int = 50) -> tuple[list[dict], str]:
@@ -185,9 +175,7 @@ def main(argv=None) -> int:
     result = {"meta": metadata(device), "host": [], "variants": []}
 
     def save():
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+        save_json(args.json, result)
 
     if "host" in args.parts:
         result["host"], result["profile"] = host_rows(device, *(((1, 2, 64, 16), 2) if args.smoke else (GPT2, 50)))

@@ -10,12 +10,11 @@ two ways in the backward (``per_lane_bits``). Prints a table and writes JSON; ch
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from bench.common import measure, metadata
+from bench.common import measure, metadata, save_json
 from kernels import configs
 from kernels import flash_attn as fa
 
@@ -104,12 +103,11 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     shapes = [(8, 12, 4096, 64, 0.0), (8, 16, 4096, 128, 0.0)]
-    result = {"meta": metadata("cuda"), "configs": [], "dropout_bits": []}
-    result["dropout_bits"] = dropout_bits_experiment()
-    result["configs"] = configs_experiment(time.perf_counter() + args.deadline, shapes)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    meta = metadata("cuda")
+    bits = dropout_bits_experiment()
+    save_json(args.json, {"meta": meta, "dropout_bits": bits})
+    tiles = configs_experiment(time.perf_counter() + args.deadline, shapes)
+    save_json(args.json, {"meta": meta, "dropout_bits": bits, "configs": tiles})
 
 
 if __name__ == "__main__":

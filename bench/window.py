@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 
 import torch
@@ -23,7 +22,7 @@ import attention
 from bench import providers
 from bench.book import gemma3, qwen3
 from bench.book.rope import compute_rope_params
-from bench.common import measure, metadata, peak_memory, smoke_mode
+from bench.common import measure, metadata, peak_memory, save_json, smoke_mode
 from kernels import flash_attention
 from kernels.masks import visible_mask
 
@@ -170,9 +169,7 @@ def main(argv=None) -> int:
     result = {"meta": metadata(device)}
 
     def save():
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+        save_json(args.json, result)
 
     shape = (1, 2, 64, 16, 16) if args.smoke else (2, 16, 16384, 128, 512)  # B, H, N, D, window
     result["kernel"] = kernel_rows(device, *shape, flex=False)

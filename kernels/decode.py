@@ -25,6 +25,7 @@ fused attention with a per-batch mask.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -479,23 +480,42 @@ def _append_triton(k_cache, v_cache, k, v, cache_seqlens) -> None:
     )  # fmt: skip
 
 
+class Plan(NamedTuple):
+    """How the decode kernel covers one call: the config table's tile, packed query rows per program and
+    their tiles, and the key splits."""
+
+    tile: dict
+    block_m: int
+    row_tiles: int
+    num_splits: int
+    keys_per_split: int
+
+
+def plan(B: int, H_KV: int, rows: int, max_len: int, D: int, precision: str, num_splits: int, device_index: int):
+    """The launch of ``rows`` packed query rows (group x new queries) per (batch, key/value head) against
+    ``max_len`` keys; ``num_splits`` 0 leaves the split count to ``split_count``."""
+    tile = configs.select("decode", D, precision, dropout=False, interpret=fa.INTERPRET)
+    block_n = tile["BLOCK_N"]
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    row_tiles = triton.cdiv(rows, block_m)
+    num_blocks = max(1, triton.cdiv(max_len, block_n))
+    if num_splits == 0:
+        sms = 4 if fa.INTERPRET else _num_sms(device_index)
+        num_splits = split_count(B * H_KV * row_tiles, sms, num_blocks, block_n, configs.block_d(D))
+    num_splits = max(1, min(num_splits, num_blocks, MAX_SPLITS))
+    keys_per_split = triton.cdiv(num_blocks, num_splits) * block_n
+    num_splits = triton.cdiv(max(max_len, 1), keys_per_split)
+    return Plan(tile, block_m, row_tiles, num_splits, keys_per_split)
+
+
 def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int, spec, num_splits: int):
     B, H, N_Q, D = q.shape
     H_KV = k_cache.shape[1]
     group = H // H_KV
     flags = fa._flags(q, spec)
-    tile = configs.select("decode", D, fa._precision(q), dropout=False, interpret=fa.INTERPRET)
-    block_n = tile["BLOCK_N"]
-    rows = group * N_Q
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    row_tiles = triton.cdiv(rows, block_m)
-    num_blocks = max(1, triton.cdiv(max_len, block_n))
-    if num_splits == 0:
-        sms = 4 if fa.INTERPRET else _num_sms(q.device.index or 0)
-        num_splits = split_count(B * H_KV * row_tiles, sms, num_blocks, block_n, configs.block_d(D))
-    num_splits = max(1, min(num_splits, num_blocks, MAX_SPLITS))
-    keys_per_split = triton.cdiv(num_blocks, num_splits) * block_n
-    num_splits = triton.cdiv(max(max_len, 1), keys_per_split)
+    tile, block_m, row_tiles, num_splits, keys_per_split = plan(
+        B, H_KV, group * N_Q, max_len, D, fa._precision(q), num_splits, q.device.index or 0
+    )
     out = torch.empty_like(q)
     split = num_splits > 1
     block_d = flags["BLOCK_D"]
@@ -510,7 +530,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int,
         spec.softmax_scale * _LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         B, H, H_KV, group, N_Q, n_new, keys_per_split, flags["left"], flags["right"], D,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, MASK_LEFT=flags["MASK_LEFT"], MASK_RIGHT=flags["MASK_RIGHT"],
+        BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_D=block_d, MASK_LEFT=flags["MASK_LEFT"], MASK_RIGHT=flags["MASK_RIGHT"],
         SPLIT=split, SEQLENS_TENSOR=tensor, INPUT_PRECISION=flags["INPUT_PRECISION"], UPCAST=flags["UPCAST"],
         ROUND_TF32=flags["ROUND_TF32"],
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],

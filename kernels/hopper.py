@@ -15,8 +15,8 @@ blocks only). A third variant, automatic warp specialization (``tl.range(..., wa
 which Triton 3.6 did apply: 12 warps, setmaxnreg), measured 0.66-0.93x the pointer kernel (H100, run 3)
 and gave wrong results on an H200 (run 4; bench/NOTES.md): removed.
 
-Which variant runs by default is ``DEFAULT`` (by head-dim class), from GPU measurements (``bench/NOTES.md``);
-``forward(..., variant=...)`` runs any for the benchmarks and tests. No dropout here (the pointer kernel
+None runs by default: the pointer kernel was faster at every shape measured (H100, run 3; ``bench/NOTES.md``).
+``forward(..., variant=...)`` runs either for the benchmarks and tests. No dropout here (the pointer kernel
 has it), and only tensors TMA can address (``supports``).
 """
 
@@ -32,8 +32,6 @@ from kernels.flash_attn import _LOG2E, INTERPRET, _cast, _flags, _precision, _tf
 from kernels.masks import _key_range, _visible
 
 VARIANTS = ("pointer", "tma", "tma_persistent")
-# The forward each head-dim class runs by default on a GPU (half precision, no dropout).
-DEFAULT = {64: "pointer", 128: "pointer", 256: "pointer"}
 
 
 @triton.jit

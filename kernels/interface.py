@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from kernels import configs, eager, hopper
+from kernels import eager
 from kernels import flash_attn as fa
 from kernels.flash_attn import Spec
 
@@ -25,20 +25,10 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_head_dims: set[int] = set()
 
 
-def _forward(q, k, v, spec: Spec):
-    """The forward launcher for this call: a Hopper TMA variant where the table says so and TMA can
-    address the tensors (kernels/hopper.py), else the pointer kernel."""
-    if q.is_cuda:
-        variant = hopper.DEFAULT[max(64, configs.block_d(q.shape[-1]))]
-        if variant != "pointer" and q.dtype != torch.float32 and hopper.supports(q, k, v, spec, variant):
-            return hopper.forward(q, k, v, spec, variant)
-    return fa.forward(q, k, v, spec)
-
-
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: Spec):
-        o, lse, seed = _forward(q, k, v, spec)
+        o, lse, seed = fa.forward(q, k, v, spec)
         ctx.save_for_backward(q, k, v, o, lse, seed)
         ctx.spec = spec
         return o
@@ -62,7 +52,7 @@ def _attn_fwd_op(
     window_right: int,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic))
+    return fa.forward(q, k, v, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic))
 
 
 @_attn_fwd_op.register_fake
@@ -118,7 +108,7 @@ def _attention_triton(q, k, v, spec: Spec) -> torch.Tensor:
         return _attn_fwd_op(q, k, v, *spec)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FlashAttention.apply(q, k, v, spec)
-    return _forward(q, k, v, spec)[0]
+    return fa.forward(q, k, v, spec)[0]
 
 
 # ----------------------------------------------------------------------------------------------

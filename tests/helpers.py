@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 
 import pytest
 import torch
@@ -53,6 +54,13 @@ def _factor(t: torch.Tensor) -> float:
     """How many times PyTorch's error ours may reach: 2, or TF32_FACTOR where our float32 dots run as TF32."""
     tf32 = t.dtype == torch.float32 and t.is_cuda and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32
     return TF32_FACTOR if tf32 else 2.0
+
+
+def free_port() -> int:
+    """A TCP port on localhost nobody listens on now: the rendezvous of the tests' process groups."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, device=DEVICE, scale=1.0):

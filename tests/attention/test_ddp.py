@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch import nn
 
 import attention
+from bench.distributed import wrap
 
 STEPS, BATCH, T, D = 2, 4, 19, 12
 
@@ -42,21 +43,15 @@ def _train(model: nn.Module, rank: int, world: int) -> list[list[torch.Tensor]]:
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    ddp = nn.parallel.DistributedDataParallel(_model())
+    ddp = wrap(_model(), "ddp", torch.device("cpu"))
     torch.save(_train(ddp, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     os._exit(0)  # leave without gloo's teardown, which aborts now and then after the work is done
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_gradients_equal_single_process(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     single = _train(_model(), rank=0, world=1)
     for rank in range(world):
         ddp_grads = torch.load(tmp_path / f"rank{rank}.pt")

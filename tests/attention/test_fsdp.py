@@ -4,14 +4,15 @@ processes (gloo), gets the single-process gradients. README's multi-GPU section 
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch import nn
 
 import attention
+from bench.distributed import wrap
 from bench.gpt import GPT_CONFIG_124M, GPTModel
 
 CFG = {
@@ -55,30 +56,18 @@ def _train(model: nn.Module, rank: int, world: int) -> list[dict[str, torch.Tens
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
-    model = _model()
-    for block in model.trf_blocks:  # one FSDP unit per transformer block, as FSDP2's examples do
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = wrap(_model(), "fsdp2", torch.device("cpu"))  # as the README's torchrun command shards it
     torch.save(_train(model, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     os._exit(0)  # leave without gloo's teardown, which aborts now and then after the work is done
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_gradients_equal_single_process(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     single = _train(_model(), rank=0, world=1)
     assert len(attention.fused_layers(_model())) == CFG["n_layers"]
     for rank in range(world):
