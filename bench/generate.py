@@ -174,6 +174,26 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def host_profile(device: str, cfg: dict, tokens: int = 50) -> str:
+    """cProfile of ours through the book's loop at batch 1 (host-bound there): functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.manual_seed(123)
+    ours = attention.swap_attention(book.GPTModel(cfg).to(device).eval())
+    prompt = text_to_token_ids()[None, :24].to(device)
+    book.generate_text_simple_cached(ours, prompt, 4, use_cache=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    book.generate_text_simple_cached(ours, prompt, tokens, use_cache=True)
+    sync(device)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(22)
+    return "\n".join(line for line in out.getvalue().splitlines() if line.strip())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.generate")
     ap.add_argument("--json", help="write the rows here")
@@ -189,6 +209,9 @@ def main(argv=None) -> int:
         save_json(args.json, {"meta": meta, "rows": list(rows)})
 
     print(table([])[0])
+    if not args.smoke and device == "cuda":  # first: where a token's host time goes, through the book's loop
+        meta["host_profile"] = host_profile(device, GPT_CONFIG_124M)
+        print(meta["host_profile"])
     if args.smoke:
         cfg = {**GPT_CONFIG_124M, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
         rows = run(device, cfg, batches=(1,), new_tokens=8, uncached_tokens=4, prompt_len=6, on_row=on_row)

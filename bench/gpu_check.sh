@@ -2,19 +2,21 @@
 # Everything pending on a GPU, in one call on a GPU machine (the device tool), in order of importance, each
 # stage under its own time limit and its results saved as it goes (a stage cut short keeps what it measured):
 #
-#   tests     the GPU suite: compiled kernels (one-pass and deterministic backward, windows, decode, the
-#             Hopper forward variants, TF32 against cuBLAS), the benchmarks' smoke runs with real CUDA graphs
-#   host      host path per call at the GPT-2 shape (run 3's deterministic row read 688 us of host time:
-#             check it first, the two-kernel backward is the default now); forward variants (pointer / TMA /
-#             persistent); one-pass against deterministic backward (bench/host.py)
+#   tests     the GPU suite: compiled kernels (both backwards, windows, decode, the Hopper forward experiments,
+#             TF32 against cuBLAS), the benchmarks' smoke runs with real CUDA graphs
+#   host      host path per call at the GPT-2 shape, median of five rounds (run 3's deterministic row read
+#             688 us of host time, its plain forward 117 against 66 for the same call: check it first, the
+#             two-kernel backward is the default now); HOST_PARTS=host,variants adds the forward variants
 #   sweep     the attention core against every SDPA backend: bf16/fp16 at head dims 64 and 128 first
+#   window    window 512 at N 16k against full causal, FlexAttention, SDPA masks; Qwen3 / Gemma 3 blocks
+#   tune      tiles against the table's rows, same run: the window's short loops first, then forward and
+#             backward at head dims 64 / 128 (bench/tune.py; each variant's output checked against the table's)
 #   dropout   dropout 0.1's cost against SDPA's at the GPT-2 shape and N 8192 (bench/dropout_cost.py)
 #   e2e       the chapter layers on real text and the GPT-2 training step (python -m bench)
 #   decode    the KV-cache decode kernel's GB/s against SDPA and FlexAttention (bench/decode.py)
 #   splits    the decode kernel at multiples of its heuristic's split count
-#   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included
-#   window    window 512 at N 16k, Qwen3 / Gemma 3 block training steps (bench/window.py)
-#   tune      tile experiments for the config table (bench/tune.py)
+#   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included, and a
+#             host profile of ours through the book's loop
 #   kernels   the compiler's registers and spills on the real GPU (bench/kernel_report.py)
 #   sanitizer compute-sanitizer memcheck on ragged / grouped / dropout / decode launches
 #
@@ -25,7 +27,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-"tests host sweep dropout e2e decode splits window generate"}
+STAGES=${STAGES:-"tests host sweep window tune dropout e2e decode splits generate"}
 RES="$OUT/results"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -52,21 +54,21 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $RES/NAME.
 }
 
 # shellcheck disable=SC2086
-stage tests "${TESTS_LIMIT:-110}" $PY -m pytest ${TESTS:-tests} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
+stage tests "${TESTS_LIMIT:-120}" $PY -m pytest ${TESTS:-tests} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
   -p no:benchmark
 grep -E "(FAILED|ERROR) " "$RES/tests.log" | head -20 | tee -a "$OUT/summary.log"
-stage host "${HOST_LIMIT:-90}" $PY -m bench.host --json "$RES/host.json"
+stage host "${HOST_LIMIT:-40}" $PY -m bench.host --parts "${HOST_PARTS:-host}" --json "$RES/host.json"
 # shellcheck disable=SC2086
-stage sweep "${SWEEP_LIMIT:-110}" $PY -m bench --parts sweep --budget "${SWEEP_BUDGET:-85}" --no-progress \
+stage sweep "${SWEEP_LIMIT:-100}" $PY -m bench --parts sweep --budget "${SWEEP_BUDGET:-80}" --no-progress \
   --out "$RES/sweep" --seq-lens 1024,2048,4096,8192,16384 \
   --providers ours,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,chapter ${BENCH_ARGS:-}
-stage dropout "${DROPOUT_LIMIT:-40}" $PY -m bench.dropout_cost --json "$RES/dropout.json"
-stage e2e "${E2E_LIMIT:-60}" $PY -m bench --parts layers,e2e --out "$RES/e2e" --no-progress
-stage decode "${DECODE_LIMIT:-75}" $PY -m bench.decode --json "$RES/decode.json"
-stage splits "${SPLITS_LIMIT:-40}" $PY -m bench.decode --splits --json "$RES/splits.json"
-stage window "${WINDOW_LIMIT:-75}" $PY -m bench.window --json "$RES/window.json"
-stage generate "${GENERATE_LIMIT:-80}" $PY -m bench.generate --json "$RES/generate.json"
-stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-40}" --json "$RES/tune.json"
+stage window "${WINDOW_LIMIT:-45}" $PY -m bench.window --json "$RES/window.json"
+stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-45}" --json "$RES/tune.json"
+stage dropout "${DROPOUT_LIMIT:-35}" $PY -m bench.dropout_cost --json "$RES/dropout.json"
+stage e2e "${E2E_LIMIT:-50}" $PY -m bench --parts layers,e2e --out "$RES/e2e" --no-progress
+stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json"
+stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json"
+stage generate "${GENERATE_LIMIT:-50}" $PY -m bench.generate --json "$RES/generate.json"
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"

@@ -20,6 +20,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import sys
 import time
 
@@ -35,19 +36,23 @@ GPT2 = (8, 12, 1024, 64)
 VARIANT_SHAPES = [(8, 16, 4096, 128), (8, 16, 16384, 128), (8, 12, 4096, 64), (8, 12, 16384, 64)]  # (B, H, N, D)
 
 
-def host_us(fn, device: str, calls: int = 50) -> float:
-    """CPU microseconds per call of fn while the GPU is busy (no call waits for the device)."""
+def host_us(fn, device: str, calls: int = 50, rounds: int = 5) -> float:
+    """CPU microseconds per call of fn while the GPU is busy (no call waits for the device): the median of
+    ``rounds`` rounds of ``calls`` calls, each round behind its own queued sleep (run 3 read one round, and
+    two rows of the same forward differed by 1.8x)."""
     fn()
+    per_call = []
+    for _ in range(rounds):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda._sleep(500_000_000)  # ~0.25 s of GPU cycles queued ahead: the calls below only enqueue
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles queued ahead: the calls below only enqueue
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    return statistics.median(per_call)
 
 
 def device_us(fn, device: str) -> float | None:
@@ -178,7 +183,7 @@ def main(argv=None) -> int:
         save_json(args.json, result)
 
     if "host" in args.parts:
-        result["host"], result["profile"] = host_rows(device, *(((1, 2, 64, 16), 2) if args.smoke else (GPT2, 50)))
+        result["host"], result["profile"] = host_rows(device, *(((1, 2, 64, 16), 2) if args.smoke else (GPT2, 20)))
         save()
         print(result["profile"][:2500])
     if "variants" in args.parts:
