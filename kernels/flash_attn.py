@@ -845,7 +845,8 @@ def _plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale,
         ROUND_TF32=prec == "tf32" and not INTERPRET,
     )
     if kernel is not None:
-        kwargs.update(configs.select(kernel, head_dim, prec, dropout=dropout_p > 0, interpret=INTERPRET))
+        narrow = mask_left and mask_right and configs.narrow_window(left, right)
+        kwargs.update(configs.select(kernel, head_dim, prec, dropout=dropout_p > 0, interpret=INTERPRET, narrow=narrow))
     if kernel == "fwd":
         kwargs["POS_SCALE"] = softmax_scale > 0
     return kwargs

@@ -13,7 +13,7 @@ import torch
 from helpers import backward_path, check_against_reference, make_qkv
 
 import kernels.flash_attn as fa
-from bench.tune import VARIANTS
+from bench.tune import EXPERIMENTS
 from kernels import configs, flash_attention
 
 # (head dim, dtype, TF32 allowed): one per head-dim class and precision the GPU tells apart.
@@ -26,26 +26,36 @@ CASES = [
 
 _SELECT, _PLAN = configs.select, fa._plan  # the real ones, whatever a test has patched since
 
+# Every (kernel, tile) the tuning experiments try, once, with the experiment's head dim and whether it is windowed.
+CANDIDATES = list(
+    dict.fromkeys(
+        (kernel, tuple(tile.items()), shape[3], window != (-1, 0))
+        for _, shape, window, variants in EXPERIMENTS
+        for kernel, tile in variants
+    )
+)
+
 
 def _as_on_a_gpu(monkeypatch, override: dict | None = None):
     """Make the launchers pick the GPU's tiles (optionally one kernel's replaced) under the interpreter:
     the config table is asked as a GPU run asks it, and the launchers' cached plans are dropped."""
 
-    def gpu_select(kernel, head_dim, prec, *, dropout, interpret):
+    def gpu_select(kernel, head_dim, prec, *, dropout, interpret, narrow=False):
         if override and kernel in override:
             return dict(override[kernel])
-        return _SELECT(kernel, head_dim, prec, dropout=dropout, interpret=False)
+        return _SELECT(kernel, head_dim, prec, dropout=dropout, interpret=False, narrow=narrow)
 
     monkeypatch.setattr(configs, "select", gpu_select)
     _PLAN.cache_clear()
     seen = []
     real_plan = _PLAN
 
-    def plan_spy(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, *rest):
-        out = real_plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, *rest)
+    def plan_spy(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, scale, left=-1, right=-1):
+        out = real_plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, scale, left, right)
         if kernel is not None:
             prec = configs.precision(dtype, allow_tf32)
-            expected = gpu_select(kernel, head_dim, prec, dropout=dropout_p > 0, interpret=False)
+            narrow = 0 <= left and (causal or 0 <= right) and configs.narrow_window(left, 0 if causal else right)
+            expected = gpu_select(kernel, head_dim, prec, dropout=dropout_p > 0, interpret=False, narrow=narrow)
             seen.append((kernel, all(out[key] == value for key, value in expected.items())))
         return out
 
@@ -76,16 +86,27 @@ def test_gpu_tiles_are_correct(case, backward, monkeypatch):
     assert seen and all(ok for _, ok in seen), f"a launch did not use the GPU's tile: {seen}"
 
 
+@pytest.mark.parametrize("head_dim", [128, 64, 200])
+def test_gpu_tiles_are_correct_with_a_narrow_window(head_dim, monkeypatch):
+    # WINDOW_TABLE's rows where they apply (head dim 128 half precision), the table's elsewhere; the window
+    # (37 keys back) crosses several of the GPU's blocks on these small inputs, left edges included.
+    seen = _as_on_a_gpu(monkeypatch)
+    q, k, v = make_qkv(1, 4, 2, 150, 190, head_dim, torch.float16)
+    check_against_reference(q, k, v, causal=True, window=(37, -1), backward="two-kernel")
+    assert seen and all(ok for _, ok in seen), f"a launch did not use the GPU's tile: {seen}"
+
+
 @pytest.mark.parametrize(
-    "kernel, override, head_dim",
-    [(kernel, override, d) for kernel, override in VARIANTS for d in (64, 128)],
-    ids=[f"tune{i}-{kernel}-d{d}" for i, (kernel, _) in enumerate(VARIANTS) for d in (64, 128)],
+    "kernel, override, head_dim, windowed",
+    CANDIDATES,
+    ids=[f"tune{i}-{c[0]}-d{c[2]}{'-window' if c[3] else ''}" for i, c in enumerate(CANDIDATES)],
 )
-def test_tuning_candidates_are_correct(kernel, override, head_dim, monkeypatch):
-    _as_on_a_gpu(monkeypatch, {kernel: override})
+def test_tuning_candidates_are_correct(kernel, override, head_dim, windowed, monkeypatch):
+    _as_on_a_gpu(monkeypatch, {kernel: dict(override)})
     check_against_reference(
         *make_qkv(1, 4, 2, 150, 190, head_dim, torch.float16),
         causal=True,
+        window=(37, -1) if windowed else (-1, -1),
         backward="two-kernel" if kernel in ("dq", "dkdv") else "one-pass",
     )
 
@@ -134,6 +155,18 @@ def test_config_choice_rules():
     ):
         assert cfg["num_warps"] == 8
     assert configs.select("fwd", 64, "half", dropout=False, interpret=True) == configs.INTERPRETER["fwd"]._asdict()
+    # A narrow window's own rows: only where the table has one, without dropout, at whole-tile head dims.
+    window_row = configs.WINDOW_TABLE[("fwd", 128, "half")]._asdict()
+    assert configs.select("fwd", 128, "half", dropout=False, interpret=False, narrow=True) == window_row
+    assert configs.select("fwd", 128, "half", dropout=False, interpret=False) != window_row
+    assert configs.select("fwd", 128, "half", dropout=True, interpret=False, narrow=True) != window_row
+    assert configs.select("fwd", 120, "half", dropout=False, interpret=False, narrow=True) != window_row
+    assert configs.select("dq", 128, "half", dropout=False, interpret=False, narrow=True) == configs.select(
+        "dq", 128, "half", dropout=False, interpret=False
+    )
+    limit = configs.NARROW_WINDOW_KEYS
+    assert configs.narrow_window(limit - 1, 0) and configs.narrow_window(511, 0) and configs.narrow_window(100, 100)
+    assert not configs.narrow_window(limit, 0) and not configs.narrow_window(-1, 0) and not configs.narrow_window(5, -1)
     assert [configs.block_d(d) for d in (1, 16, 17, 64, 65, 256)] == [16, 16, 32, 64, 128, 256]
 
 
@@ -141,8 +174,10 @@ def test_every_tile_fits_the_dropout_bits():
     # The dropout bits are grouped by 16 rows and 16 keys: every tile edge must be a multiple of 16.
     for key, tile in list(configs.TABLE.items()) + list(configs.INTERPRETER.items()):
         assert tile.BLOCK_M % 16 == 0 and tile.BLOCK_N % 16 == 0, (key, tile)
-    for kernel, override in VARIANTS:
-        assert override["BLOCK_M"] % 16 == 0 and override["BLOCK_N"] % 16 == 0, (kernel, override)
+    for key, tile in configs.WINDOW_TABLE.items():
+        assert tile.BLOCK_M % 16 == 0 and tile.BLOCK_N % 16 == 0, (key, tile)
+    for kernel, override, *_ in CANDIDATES:
+        assert dict(override)["BLOCK_M"] % 16 == 0 and dict(override)["BLOCK_N"] % 16 == 0, (kernel, override)
 
 
 def test_every_kernel_has_a_row_for_every_class_and_precision():
