@@ -72,6 +72,7 @@ KERNELS = {
     "_attn_bwd_dq": fa,
     "_attn_bwd_kv": fa,
     "_attn_bwd_preprocess": fa,
+    "_round_tf32_kernel": fa,
     "_attn_fwd_tma": hopper,
     "_append_kv": decode,
     "_decode_fwd": decode,

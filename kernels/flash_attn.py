@@ -89,14 +89,46 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 def _tf32(x, ROUND_TF32: tl.constexpr):
     """A float32 matmul operand rounded to TF32's 10-bit mantissa, to nearest (ties away), as cuBLAS rounds
     its operands. Unrounded, the tensor cores drop the low 13 bits: a one-sided truncation, 3.5-4x the error
-    of cuBLAS-TF32 attention (H200, run 4). Applied to the operands a program holds in registers anyway (its
-    own q, dO, k, v tile; P and dS): rounding the tiles streamed through shared memory would take them
-    through registers too, which spilled at head dim 128 (bench/NOTES.md, with the emulation of both).
-    Float32 is sign and magnitude, so adding half of the dropped unit to the bits rounds both signs."""
+    of cuBLAS-TF32 attention (H200, run 4). Applied here to what a program makes in registers (P and dS; its
+    own q, dO, k, v tile); the inputs themselves are rounded once before the launch (``round_tf32``), since
+    rounding the tiles streamed through shared memory in the kernels spilled at head dim 128 (bench/NOTES.md).
+    Float32 is sign and magnitude, so adding half of the dropped unit to the bits rounds both signs; a NaN
+    stays itself (its payload could otherwise carry into the sign)."""
     if ROUND_TF32:
         bits = x.to(tl.int32, bitcast=True)
-        x = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = ~0x1FFF: clear the low 13 bits
+        rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = ~0x1FFF: the low 13 bits
+        x = tl.where(x != x, x, rounded)
     return x
+
+
+@triton.jit
+def _round_tf32_kernel(
+    X, Y, stride_xz, stride_xh, stride_xm, stride_xk, H, N, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Y (contiguous (B, H, N, D)) = X (any strides) with every element rounded by ``_tf32``."""
+    off_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides may pass 2^31
+    off_h = tl.program_id(1)
+    off_z = tl.program_id(2)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (off_m[:, None] < N) & (offs_d[None, :] < head_dim)
+    x_base = X + off_z.to(tl.int64) * stride_xz + off_h.to(tl.int64) * stride_xh
+    x = tl.load(x_base + off_m[:, None] * stride_xm + offs_d[None, :] * stride_xk, mask=mask)
+    y_base = Y + (off_z.to(tl.int64) * H + off_h) * N * head_dim
+    tl.store(y_base + off_m[:, None] * head_dim + offs_d[None, :], _tf32(x, True), mask=mask)
+
+
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """A float32 (B, H, N, D) tensor's values rounded to TF32 as cuBLAS rounds matmul operands (a contiguous
+    copy, one read and one write): the TF32 kernels' inputs, so that the tiles they stream through shared
+    memory, which the tensor cores would truncate, hold TF32 values already (GPU, TF32 allowed)."""
+    B, H, N, D = t.shape
+    out = torch.empty((B, H, N, D), dtype=t.dtype, device=t.device)
+    if out.numel():
+        block_m = max(1, 4096 // configs.block_d(D))
+        _round_tf32_kernel[(triton.cdiv(N, block_m), H, B)](
+            t, out, *t.stride(), H, N, D, BLOCK_M=block_m, BLOCK_D=configs.block_d(D)
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -868,6 +900,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile:
     lse = torch.empty((B, H, N_Q), dtype=torch.float32, device=q.device)
     seed = new_seed(q.device, spec.dropout_p)
     kwargs = _launch_kwargs("fwd", q, spec, tile)
+    if kwargs["ROUND_TF32"]:
+        q, k, v = round_tf32(q), round_tf32(k), round_tf32(v)
     grid = (triton.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)
     _attn_fwd[grid](
         q, k, v, o, lse, seed,
@@ -909,8 +943,11 @@ def backward(
     per_lane = block_d <= configs.PER_LANE_BITS_MAX_BLOCK_D if per_lane_bits is None else per_lane_bits
     if one_pass is None:
         one_pass = not spec.deterministic and configs.one_pass_backward(spec.dropout_p > 0, N_K)
+    # Gradients in their inputs' layouts; float32 dQ in q's for the one pass (for float32 inputs, dQ itself).
+    dq = torch.empty_like(q) if not one_pass else torch.empty_like(q, dtype=torch.float32)
+    if _plan(None, D, q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5])["ROUND_TF32"]:
+        q, k, v, do = round_tf32(q), round_tf32(k), round_tf32(v), round_tf32(do)  # as the forward's inputs
     if not one_pass:
-        dq = torch.empty_like(q)
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
         kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
         _attn_bwd_dq[(triton.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)](
@@ -921,8 +958,7 @@ def backward(
         )  # fmt: skip
         dq_buf, kernel = dq, "dkdv"
     else:
-        # float32 in q's memory layout: for float32 inputs it is dQ itself, no conversion.
-        dq_buf = torch.empty_like(q, dtype=torch.float32)
+        dq_buf = dq
         _attn_bwd_preprocess[(triton.cdiv(N_Q, 64), H, B)](
             o, do, dq_buf, delta, *o.stride(), *do.stride(), *dq_buf.stride(), H, N_Q, D,
             BLOCK_D=block_d, BLOCK_M=64,

@@ -86,10 +86,10 @@ def test_gpu_tiles_are_correct(case, backward, monkeypatch):
     assert seen and all(ok for _, ok in seen), f"a launch did not use the GPU's tile: {seen}"
 
 
-@pytest.mark.parametrize("head_dim", [128, 64, 200])
+@pytest.mark.parametrize("head_dim", [128, 64, 256, 200])
 def test_gpu_tiles_are_correct_with_a_narrow_window(head_dim, monkeypatch):
-    # WINDOW_TABLE's rows where they apply (head dim 128 half precision), the table's elsewhere; the window
-    # (37 keys back) crosses several of the GPU's blocks on these small inputs, left edges included.
+    # WINDOW_TABLE's rows where they apply (half precision, whole-tile head dims), the table's elsewhere (200:
+    # element-wise loads); the window (37 keys back) crosses several of the GPU's blocks, left edges included.
     seen = _as_on_a_gpu(monkeypatch)
     q, k, v = make_qkv(1, 4, 2, 150, 190, head_dim, torch.float16)
     check_against_reference(q, k, v, causal=True, window=(37, -1), backward="two-kernel")

@@ -409,6 +409,27 @@ def test_tf32_rounding_is_round_to_nearest_ties_away():
         assert (y.cpu().view(torch.int32) & 0x1FFF).eq(0).all()  # exactly representable in TF32
         _round_tf32_kernel[(1,)](x, y, x.numel(), ROUND_TF32=False)
         assert torch.equal(y, x)  # off: the operand as it is
+        # NaNs stay NaN whatever their payload (adding to the bits of 0x7FFFFFFF would carry into the sign).
+        nan_bits = torch.tensor([0x7FC00000, 0x7FFFFFFF, 0x7FFFF000, -1, -(2**31) | 0x7F800001], dtype=torch.int32)
+        nans = nan_bits.view(torch.float32).to(DEVICE)
+        out = torch.empty_like(nans)
+        _round_tf32_kernel[(1,)](nans, out, nans.numel(), ROUND_TF32=True)
+        assert torch.equal(out.cpu().view(torch.int32), nan_bits)
+
+
+def test_round_tf32_rounds_strided_inputs_as_the_kernels_do():
+    # The launchers' TF32 inputs, rounded once before the kernels: every element by _tf32's rule, whatever the
+    # strides (the layers' transposed views), head dims off powers of two, rows past one block.
+    x = torch.randn(2, 70, 3, 40, device=DEVICE).transpose(1, 2)  # (B, H, N, D), not contiguous
+    x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    y = fa.round_tf32(x)
+    assert y.shape == x.shape and y.is_contiguous()
+    xb = x.cpu().contiguous().view(torch.int32)
+    expected = (((xb & 0x7FFFFFFF) + 0x1000) & ~0x1FFF) | (xb & -(2**31))
+    finite = torch.isfinite(x.cpu().contiguous())
+    assert torch.equal(y.cpu().view(torch.int32)[finite], expected[finite])
+    assert y[0, 0, 0, 0].isnan() and y[0, 0, 0, 1] == float("inf") and y[0, 0, 0, 2] == -float("inf")
+    assert fa.round_tf32(x[:, :, :0]).shape == (2, 3, 0, 40)
 
 
 def test_tf32_follows_torch_setting(monkeypatch):
