@@ -4,15 +4,15 @@
 #
 #   tests     the GPU suite: compiled kernels (both backwards, windows, decode, the Hopper forward experiments,
 #             TF32 against cuBLAS), the benchmarks' smoke runs with real CUDA graphs
-#   host      host path per call at the GPT-2 shape, median of five rounds (run 3's deterministic row read
-#             688 us of host time, its plain forward 117 against 66 for the same call: check it first, the
-#             two-kernel backward is the default now); HOST_PARTS=host,variants adds the forward variants
+#   host      host path per call at the GPT-2 shape (measured / host-only, median of five rounds / CUDA-graph
+#             device time); HOST_PARTS=host,variants adds the Hopper forward variants
 #   sweep     the attention core against every SDPA backend: bf16/fp16 at head dims 64 and 128 first
 #   window    window 512 at N 16k against full causal, FlexAttention, SDPA masks; Qwen3 / Gemma 3 blocks
-#   tune      tiles against the table's rows, same run: the window's short loops first, then forward and
-#             backward at head dims 64 / 128 (bench/tune.py; each variant's output checked against the table's)
+#   tune      tiles against the table's rows, same run: the window's short loops first, the head-dim-256
+#             backward (one pass against two kernels), then forward and backward at head dims 64 / 128
+#             (bench/tune.py; each variant's output checked against the table's)
+#   e2e       the GPT-2 training step (python -m bench; E2E_PARTS=layers,e2e adds the chapter layers on real text)
 #   dropout   dropout 0.1's cost against SDPA's at the GPT-2 shape and N 8192 (bench/dropout_cost.py)
-#   e2e       the chapter layers on real text and the GPT-2 training step (python -m bench)
 #   decode    the KV-cache decode kernel's GB/s against SDPA and FlexAttention (bench/decode.py)
 #   splits    the decode kernel at multiples of its heuristic's split count
 #   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included, and a
@@ -28,7 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-"tests host sweep window tune dropout e2e decode splits generate"}
+STAGES=${STAGES:-"tests host sweep window tune e2e dropout decode splits generate"}
 RES="$OUT/results"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -60,16 +60,16 @@ stage tests "${TESTS_LIMIT:-120}" $PY -m pytest ${TESTS:-tests} -v -n 16 -p no:c
 grep -E "(FAILED|ERROR) " "$RES/tests.log" | head -20 | tee -a "$OUT/summary.log"
 stage host "${HOST_LIMIT:-40}" $PY -m bench.host --parts "${HOST_PARTS:-host}" --json "$RES/host.json"
 # shellcheck disable=SC2086
-stage sweep "${SWEEP_LIMIT:-100}" $PY -m bench --parts sweep --budget "${SWEEP_BUDGET:-80}" --no-progress \
+stage sweep "${SWEEP_LIMIT:-95}" $PY -m bench --parts sweep --budget "${SWEEP_BUDGET:-75}" --no-progress \
   --out "$RES/sweep" --seq-lens 1024,2048,4096,8192,16384 \
   --providers ours,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,chapter ${BENCH_ARGS:-}
-stage window "${WINDOW_LIMIT:-45}" $PY -m bench.window --json "$RES/window.json"
+stage window "${WINDOW_LIMIT:-60}" $PY -m bench.window --json "$RES/window.json"
 stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-45}" --json "$RES/tune.json" ${TUNE_ARGS:-}
+stage e2e "${E2E_LIMIT:-55}" $PY -m bench --parts "${E2E_PARTS:-e2e}" --out "$RES/e2e" --no-progress
 stage dropout "${DROPOUT_LIMIT:-35}" $PY -m bench.dropout_cost --json "$RES/dropout.json"
-stage e2e "${E2E_LIMIT:-50}" $PY -m bench --parts layers,e2e --out "$RES/e2e" --no-progress
 stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json"
 stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json"
-stage generate "${GENERATE_LIMIT:-50}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
+stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"

@@ -127,15 +127,19 @@ _TMA_KERNELS = ("fwd_tma",)
 
 
 # Which backward runs: the two-kernel one (dQ, then dK/dV; deterministic) or the one pass (dK/dV per key tile,
-# dQ by float32 atomics, the dropout mask made once). The two kernels were faster at every shape measured
-# without dropout, and with dropout from 4096 keys on; the one pass with dropout at 1024 keys, where making
-# the mask once matters most (H100, run 3: bench/NOTES.md).
+# dQ by float32 atomics, the dropout mask made once). At head dims 64 and 128 the two kernels were faster at
+# every shape measured without dropout, and with dropout from 4096 keys on; the one pass with dropout at 1024
+# keys, where making the mask once matters most (H100, run 3: bench/NOTES.md). At head dim 256 (Gemma 3) the
+# second kernel's recomputed Q K^T and dO V^T are twice as long and every tile spills: Gemma 3's local block
+# trained in 6.38 ms with the one pass (run 3) and 8.43 ms with the two kernels (run 6), the book's 6.6; so
+# the one pass there (a prediction for bench.tune's "backward D256" experiment on the next GPU run).
 ONE_PASS_MAX_KEYS_WITH_DROPOUT = 1024
+ONE_PASS_MIN_BLOCK_D = 256
 
 
-def one_pass_backward(dropout: bool, n_keys: int) -> bool:
+def one_pass_backward(dropout: bool, n_keys: int, head_dim: int) -> bool:
     """Whether a backward that need not be deterministic runs in one pass."""
-    return dropout and n_keys <= ONE_PASS_MAX_KEYS_WITH_DROPOUT
+    return block_d(head_dim) >= ONE_PASS_MIN_BLOCK_D or (dropout and n_keys <= ONE_PASS_MAX_KEYS_WITH_DROPOUT)
 
 
 def block_d(head_dim: int) -> int:

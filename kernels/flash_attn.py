@@ -942,7 +942,7 @@ def backward(
     tiles = tiles or {}
     per_lane = block_d <= configs.PER_LANE_BITS_MAX_BLOCK_D if per_lane_bits is None else per_lane_bits
     if one_pass is None:
-        one_pass = not spec.deterministic and configs.one_pass_backward(spec.dropout_p > 0, N_K)
+        one_pass = not spec.deterministic and configs.one_pass_backward(spec.dropout_p > 0, N_K, D)
     # Gradients in their inputs' layouts; float32 dQ in q's for the one pass (for float32 inputs, dQ itself).
     dq = torch.empty_like(q) if not one_pass else torch.empty_like(q, dtype=torch.float32)
     if _plan(None, D, q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5])["ROUND_TF32"]:

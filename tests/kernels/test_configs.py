@@ -164,6 +164,10 @@ def test_config_choice_rules():
     assert configs.select("dq", 128, "half", dropout=False, interpret=False, narrow=True) == configs.select(
         "dq", 128, "half", dropout=False, interpret=False
     )
+    # The backward's path: the one pass at head dims padded to 256, or with dropout on short sequences.
+    assert configs.one_pass_backward(False, 4096, 256) and configs.one_pass_backward(False, 100, 200)
+    assert not configs.one_pass_backward(False, 4096, 128) and not configs.one_pass_backward(False, 100, 64)
+    assert configs.one_pass_backward(True, 1024, 64) and not configs.one_pass_backward(True, 1025, 64)
     limit = configs.NARROW_WINDOW_KEYS
     assert configs.narrow_window(limit - 1, 0) and configs.narrow_window(511, 0) and configs.narrow_window(100, 100)
     assert not configs.narrow_window(limit, 0) and not configs.narrow_window(-1, 0) and not configs.narrow_window(5, -1)
