@@ -142,6 +142,17 @@ def one_pass_backward(dropout: bool, n_keys: int, head_dim: int) -> bool:
     return block_d(head_dim) >= ONE_PASS_MIN_BLOCK_D or (dropout and n_keys <= ONE_PASS_MAX_KEYS_WITH_DROPOUT)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' host arithmetic: ``triton.cdiv`` is a constexpr function there, 2 us a
+    call, and the decode kernel's split heuristic called it 250 times per step (bench/NOTES.md)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), without ``triton.next_power_of_2``'s call cost."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def block_d(head_dim: int) -> int:
     """The padded head dim: tl.dot needs every dimension >= 16; the load masks zero-pad the rest."""
     return max(16, 1 << (head_dim - 1).bit_length())

@@ -285,13 +285,14 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and called on every decode step with the same few arguments
 def num_splits_heuristic(programs: int, num_sms: int, num_blocks: int, max_splits: int = MAX_SPLITS) -> int:
     """FlashAttention's wave efficiency: the fewest splits whose last wave is within 85% of the best
     fill of ``num_sms``; no split when the programs already fill 80% of the GPU."""
     if programs >= 0.8 * num_sms:
         return 1
     max_splits = max(1, min(max_splits, num_sms, num_blocks))
-    eligible = lambda s: s == 1 or triton.cdiv(num_blocks, s) != triton.cdiv(num_blocks, s - 1)
+    eligible = lambda s: s == 1 or configs.cdiv(num_blocks, s) != configs.cdiv(num_blocks, s - 1)
     efficiency = {}
     for s in range(1, max_splits + 1):
         if eligible(s):
@@ -316,7 +317,7 @@ def split_count(programs: int, num_sms: int, num_blocks: int, block_n: int, bloc
     if splits > 1 and block_d <= NARROW_HEAD_DIM:
         while (
             programs * splits < 2 * num_sms
-            and triton.cdiv(num_blocks, 2 * splits) * block_n >= MIN_KEYS_PER_SPLIT
+            and configs.cdiv(num_blocks, 2 * splits) * block_n >= MIN_KEYS_PER_SPLIT
             and 2 * splits <= MAX_SPLITS
         ):
             splits *= 2
@@ -475,7 +476,7 @@ def _append_triton(k_cache, v_cache, k, v, cache_seqlens) -> None:
     # Rows of k and v per program: 16 KB of float32 per tensor at most (64 rows of head dim 64; at head dim 256
     # the 64 rows held 64 KB per tensor and spilled 256 B per thread, bench/sm90.py).
     block_n = 16 if fa.INTERPRET else max(16, 4096 // configs.block_d(D))
-    _append_kv[(triton.cdiv(n_new, block_n), B * H_KV)](
+    _append_kv[(configs.cdiv(n_new, block_n), B * H_KV)](
         k, v, k_cache, v_cache, cache_seqlens if tensor else k, 0 if tensor else cache_seqlens,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         H_KV, n_new, D,
@@ -499,15 +500,15 @@ def plan(B: int, H_KV: int, rows: int, max_len: int, D: int, precision: str, num
     ``max_len`` keys; ``num_splits`` 0 leaves the split count to ``split_count``."""
     tile = configs.select("decode", D, precision, dropout=False, interpret=fa.INTERPRET)
     block_n = tile["BLOCK_N"]
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    row_tiles = triton.cdiv(rows, block_m)
-    num_blocks = max(1, triton.cdiv(max_len, block_n))
+    block_m = min(64, max(16, configs.next_power_of_2(rows)))
+    row_tiles = configs.cdiv(rows, block_m)
+    num_blocks = max(1, configs.cdiv(max_len, block_n))
     if num_splits == 0:
         sms = 4 if fa.INTERPRET else _num_sms(device_index)
         num_splits = split_count(B * H_KV * row_tiles, sms, num_blocks, block_n, configs.block_d(D))
     num_splits = max(1, min(num_splits, num_blocks, MAX_SPLITS))
-    keys_per_split = triton.cdiv(num_blocks, num_splits) * block_n
-    num_splits = triton.cdiv(max(max_len, 1), keys_per_split)
+    keys_per_split = configs.cdiv(num_blocks, num_splits) * block_n
+    num_splits = configs.cdiv(max(max_len, 1), keys_per_split)
     return Plan(tile, block_m, row_tiles, num_splits, keys_per_split)
 
 
@@ -540,7 +541,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int,
     )  # fmt: skip
     if split:
         block_r = 16
-        _decode_combine[(triton.cdiv(B * H * N_Q, block_r),)](
+        _decode_combine[(configs.cdiv(B * H * N_Q, block_r),)](
             out, o_part, lse_part, *out.stride(), B * H * N_Q, H, N_Q, num_splits, D,
             BLOCK_R=block_r, BLOCK_D=block_d, UPCAST=flags["UPCAST"],
         )  # fmt: skip

@@ -125,7 +125,7 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty((B, H, N, D), dtype=t.dtype, device=t.device)
     if out.numel():
         block_m = max(1, 4096 // configs.block_d(D))
-        _round_tf32_kernel[(triton.cdiv(N, block_m), H, B)](
+        _round_tf32_kernel[(configs.cdiv(N, block_m), H, B)](
             t, out, *t.stride(), H, N, D, BLOCK_M=block_m, BLOCK_D=configs.block_d(D)
         )
     return out
@@ -902,7 +902,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile:
     kwargs = _launch_kwargs("fwd", q, spec, tile)
     if kwargs["ROUND_TF32"]:
         q, k, v = round_tf32(q), round_tf32(k), round_tf32(v)
-    grid = (triton.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)
+    grid = (configs.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)
     _attn_fwd[grid](
         q, k, v, o, lse, seed,
         spec.softmax_scale * _LOG2E, keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
@@ -950,7 +950,7 @@ def backward(
     if not one_pass:
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
         kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
-        _attn_bwd_dq[(triton.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)](
+        _attn_bwd_dq[(configs.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)](
             q, k, v, o, do, dq, lse, delta, seed, *scales,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
             H, H // H_KV, N_Q, N_K,
@@ -959,13 +959,13 @@ def backward(
         dq_buf, kernel = dq, "dkdv"
     else:
         dq_buf = dq
-        _attn_bwd_preprocess[(triton.cdiv(N_Q, 64), H, B)](
+        _attn_bwd_preprocess[(configs.cdiv(N_Q, 64), H, B)](
             o, do, dq_buf, delta, *o.stride(), *do.stride(), *dq_buf.stride(), H, N_Q, D,
             BLOCK_D=block_d, BLOCK_M=64,
         )  # fmt: skip
         kernel = "bwd"
     kwargs = _launch_kwargs(kernel, q, spec, tiles.get(kernel))
-    _attn_bwd_kv[(triton.cdiv(N_K, kwargs["BLOCK_N"]), H_KV, B)](
+    _attn_bwd_kv[(configs.cdiv(N_K, kwargs["BLOCK_N"]), H_KV, B)](
         q, k, v, do, dq_buf, dk, dv, lse, delta, seed, *scales,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq_buf.stride(), *dk.stride(), *dv.stride(),
         H, H // H_KV, N_Q, N_K,

@@ -241,7 +241,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, variant: st
         triton.set_allocator(_interpreter_allocator)
     else:
         _ensure_allocator()
-    num_m = triton.cdiv(N_Q, cfg["BLOCK_M"])
+    num_m = configs.cdiv(N_Q, cfg["BLOCK_M"])
     persistent = variant == "tma_persistent"
     if persistent:
         # The interpreter's 4 make tests cross programs; an offline compile (bench/sm90.py) has no GPU: an H100's.
