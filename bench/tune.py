@@ -39,6 +39,7 @@ EXPERIMENTS = [
             ("dq", T(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)),
             ("dkdv", T(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
             ("dkdv", T(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)),
+            ("bwd", T(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)),  # the one pass at its table tile
         ],
     ),
     (

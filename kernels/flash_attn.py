@@ -92,8 +92,9 @@ def _tf32(x, ROUND_TF32: tl.constexpr):
     of cuBLAS-TF32 attention (H200, run 4). Applied here to what a program makes in registers (P and dS; its
     own q, dO, k, v tile); the inputs themselves are rounded once before the launch (``round_tf32``), since
     rounding the tiles streamed through shared memory in the kernels spilled at head dim 128 (bench/NOTES.md).
-    Float32 is sign and magnitude, so adding half of the dropped unit to the bits rounds both signs; a NaN
-    stays itself (its payload could otherwise carry into the sign)."""
+    Float32 is sign and magnitude, so adding half of the dropped unit to the bits rounds both signs. A NaN
+    stays itself: the GPU's NaN from arithmetic is 0x7FFFFFFF, whose rounded bits would carry into the sign
+    and read -0.0 (a NaN in P or dS silently zero)."""
     if ROUND_TF32:
         bits = x.to(tl.int32, bitcast=True)
         rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = ~0x1FFF: the low 13 bits
