@@ -93,6 +93,9 @@ def test_gpu_tiles_are_correct_with_a_narrow_window(head_dim, monkeypatch):
     seen = _as_on_a_gpu(monkeypatch)
     q, k, v = make_qkv(1, 4, 2, 150, 190, head_dim, torch.float16)
     check_against_reference(q, k, v, causal=True, window=(37, -1), backward="two-kernel")
+    # Two-sided and not causal (narrow too), more queries than keys: rows past the keys' end, right edges.
+    q, k, v = make_qkv(1, 2, 1, 130, 90, head_dim, torch.float16)
+    check_against_reference(q, k, v, causal=False, window=(21, 40), backward="one-pass")
     assert seen and all(ok for _, ok in seen), f"a launch did not use the GPU's tile: {seen}"
 
 
