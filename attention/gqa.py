@@ -15,13 +15,14 @@ from torch import nn
 
 from attention import fused
 from attention.kv_cache import KVCacheMixin
-from attention.reference import _check_groups, _check_rank, _check_width, in_features
+from attention.reference import _check_rank, _check_width, in_features, init_group_heads
+from kernels import configs
 
 MIN_CACHE = 256  # positions allocated at the first cached call (then doubled as needed)
 
 
 def growing_capacity(needed: int) -> int:
-    return max(MIN_CACHE, 1 << (needed - 1).bit_length())
+    return max(MIN_CACHE, configs.next_power_of_2(needed))
 
 
 class GroupedQueryAttention(KVCacheMixin, nn.Module):
@@ -36,16 +37,7 @@ class GroupedQueryAttention(KVCacheMixin, nn.Module):
         qkv_bias: bool = False,
     ):
         super().__init__()
-        _check_groups(num_heads, num_kv_groups, d_out)
-        self.d_out = d_out
-        self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
-        self.W_key = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=qkv_bias, dtype=dtype)
-        self.W_value = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=qkv_bias, dtype=dtype)
-        self.num_kv_groups = num_kv_groups
-        self.group_size = num_heads // num_kv_groups
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias, dtype=dtype)
-        self.out_proj = nn.Linear(d_out, d_out, bias=False, dtype=dtype)
+        init_group_heads(self, d_in, d_out, num_heads, num_kv_groups, qkv_bias, dtype)
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)

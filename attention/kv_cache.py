@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from attention import fused
-from attention.reference import _check_context, _check_heads, _check_rank, _check_width, in_features
+from attention.reference import _check_context, _check_rank, _check_width, in_features, init_heads
 from kernels import flash_attention_with_kvcache
 
 # New tokens per cached call up to which the decode kernel runs; a longer chunk (a prompt) is a prefill.
@@ -112,15 +112,7 @@ class MultiHeadAttention(KVCacheMixin, nn.Module):
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
     ):
         super().__init__()
-        _check_heads(d_out, num_heads)
-        self.d_out = d_out
-        self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
+        init_heads(self, d_in, d_out, num_heads, dropout, qkv_bias)
         self.register_buffer(
             "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1), persistent=False
         )

@@ -7,23 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attention.reference import _check_groups
+from attention.reference import init_group_heads
 from attention.rope import RopeAttentionMixin, attend_with_mask
 
 
 class GroupedQueryAttention(RopeAttentionMixin, nn.Module):
     def __init__(self, d_in: int, d_out: int, num_heads: int, num_kv_groups: int, dtype: torch.dtype | None = None):
         super().__init__()
-        _check_groups(num_heads, num_kv_groups, d_out)
-        self.d_out = d_out
-        self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
-        self.W_key = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=False, dtype=dtype)
-        self.W_value = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=False, dtype=dtype)
-        self.num_kv_groups = num_kv_groups
-        self.group_size = num_heads // num_kv_groups
-        self.W_query = nn.Linear(d_in, d_out, bias=False, dtype=dtype)
-        self.out_proj = nn.Linear(d_out, d_out, bias=False, dtype=dtype)
+        init_group_heads(self, d_in, d_out, num_heads, num_kv_groups, False, dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[0], x.shape[1]

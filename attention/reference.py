@@ -64,6 +64,37 @@ def _check_groups(num_heads: int, num_kv_groups: int, d_out: int | None = None) 
         raise ValueError(f"num_heads {num_heads} must be divisible by num_kv_groups {num_kv_groups}")
 
 
+def init_heads(module: nn.Module, d_in: int, d_out: int, num_heads: int, dropout: float, qkv_bias: bool) -> None:
+    """The chapter's multi-head projections and dropout, in its order (the state_dict's keys follow it): for
+    MultiHeadAttention and the book's layers built like it (the KV-cache and sliding-window classes)."""
+    _check_heads(d_out, num_heads)
+    module.d_out = d_out
+    module.num_heads = num_heads
+    module.head_dim = d_out // num_heads
+    module.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+    module.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+    module.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+    module.out_proj = nn.Linear(d_out, d_out)
+    module.dropout = nn.Dropout(dropout)
+
+
+def init_group_heads(
+    module: nn.Module, d_in: int, d_out: int, num_heads: int, num_kv_groups: int, qkv_bias: bool, dtype
+) -> None:
+    """The bonus chapters' grouped-query projections in the book's order (key, value, query, output), for its
+    GroupedQueryAttention (ch04/04_gqa) and Llama 3.2's."""
+    _check_groups(num_heads, num_kv_groups, d_out)
+    module.d_out = d_out
+    module.num_heads = num_heads
+    module.head_dim = d_out // num_heads
+    module.W_key = nn.Linear(d_in, num_kv_groups * module.head_dim, bias=qkv_bias, dtype=dtype)
+    module.W_value = nn.Linear(d_in, num_kv_groups * module.head_dim, bias=qkv_bias, dtype=dtype)
+    module.num_kv_groups = num_kv_groups
+    module.group_size = num_heads // num_kv_groups
+    module.W_query = nn.Linear(d_in, d_out, bias=qkv_bias, dtype=dtype)
+    module.out_proj = nn.Linear(d_out, d_out, bias=False, dtype=dtype)
+
+
 def simplified_self_attention(x: torch.Tensor) -> torch.Tensor:
     """Step 1 (section 3.3): attention of the inputs with themselves, no weights and no scaling."""
     _check_rank(x, 2, "(num_tokens, d)", "simplified_self_attention")
@@ -161,15 +192,7 @@ class MultiHeadAttention(nn.Module):
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
     ):
         super().__init__()
-        _check_heads(d_out, num_heads)
-        self.d_out = d_out
-        self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
+        init_heads(self, d_in, d_out, num_heads, dropout, qkv_bias)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

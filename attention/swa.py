@@ -15,7 +15,7 @@ from torch import nn
 from attention import fused
 from attention.gqa import growing_capacity
 from attention.kv_cache import KVCacheMixin
-from attention.reference import _check_heads, _check_rank, _check_width, in_features
+from attention.reference import _check_rank, _check_width, in_features, init_heads
 
 
 def window_of(sliding_window_size: int | None) -> tuple[int, int]:
@@ -40,15 +40,7 @@ class MultiHeadAttentionWithSWA(KVCacheMixin, nn.Module):
         sliding_window_size: int | None = None,
     ):
         super().__init__()
-        _check_heads(d_out, num_heads)
-        self.d_out = d_out
-        self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
+        init_heads(self, d_in, d_out, num_heads, dropout, qkv_bias)
         self.sliding_window_size = sliding_window_size
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)

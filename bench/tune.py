@@ -150,14 +150,17 @@ def run_launchers(q, k, v, spec, *, tile=None, tiles=None, per_lane_bits=None, o
 
 
 def time_launchers(q, k, v, spec, device, *, tile=None, tiles=None, per_lane_bits=None, one_pass=None):
-    """Median ms of the forward launcher, and of the backward launcher alone (on the forward's outputs)."""
+    """Median ms of the forward launcher and of the backward launcher alone (on the forward's outputs), and
+    the results (out, dq, dk, dv) to compare between tiles."""
     fwd = measure(lambda: fa.forward(q, k, v, spec, tile=tile), device).ms
-    _, (o, lse, seed, do) = run_launchers(q, k, v, spec, tile=tile, tiles=tiles, one_pass=one_pass)
+    results, (o, lse, seed, do) = run_launchers(
+        q, k, v, spec, tile=tile, tiles=tiles, per_lane_bits=per_lane_bits, one_pass=one_pass
+    )
 
     def bwd():
         fa.backward(do, q, k, v, o, lse, seed, spec, tiles=tiles, per_lane_bits=per_lane_bits, one_pass=one_pass)
 
-    return fwd, measure(bwd, device).ms
+    return fwd, measure(bwd, device).ms, results
 
 
 def max_diff(a, b) -> float:
@@ -177,8 +180,7 @@ def configs_experiment(device: str, experiments, deadline: float, on_row) -> lis
         q, k, v = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(3))
         spec = fa.Spec(True, 0.0, D**-0.5, left, right)
         where = dict(experiment=title, B=B, H=H, N=N, D=D, window=[left, right])
-        base_fwd, base_bwd = time_launchers(q, k, v, spec, device)
-        reference, _ = run_launchers(q, k, v, spec)
+        base_fwd, base_bwd, reference = time_launchers(q, k, v, spec, device)
         shape = f"bf16 B{B} H{H} N{N} D{D} window {left, right}"
         print(f"\n{title}: {shape}: table fwd {base_fwd:.3f} ms, bwd {base_bwd:.3f} ms")
         rows.append(dict(where, variant="table", fwd_ms=base_fwd, bwd_ms=base_bwd))
@@ -189,8 +191,8 @@ def configs_experiment(device: str, experiments, deadline: float, on_row) -> lis
                 return rows
             chosen = dict(tile=tile) if kernel == "fwd" else dict(tiles={kernel: tile}, one_pass=kernel == "bwd")
             try:
-                f, b = time_launchers(q, k, v, spec, device, **chosen)
-                diff = max_diff(run_launchers(q, k, v, spec, **chosen)[0], reference)
+                f, b, results = time_launchers(q, k, v, spec, device, **chosen)
+                diff = max_diff(results, reference)
             except Exception as err:  # a tile that does not compile (shared memory) is a result too
                 print(f"  {kernel:<5} {tile}: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
                 rows.append(dict(where, kernel=kernel, variant=tile, error=str(err)[:200]))
@@ -212,7 +214,7 @@ def dropout_bits_experiment(device: str, shapes) -> list[dict]:
         table = configs.block_d(D) <= configs.PER_LANE_BITS_MAX_BLOCK_D
         for one_pass in (False, True):
             for per_lane in (True, False):
-                _, b = time_launchers(q, k, v, spec, device, per_lane_bits=per_lane, one_pass=one_pass)
+                _, b, _ = time_launchers(q, k, v, spec, device, per_lane_bits=per_lane, one_pass=one_pass)
                 path = "one-pass" if one_pass else "two-kernel"
                 mark = " (table)" if per_lane == table else ""
                 print(f"dropout 0.1 D{D} N{N} {path}: bits per lane {per_lane}{mark}: bwd {b:.3f} ms")

@@ -155,7 +155,7 @@ def next_power_of_2(n: int) -> int:
 
 def block_d(head_dim: int) -> int:
     """The padded head dim: tl.dot needs every dimension >= 16; the load masks zero-pad the rest."""
-    return max(16, 1 << (head_dim - 1).bit_length())
+    return max(16, next_power_of_2(head_dim))
 
 
 def precision(dtype: torch.dtype, allow_tf32: bool) -> str:

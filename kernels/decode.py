@@ -25,6 +25,7 @@ fused attention with a per-batch mask.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -297,7 +298,7 @@ def num_splits_heuristic(programs: int, num_sms: int, num_blocks: int, max_split
     for s in range(1, max_splits + 1):
         if eligible(s):
             waves = programs * s / num_sms
-            efficiency[s] = waves / -(-waves // 1)
+            efficiency[s] = waves / math.ceil(waves)
     best = max(efficiency.values())
     return min(s for s, e in efficiency.items() if e >= 0.85 * best)
 

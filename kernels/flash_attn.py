@@ -946,31 +946,28 @@ def backward(
         one_pass = not spec.deterministic and configs.one_pass_backward(spec.dropout_p > 0, N_K, D)
     # Gradients in their inputs' layouts; float32 dQ in q's for the one pass (for float32 inputs, dQ itself).
     dq = torch.empty_like(q) if not one_pass else torch.empty_like(q, dtype=torch.float32)
-    if _plan(None, D, q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5])["ROUND_TF32"]:
+    kernel = "bwd" if one_pass else "dkdv"
+    kwargs = _launch_kwargs(kernel, q, spec, tiles.get(kernel))
+    if kwargs["ROUND_TF32"]:
         q, k, v, do = round_tf32(q), round_tf32(k), round_tf32(v), round_tf32(do)  # as the forward's inputs
     if not one_pass:
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
-        kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
-        _attn_bwd_dq[(configs.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)](
+        dq_kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
+        _attn_bwd_dq[(configs.cdiv(N_Q, dq_kwargs["BLOCK_M"]), H, B)](
             q, k, v, o, do, dq, lse, delta, seed, *scales,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
             H, H // H_KV, N_Q, N_K,
-            **kwargs,
+            **dq_kwargs,
         )  # fmt: skip
-        dq_buf, kernel = dq, "dkdv"
     else:
-        dq_buf = dq
         _attn_bwd_preprocess[(configs.cdiv(N_Q, 64), H, B)](
-            o, do, dq_buf, delta, *o.stride(), *do.stride(), *dq_buf.stride(), H, N_Q, D,
+            o, do, dq, delta, *o.stride(), *do.stride(), *dq.stride(), H, N_Q, D,
             BLOCK_D=block_d, BLOCK_M=64,
         )  # fmt: skip
-        kernel = "bwd"
-    kwargs = _launch_kwargs(kernel, q, spec, tiles.get(kernel))
     _attn_bwd_kv[(configs.cdiv(N_K, kwargs["BLOCK_N"]), H_KV, B)](
-        q, k, v, do, dq_buf, dk, dv, lse, delta, seed, *scales,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq_buf.stride(), *dk.stride(), *dv.stride(),
+        q, k, v, do, dq, dk, dv, lse, delta, seed, *scales,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         H, H // H_KV, N_Q, N_K,
         **kwargs, PER_LANE=per_lane, DQ_ATOMIC=one_pass,
     )  # fmt: skip
-    dq = dq_buf if dq_buf.dtype == q.dtype else dq_buf.to(q.dtype)
-    return dq, dk, dv
+    return (dq if dq.dtype == q.dtype else dq.to(q.dtype)), dk, dv
