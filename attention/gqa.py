@@ -46,6 +46,12 @@ class GroupedQueryAttention(KVCacheMixin, nn.Module):
     def _cache_capacity(self, needed: int) -> int:
         return growing_capacity(needed)
 
+    def _book_view(self, store: torch.Tensor) -> torch.Tensor:
+        return store[:, : self._cache_len].transpose(1, 2)  # the book's (b, kv_heads, T, hd)
+
+    def _from_book(self, cache: torch.Tensor) -> torch.Tensor:
+        return cache.transpose(1, 2)
+
     def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
         _check_width(x, in_features(self.W_query), type(self).__name__)

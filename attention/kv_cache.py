@@ -20,52 +20,101 @@ from torch import nn
 
 from attention import fused
 from attention.reference import _check_context, _check_rank, _check_width, in_features, init_heads
+from attention.rope import DECODE_MAX_TOKENS  # new tokens per cached call up to which the decode kernel runs
 from kernels import flash_attention_with_kvcache
-
-# New tokens per cached call up to which the decode kernel runs; a longer chunk (a prompt) is a prefill.
-DECODE_MAX_TOKENS = 16
 
 
 class KVCacheMixin:
     """A key/value cache allocated once and written in place, for layers with ``cache_k``/``cache_v`` buffers
-    and a ``ptr_current_pos``. ``cache_k[:, :self._cache_len]`` holds the keys of positions
-    ``[self._cache_start, self._cache_start + self._cache_len)``, in the book's ``(b, T, heads, head_dim)`` layout."""
+    and a ``ptr_current_pos``.
+
+    The storage, ``_k_store``/``_v_store`` ``(b, capacity, kv_heads, head_dim)``, holds the keys and values of
+    positions ``[_cache_start, _cache_start + _cache_len)`` in its first ``_cache_len`` rows. The book's buffers
+    ``cache_k``/``cache_v`` are republished after every cached call as views of the storage (no copy) showing
+    exactly what the book's layer holds at that point: the same shape, layout and values (``_book_view``). A
+    cache the layer did not publish (the book's own, adopted by ``swap_attention``; one moved by
+    ``module.to()``; one a reader assigned) is taken over at the next cached call; ``None`` empties it."""
 
     _cache_start = 0
     _cache_len = 0
+    _k_store = None
+    _v_store = None
+    _published = (None, None)  # the cache_k, cache_v objects this layer last set
 
     def _cache_capacity(self, needed: int) -> int:
         """Positions to allocate for ``needed`` cached positions; raise if the layer cannot hold them."""
         raise NotImplementedError
 
+    def _book_view(self, store: torch.Tensor) -> torch.Tensor:
+        """What the book's layer holds, from the storage: its first ``_cache_len`` rows in (b, T, heads, hd)."""
+        return store[:, : self._cache_len]
+
+    def _from_book(self, cache: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``_book_view``'s layout: the book's cache as (b, T, kv_heads, hd)."""
+        return cache
+
+    def cache_storage(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The preallocated ``(b, capacity, kv_heads, head_dim)`` key and value storage (None before the first
+        cached call): for callers that drive ``flash_attention_with_kvcache`` themselves (a CUDA graph)."""
+        self._sync_cache()
+        return None if self._k_store is None else (self._k_store, self._v_store)
+
     def _reset_kv(self) -> None:
         self.cache_k, self.cache_v = None, None
+        self._k_store = self._v_store = None
+        self._published = (None, None)
         self._cache_start = self._cache_len = 0
+
+    def _publish(self) -> None:
+        k, v = self._book_view(self._k_store), self._book_view(self._v_store)
+        self.cache_k, self.cache_v = k, v
+        self._published = (k, v)
+
+    def _sync_cache(self) -> None:
+        """Take over a cache this layer did not publish (see the class docstring)."""
+        k, v = self._buffers.get("cache_k"), self._buffers.get("cache_v")
+        if k is self._published[0] and v is self._published[1]:
+            return
+        if k is None or v is None:  # emptied by the reader (the book's reset assigns None)
+            self._k_store = self._v_store = None
+            self._cache_start, self._cache_len = self.ptr_current_pos, 0
+        else:  # copied into storage of our own: a tensor someone else may hold is never written
+            keys, values = self._from_book(k), self._from_book(v)
+            length = keys.shape[1]
+            capacity = self._cache_capacity(max(length, 1))
+            self._k_store, self._v_store = self._allocate(keys, capacity), self._allocate(values, capacity)
+            self._k_store[:, :length] = keys
+            self._v_store[:, :length] = values
+            self._cache_start, self._cache_len = self.ptr_current_pos - length, length
+        self._published = (k, v)
+
+    @staticmethod
+    def _allocate(like: torch.Tensor, capacity: int) -> torch.Tensor:
+        b, _, heads, head_dim = like.shape
+        return like.new_empty((b, capacity, heads, head_dim))  # (b, T, heads, hs)
 
     def _reserve(self, keys_new: torch.Tensor, needed: int) -> None:
         """Room for ``needed`` positions, in keys_new's batch, dtype and device; existing entries move along."""
-        cache = self.cache_k
+        store = self._k_store
         fits = (
-            cache is not None
-            and cache.shape[0] == keys_new.shape[0]
-            and cache.dtype == keys_new.dtype
-            and cache.device == keys_new.device
-            and cache.shape[2:] == keys_new.shape[2:]
+            store is not None
+            and store.shape[0] == keys_new.shape[0]
+            and store.dtype == keys_new.dtype
+            and store.device == keys_new.device
+            and store.shape[2:] == keys_new.shape[2:]
         )
-        if fits and cache.shape[1] >= needed and self._cache_len <= cache.shape[1]:
+        if fits and store.shape[1] >= needed:
             return
-        if cache is not None and not fits:
+        if store is not None and not fits:
             # A new batch, dtype or device: the book would fail (or silently mix) here; start over.
             self._cache_start, self._cache_len = self.ptr_current_pos, 0
+            needed = keys_new.shape[1]
         capacity = self._cache_capacity(needed)
-        b, _, heads, head_dim = keys_new.shape
-        new_k = keys_new.new_empty((b, capacity, heads, head_dim))  # (b, T, heads, hs)
-        new_v = keys_new.new_empty((b, capacity, heads, head_dim))
-        if fits and self._cache_len:
-            # One that outgrew its room, or the book's own (grown by torch.cat; adopted by swap_attention).
-            new_k[:, : self._cache_len] = cache[:, : self._cache_len]
-            new_v[:, : self._cache_len] = self.cache_v[:, : self._cache_len]
-        self.cache_k, self.cache_v = new_k, new_v
+        new_k, new_v = self._allocate(keys_new, capacity), self._allocate(keys_new, capacity)
+        if fits and self._cache_len:  # one that outgrew its room: the entries move along
+            new_k[:, : self._cache_len] = store[:, : self._cache_len]
+            new_v[:, : self._cache_len] = self._v_store[:, : self._cache_len]
+        self._k_store, self._v_store = new_k, new_v
 
     def _cache_attend(
         self, queries: torch.Tensor, keys_new: torch.Tensor, values_new: torch.Tensor, dropout_p: float, window
@@ -74,10 +123,11 @@ class KVCacheMixin:
 
         queries (b, heads, n, hs); keys_new, values_new (b, n, kv_heads, hs). Returns (b, heads, n, hs)."""
         n = keys_new.shape[1]
+        self._sync_cache()
         self._make_room(n)
         self._reserve(keys_new, self._cache_len + n)
         length = self._cache_len
-        k_cache, v_cache = self.cache_k.transpose(1, 2), self.cache_v.transpose(1, 2)  # (b, kv_heads, T, hs)
+        k_cache, v_cache = self._k_store.transpose(1, 2), self._v_store.transpose(1, 2)  # (b, kv_heads, T, hs)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys_new, values_new))
         if n <= DECODE_MAX_TOKENS and dropout_p == 0.0 and not needs_grad:
             context = flash_attention_with_kvcache(
@@ -95,10 +145,11 @@ class KVCacheMixin:
                 keys, values = k_cache[:, :, : length + n], v_cache[:, :, : length + n]
             context = fused._attend(queries, keys, values, causal=True, dropout_p=dropout_p, window_size=window)
             if needs_grad:
-                self.cache_k[:, length : length + n] = keys_new.detach()
-                self.cache_v[:, length : length + n] = values_new.detach()
+                self._k_store[:, length : length + n] = keys_new.detach()
+                self._v_store[:, length : length + n] = values_new.detach()
         self._cache_len = length + n
         self.ptr_current_pos += n
+        self._publish()
         return context
 
     def _make_room(self, n: int) -> None:

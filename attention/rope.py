@@ -19,7 +19,10 @@ from torch import nn
 
 from attention import fused
 from attention.reference import _check_rank
+from kernels import flash_attention_with_kvcache
 from kernels.masks import visible_mask
+
+DECODE_MAX_TOKENS = 16  # new tokens per call up to which a cached step runs the decode kernel (as kv_cache's)
 
 _warned_masks: set[str] = set()
 
@@ -78,7 +81,11 @@ def mask_rule(mask: torch.Tensor) -> tuple[bool, tuple[int, int]] | None:
     """(causal, window) when ``mask`` (True: hidden) is exactly a rule the kernel has, else None.
 
     Recognised: all visible; causal (bottom-right when it is not square); causal with a window of the last
-    W keys (Gemma 3's local mask, ch04/06's). Remembered on the tensor for its current version."""
+    W keys (Gemma 3's local mask, ch04/06's); each also with leading singleton dimensions (the pkg's cached
+    models pass ``mask[None, None]``). Remembered on the tensor for its current version; a tensor made under
+    ``torch.inference_mode()`` has no version counter to check against, so its rule is read on every call."""
+    if mask.is_inference():
+        return _read_rule(mask)
     verdict = getattr(mask, "_attention_rule", None)
     if verdict is not None and verdict[0] == mask._version:
         return verdict[1]
@@ -88,8 +95,9 @@ def mask_rule(mask: torch.Tensor) -> tuple[bool, tuple[int, int]] | None:
 
 
 def _read_rule(mask: torch.Tensor) -> tuple[bool, tuple[int, int]] | None:
-    if mask.dtype != torch.bool or mask.dim() != 2 or 0 in mask.shape:
+    if mask.dtype != torch.bool or mask.dim() < 2 or 0 in mask.shape or any(s != 1 for s in mask.shape[:-2]):
         return None
+    mask = mask.reshape(mask.shape[-2:])  # (1, 1, n, N): the cached models' broadcast form
     n_q, n_k = mask.shape
     seen = ~mask
     if bool(seen.all()):
@@ -122,12 +130,26 @@ def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, layer: str) -> torch.Tensor:
+    """``attend_with_mask`` for a step against a whole cache (k, v hold every position so far, the queries
+    the newest): a few new tokens without gradients go through the split-KV decode kernel."""
+    rule = mask_rule(mask) if isinstance(mask, torch.Tensor) else None
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if rule is None or q.shape[2] > DECODE_MAX_TOKENS or needs_grad or q.shape[2] > k.shape[2]:
+        return attend_with_mask(q, k, v, mask, scale, layer)
+    causal, window = rule
+    return flash_attention_with_kvcache(
+        q, k, v, cache_seqlens=k.shape[2], causal=causal, softmax_scale=scale, window_size=window,
+        backend=fused.current_backend_for_decode(),
+    )  # fmt: skip
+
+
 class RopeAttentionMixin:
     """The forward of the bonus models' grouped-query attention: projections, optional QK-norm, RoPE, and
     one kernel call with the query heads of a group reading their key/value head (no repeat_interleave)."""
 
-    def _qkv_rope(self, x, cos, sin, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (b, heads, n, head_dim) and keys (b, kv_heads, n, head_dim) normed and rotated, and values."""
+    def _qkv_normed(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (b, heads, n, head_dim), keys and values (b, kv_heads, n, head_dim), QK-normed, not rotated."""
         _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
         heads = {"W_query": self.num_heads, "W_key": self.num_kv_groups, "W_value": self.num_kv_groups}
         queries, keys, values = (
@@ -137,6 +159,9 @@ class RopeAttentionMixin:
             queries = self.q_norm(queries)
         if getattr(self, "k_norm", None) is not None:
             keys = self.k_norm(keys)
-        queries = apply_rope(queries, cos, sin, offset)
-        keys = apply_rope(keys, cos, sin, offset)
         return queries, keys, values
+
+    def _qkv_rope(self, x, cos, sin, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_qkv_normed`` with queries and keys rotated for the positions offset + [0, n)."""
+        queries, keys, values = self._qkv_normed(x)
+        return apply_rope(queries, cos, sin, offset), apply_rope(keys, cos, sin, offset), values

@@ -4,7 +4,8 @@ Same constructor (``d_in, d_out, dropout, num_heads, qkv_bias=False, sliding_win
 buffers and ``forward(x, use_cache=False)``; ``sliding_window_size`` may be changed after construction (the
 book's GPTModel sets it per layer). Query i sees keys i - W < j <= i: the kernels' window ``(W - 1, 0)``,
 whose tiles outside the window are never visited. The cache is written in place; with a window it keeps
-what the next queries can still see and drops the rest when full, as the book keeps the last W keys.
+what the next queries can still see and drops the rest when full. ``cache_k``/``cache_v`` show what the
+book's layer holds: the last W keys and values.
 """
 
 from __future__ import annotations
@@ -50,17 +51,22 @@ class MultiHeadAttentionWithSWA(KVCacheMixin, nn.Module):
         w = self.sliding_window_size
         return growing_capacity(max(needed, 2 * w if w else 0))
 
+    def _book_view(self, store: torch.Tensor) -> torch.Tensor:
+        # The book keeps the last W keys (all of them without a window).
+        w = self.sliding_window_size
+        return store[:, max(0, self._cache_len - w) if w else 0 : self._cache_len]
+
     def _make_room(self, n: int) -> None:
         # With a window, the next n queries need the last W - 1 keys; a full cache drops the older ones
         # (one copy of W - 1 rows every ~W tokens, not a torch.cat per token).
         w = self.sliding_window_size
-        cache = self.cache_k
-        if w is None or cache is None or self._cache_len + n <= cache.shape[1]:
+        store = self._k_store
+        if w is None or store is None or self._cache_len + n <= store.shape[1]:
             return
         keep = min(self._cache_len, w - 1)
         drop = self._cache_len - keep
         if drop:
-            for t in (self.cache_k, self.cache_v):
+            for t in (self._k_store, self._v_store):
                 t[:, :keep] = t[:, drop : self._cache_len].clone()
             self._cache_start += drop
             self._cache_len = keep

@@ -7,16 +7,20 @@ code, or ours from ``attention.reference``):
 |----------------------------------------|------------------------------|------------------------------------|
 | chapter 3                              | the five chapter classes     | ``attention.<name>``               |
 | ch04/03_kv-cache                       | ``MultiHeadAttention`` (KV)  | ``attention.kv_cache``             |
+| ch04/03_kv-cache (optimized)           | ``MultiHeadAttention``       | ``attention.kv_cache_optimized``   |
 | ch04/04_gqa                            | ``GroupedQueryAttention``    | ``attention.gqa``                  |
 | ch04/06_swa                            | ``MultiHeadAttentionWithSWA``| ``attention.swa``                  |
 | Llama 3.2 (pkg llama3.py)              | ``GroupedQueryAttention``    | ``attention.llama3``               |
 | Qwen3 (pkg qwen3.py)                   | ``GroupedQueryAttention``    | ``attention.qwen3``                |
 | Gemma 3 (ch05/12_gemma3)               | ``GroupedQueryAttention``    | ``attention.gemma3``               |
+| pkg kv_cache gpt2.py                   | ``MultiHeadAttention``       | ``attention.kv_cache_pkg``         |
+| pkg kv_cache llama3.py, qwen3.py       | ``GroupedQueryAttention``    | ``attention.kv_cache_pkg``         |
+| Gemma 3 with a KV cache (notebook)     | ``GroupedQueryAttention``    | ``attention.kv_cache_pkg``         |
 
 Projections may be any module that maps the same widths (the book's LoRA wrapper, quantized linears):
-the fused layers call them as the book's code does. The pkg package's cached variants whose forward
-takes ``(..., start_pos, cache)`` and returns ``(context, next_cache)`` keep their cache in the caller;
-they are refused with that reason.
+the fused layers call them as the book's code does. The pkg package's cached variants, whose forward takes
+``(..., start_pos, cache)`` and returns ``(context, next_cache)`` with the cache held by the caller, keep that
+contract; its batched variant (``kv_cache_batched``: per-sequence positions and caches) is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import warnings
 import torch
 from torch import nn
 
-from attention import fused, gemma3, gqa, kv_cache, llama3, qwen3, reference, swa
+from attention import fused, gemma3, gqa, kv_cache, kv_cache_optimized, kv_cache_pkg, llama3, qwen3, reference, swa
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +46,16 @@ _CHAPTER = {
 }
 FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     kv_cache.MultiHeadAttention,
+    kv_cache_optimized.MultiHeadAttention,
     gqa.GroupedQueryAttention,
     swa.MultiHeadAttentionWithSWA,
     llama3.GroupedQueryAttention,
     qwen3.GroupedQueryAttention,
     gemma3.GroupedQueryAttention,
+    kv_cache_pkg.MultiHeadAttention,
+    kv_cache_pkg.Llama3GroupedQueryAttention,
+    kv_cache_pkg.Qwen3GroupedQueryAttention,
+    kv_cache_pkg.Gemma3GroupedQueryAttention,
 )
 
 
@@ -85,6 +94,13 @@ _KINDS = {
         buffers=("mask", "cache_k", "cache_v"),
         attrs=("d_out", "num_heads", "head_dim", "ptr_current_pos"),
     ),
+    "kvopt:MultiHeadAttention": _Kind(
+        "ch04/03_kv-cache optimized",
+        kv_cache_optimized.MultiHeadAttention,
+        children=_PROJECTIONS + ("out_proj", "dropout"),
+        buffers=("cache_k", "cache_v"),
+        attrs=("d_out", "num_heads", "head_dim", "window_size", "max_seq_len"),
+    ),
     "gqa:GroupedQueryAttention": _Kind(
         "ch04/04_gqa",
         gqa.GroupedQueryAttention,
@@ -119,6 +135,32 @@ _KINDS = {
         optional_children=("q_norm", "k_norm"),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups", "scaling"),
     ),
+    "pkgkv:MultiHeadAttention": _Kind(
+        "pkg kv_cache gpt2.py",
+        kv_cache_pkg.MultiHeadAttention,
+        children=_PROJECTIONS + ("out_proj", "dropout"),
+        attrs=("d_out", "num_heads", "head_dim"),
+    ),
+    "pkgkv:llama3": _Kind(
+        "pkg kv_cache llama3.py",
+        kv_cache_pkg.Llama3GroupedQueryAttention,
+        children=_PROJECTIONS + ("out_proj",),
+        attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+    ),
+    "pkgkv:qwen3": _Kind(
+        "pkg kv_cache qwen3.py",
+        kv_cache_pkg.Qwen3GroupedQueryAttention,
+        children=_PROJECTIONS + ("out_proj",),
+        optional_children=("q_norm", "k_norm"),
+        attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+    ),
+    "pkgkv:gemma3": _Kind(
+        "Gemma 3 with a KV cache",
+        kv_cache_pkg.Gemma3GroupedQueryAttention,
+        children=_PROJECTIONS + ("out_proj",),
+        optional_children=("q_norm", "k_norm"),
+        attrs=("d_out", "num_heads", "head_dim", "num_kv_groups", "scaling"),
+    ),
 }
 _NAMES = {"MultiHeadAttention", "GroupedQueryAttention", "MultiHeadAttentionWithSWA", *_CHAPTER}
 
@@ -141,15 +183,24 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
     if isinstance(module, FUSED_CLASSES) or cls.__name__ not in _NAMES:
         return None
     args = _forward_args(module)
-    if "start_pos" in args or "cache" in args:
-        raise _refuse(
-            name,
-            module,
-            "its forward takes (..., start_pos, cache) and returns (context, next_cache): the caller holds the "
-            "cache (the book's pkg kv_cache variant). Use the cached layer of ch04/03 (forward(x, use_cache)), "
-            "whose cache lives in the layer, or kernels.flash_attention_with_kvcache directly",
-        )
+    if "start_pos" in args or "cache" in args:  # the pkg's variants: the caller holds the cache
+        if "batched" in cls.__module__:
+            raise _refuse(
+                name,
+                module,
+                "the pkg's kv_cache_batched variant (per-sequence positions and caches) is not supported; its "
+                "kv_cache variant (one position for the batch) is",
+            )
+        if cls.__name__ == "MultiHeadAttention":
+            return "pkgkv:MultiHeadAttention"
+        if cls.__name__ == "GroupedQueryAttention":
+            if hasattr(module, "scaling"):
+                return "pkgkv:gemma3"
+            return "pkgkv:qwen3" if hasattr(module, "q_norm") else "pkgkv:llama3"
+        raise _refuse(name, module, "a forward with (start_pos, cache) that is not one of the pkg's KV-cache layers")
     if cls.__name__ == "MultiHeadAttention":
+        if "mask" not in module._buffers and "cache_k" in module._buffers and hasattr(module, "window_size"):
+            return "kvopt:MultiHeadAttention"  # the optimized variant: a preallocated rolling cache, no mask
         return "kv:MultiHeadAttention" if "use_cache" in args or "cache_k" in module._buffers else "MultiHeadAttention"
     if cls.__name__ == "GroupedQueryAttention":
         if "use_cache" in args or "cache_k" in module._buffers:
@@ -231,12 +282,22 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
     _check_projection(name, module, "W_key", d_in, kv_heads * head_dim)
     _check_projection(name, module, "W_value", d_in, kv_heads * head_dim)
     if "out_proj" in kind.children:  # back to d_out (the chapter, ch04) or to d_in (Qwen3, Gemma 3)
-        back = d_in if key in ("qwen3:GroupedQueryAttention", "gemma3:GroupedQueryAttention") else d_out
+        qwen_like = ("qwen3:GroupedQueryAttention", "gemma3:GroupedQueryAttention", "pkgkv:qwen3", "pkgkv:gemma3")
+        back = d_in if key in qwen_like else d_out
         _check_projection(name, module, "out_proj", d_out, back)
     if "dropout" in kind.children and type(module.dropout) is not nn.Dropout:
         raise _refuse(name, module, "dropout is not nn.Dropout")
     if "mask" in kind.buffers:
         _check_mask(name, module)
+    if key == "kvopt:MultiHeadAttention":
+        w = module.window_size
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise _refuse(name, module, f"window_size must be a positive int, got {w!r}")
+        cache = module._buffers["cache_k"]
+        want = (module.num_heads, w, head_dim)
+        if cache is not None and (cache.dim() != 4 or tuple(cache.shape[1:]) != want):
+            shape = tuple(cache.shape)
+            raise _refuse(name, module, f"its cache has shape {shape}, expected (b, heads, window, head_dim) = {want}")
     if key == "MultiHeadAttentionWithSWA":
         try:
             swa.window_of(module.sliding_window_size)
@@ -250,19 +311,6 @@ def _check_mask(name: str, module: nn.Module) -> None:
     causal = torch.triu(torch.ones(n, n, device=mask.device), diagonal=1) if n >= 0 else None
     if causal is None or mask.shape != causal.shape or not torch.equal(mask.bool(), causal.bool()):
         raise _refuse(name, module, "its mask buffer is not the chapter's causal triu(ones, 1)")
-
-
-def _adopt_cache(module: nn.Module, key: str) -> None:
-    """A cache the book's layer was filling moves into the fused layer's bookkeeping (ch04/04 keeps it as
-    (b, heads, T, hd); the others as (b, T, heads, hd), the fused layers' layout)."""
-    cache_k, cache_v = module._buffers.get("cache_k"), module._buffers.get("cache_v")
-    if cache_k is None or cache_v is None:
-        return
-    if key == "gqa:GroupedQueryAttention":
-        cache_k, cache_v = cache_k.transpose(1, 2).contiguous(), cache_v.transpose(1, 2).contiguous()
-        module.cache_k, module.cache_v = cache_k, cache_v
-    module._cache_len = cache_k.shape[1]
-    module._cache_start = module.ptr_current_pos - cache_k.shape[1]
 
 
 def fused_layers(model: nn.Module) -> list[str]:
@@ -292,8 +340,7 @@ def swap_attention(model: nn.Module) -> nn.Module:
         target = _KINDS[key].target
         old = type(module).__qualname__
         log.info("swap_attention: %s: %s -> %s.%s", name or "<root>", old, target.__module__, target.__qualname__)
-        module.__class__ = target
-        _adopt_cache(module, key)
+        module.__class__ = target  # a cache the book's layer was filling is taken over at its next cached call
     log.info("swap_attention: %d layer(s) swapped", len(todo))
     if not todo and not fused_layers(model):
         seen = sorted(

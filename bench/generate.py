@@ -77,7 +77,7 @@ class GraphedDecoder:
     def _attend(self, att, h):
         b = h.shape[0]
         split = lambda name: getattr(att, name)(h).view(b, 1, att.num_heads, att.head_dim).transpose(1, 2)
-        k_cache, v_cache = att.cache_k.transpose(1, 2), att.cache_v.transpose(1, 2)  # (b, nh, T, hs)
+        k_cache, v_cache = (t.transpose(1, 2) for t in att.cache_storage())  # (b, nh, T_max, hs), preallocated
         context = flash_attention_with_kvcache(
             split("W_query"), k_cache, v_cache, split("W_key"), split("W_value"), cache_seqlens=self.pos, causal=True
         )  # (b, nh, 1, hs); appends this token's key and value at pos, in the graph

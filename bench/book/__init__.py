@@ -4,6 +4,8 @@ name and layout without importing ours. One module per book file, since the book
 (``MultiHeadAttention``, ``GroupedQueryAttention``) across them:
 
 - ``kv_cache``: ch04/03_kv-cache, chapter 4's GPT with a KV cache (``generate_text_simple_cached``);
+- ``kv_cache_optimized``: the same folder's optimized variant (a preallocated cache of ``kv_window_size``
+  entries that drops the oldest when full, the prompt prefilled in chunks);
 - ``gqa`` and ``swa``: ch04/04_gqa and ch04/06_swa, grouped-query and sliding-window attention with
   their KV caches;
 - ``llama3``, ``qwen3``, ``gemma3``: the bonus models' attention (RoPE, QK-norm, a sliding window on

@@ -60,6 +60,13 @@ def compare(ours, theirs, *inputs, tol=TOL):
 # ---------------------------------------------------------------------------------------------
 
 
+def same_cache(ours, theirs):
+    """The book's cache_k / cache_v buffers show the same tensors (shape, layout, values) on both layers."""
+    for mine, book_cache in ((ours.cache_k, theirs.cache_k), (ours.cache_v, theirs.cache_v)):
+        assert mine.shape == book_cache.shape
+        torch.testing.assert_close(mine, book_cache, **TOL)
+
+
 def test_gqa_outputs_gradients_and_cache(backend):
     ours, theirs = pair(gqa.GroupedQueryAttention, book_gqa.GroupedQueryAttention, 16, 16, 0.0, 4, 2, qkv_bias=True)
     compare(ours, theirs, torch.randn(2, 37, 16, device=DEVICE))
@@ -68,6 +75,7 @@ def test_gqa_outputs_gradients_and_cache(backend):
     with torch.no_grad():
         for a, b in ((0, 250), (250, 251), (251, 260), (260, 300)):
             torch.testing.assert_close(ours(x[:, a:b], use_cache=True), theirs(x[:, a:b], use_cache=True), **TOL)
+            same_cache(ours, theirs)  # (b, kv_heads, T, hd), as the book's
         ours(x[:, :5])  # a call without the cache resets it, as the book's does
         theirs(x[:, :5])
         assert ours.cache_k is None and ours.ptr_current_pos == theirs.ptr_current_pos == 0
@@ -84,6 +92,7 @@ def test_sliding_window_outputs_gradients_and_cache(window, backend):
         steps = [(0, 9)] + [(t, t + 1) for t in range(9, 60)] + [(60, 80)]
         for a, b in steps:
             torch.testing.assert_close(ours(x[:, a:b], use_cache=True), theirs(x[:, a:b], use_cache=True), **TOL)
+            same_cache(ours, theirs)  # the last W keys and values, as the book keeps
 
 
 def test_sliding_window_size_is_checked():
@@ -211,24 +220,3 @@ def test_swap_converts_each_bonus_class_and_keeps_outputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # these models now have fused layers: no "nothing swapped" warning
         attention.swap_attention(swapped)
-
-
-class CachedQwenAttention(nn.Module):
-    """The pkg kv_cache variant's shape: forward(x, mask, cos, sin, start_pos=0, cache=None) -> (out, cache)."""
-
-    def __init__(self):
-        super().__init__()
-        self.W_query, self.W_key, self.W_value, self.out_proj = (nn.Linear(8, 8) for _ in range(4))
-
-    def forward(self, x, mask, cos, sin, start_pos=0, cache=None):
-        return x, cache
-
-
-CachedQwenAttention.__name__ = "GroupedQueryAttention"
-
-
-def test_swap_refuses_the_caller_held_cache_variant_untouched():
-    model = nn.Sequential(book_llama3.GroupedQueryAttention(8, 8, 2, 1), CachedQwenAttention())
-    with pytest.raises(ValueError, match="caller holds the cache"):
-        attention.swap_attention(model)
-    assert type(model[0]) is book_llama3.GroupedQueryAttention, "a refused swap must leave the model as it was"

@@ -57,6 +57,9 @@ def test_cached_steps_match_the_book(backend):
             torch.testing.assert_close(
                 ours(x[:, a:b], use_cache=True), theirs(x[:, a:b], use_cache=True), atol=2e-5, rtol=1e-4
             )
+            # The book's buffers show what the book's layer holds: (b, T, heads, hd), T growing.
+            for mine, book_cache in ((ours.cache_k, theirs.cache_k), (ours.cache_v, theirs.cache_v)):
+                torch.testing.assert_close(mine, book_cache, atol=2e-5, rtol=1e-4)
         assert ours.ptr_current_pos == theirs.ptr_current_pos == 30
         # A call without the cache leaves it alone, as in the book.
         torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=1e-4)
@@ -69,15 +72,37 @@ def test_cache_is_allocated_once_and_written_in_place():
     x = torch.randn(1, 20, 12, device=DEVICE)
     with torch.no_grad():
         ours(x[:, :5], use_cache=True)
-        storage = ours.cache_k.data_ptr()
-        assert ours.cache_k.shape == (1, 40, 3, 4)  # (b, context_length, heads, head_dim): the book's layout
+        storage = ours.cache_storage()[0]
+        assert storage.shape == (1, 40, 3, 4)  # (b, context_length, heads, head_dim): the book's layout
         for t in range(5, 20):
             ours(x[:, t : t + 1], use_cache=True)
-        assert ours.cache_k.data_ptr() == storage, "the cache was reallocated (grown) during generation"
+            assert ours.cache_k.shape == (1, t + 1, 3, 4)  # a view of the first t + 1 rows, as the book's
+            assert ours.cache_k.data_ptr() == storage.data_ptr(), "the cache was reallocated during generation"
+        assert ours.cache_storage()[0] is storage
         ours.reset_cache()
-        assert ours.cache_k is None and ours.ptr_current_pos == 0
+        assert ours.cache_k is None and ours.cache_storage() is None and ours.ptr_current_pos == 0
         ours(x[:2, :3].expand(2, 3, 12).contiguous(), use_cache=True)  # a new batch size: a new cache
-        assert ours.cache_k.shape[0] == 2
+        assert ours.cache_k.shape == (2, 3, 3, 4)
+
+
+def test_a_cache_the_layer_did_not_publish_is_taken_over():
+    """The reader's own assignments (the book's reset assigns None), and a cache moved by module.to()."""
+    ours, theirs = pair()
+    ours.eval(), theirs.eval()
+    x = torch.randn(1, 20, 12, device=DEVICE)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m(x[:, :6], use_cache=True)
+            m.cache_k, m.cache_v = None, None  # emptied by hand; the position goes on, as in the book
+            m.ptr_current_pos = 0
+            m(x[:, 6:9], use_cache=True)
+        torch.testing.assert_close(ours.cache_k, theirs.cache_k, atol=2e-5, rtol=1e-4)
+        # A cache from elsewhere: a copy of the book's, assigned; then the whole layer converted and back.
+        ours.cache_k, ours.cache_v = theirs.cache_k.clone(), theirs.cache_v.clone()
+        ours.double().float()
+        step = ours(x[:, 9:10], use_cache=True)
+        torch.testing.assert_close(step, theirs(x[:, 9:10], use_cache=True), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.cache_v, theirs.cache_v, atol=2e-5, rtol=1e-4)
 
 
 def test_running_past_the_context_is_a_clear_error():

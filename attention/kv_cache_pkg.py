@@ -1,0 +1,109 @@
+"""The book's KV-cache layers whose caller holds the cache, fused: the package's (pkg ``llms_from_scratch.kv_cache``:
+gpt2.py, llama3.py, qwen3.py) and Gemma 3's (ch05/12_gemma3, standalone-gemma3-plus-kvcache).
+
+There the caller holds the cache: ``forward(..., start_pos, cache)`` takes the layer's previous
+``(keys, values)`` (``(b, kv_heads, T, head_dim)``, or None) and returns ``(context, next_cache)``, the cache
+grown by ``torch.cat`` (the model's ``KVCache`` keeps it per layer). These classes keep that contract exactly:
+same constructors, parameters, ``state_dict`` and forward signatures, the same ``next_cache`` tensors. What
+changes is the attention: one kernel call, no ``repeat_interleave`` copies, no dense mask (GPT-2's builds its
+causal mask itself; Llama 3.2's and Qwen3's models pass theirs in and it is read as in ``attention.rope``), and
+a step of a few tokens runs the split-KV decode kernel over the cache.
+
+The batched variant (``llms_from_scratch.kv_cache_batched``: per-sequence positions and a list of caches) is
+not converted: ``swap_attention`` refuses it, and a call in that form is a ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attention import fused, gemma3, llama3, qwen3
+from attention.reference import _check_rank, _check_width, in_features, init_heads
+from attention.rope import DECODE_MAX_TOKENS, apply_rope, attend_cached
+from kernels import flash_attention_with_kvcache
+
+
+def _check_call(layer: nn.Module, start_pos, cache) -> None:
+    if isinstance(start_pos, torch.Tensor) or (cache is not None and not isinstance(cache, tuple)):
+        raise TypeError(
+            f"{type(layer).__name__}: start_pos must be an int and cache a (keys, values) tuple or None, got "
+            f"{type(start_pos).__name__} and {type(cache).__name__} (per-sequence positions and caches, the pkg's "
+            "kv_cache_batched form, are not supported)"
+        )
+
+
+def _grow(cache, keys_new: torch.Tensor, values_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache is None:
+        return keys_new, values_new
+    prev_k, prev_v = cache
+    return torch.cat([prev_k, keys_new], dim=2), torch.cat([prev_v, values_new], dim=2)
+
+
+class MultiHeadAttention(nn.Module):
+    """pkg kv_cache/gpt2.py's MultiHeadAttention: ``forward(x, use_cache=False, start_pos=0, cache=None)`` ->
+    ``(context, next_cache)``; ``next_cache`` is None without ``use_cache``."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias=False):
+        super().__init__()
+        init_heads(self, d_in, d_out, num_heads, dropout, qkv_bias)
+
+    def forward(self, x: torch.Tensor, use_cache: bool = False, start_pos: int = 0, cache=None):
+        _check_rank(x, 3, "(batch, num_tokens, d_in)", type(self).__name__)
+        _check_width(x, in_features(self.W_query), type(self).__name__)
+        _check_call(self, start_pos, cache)
+        b, n, _ = x.shape
+        split = lambda name: fused.project_heads(self, x, name, self.num_heads).transpose(1, 2)  # (b, nh, T, hs)
+        keys, values, queries = split("W_key"), split("W_value"), split("W_query")
+        next_cache = None
+        if use_cache:
+            keys, values = next_cache = _grow(cache, keys, values)
+        p = fused._dropout_p(self.dropout)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys, values))
+        if use_cache and n <= DECODE_MAX_TOKENS and p == 0.0 and not needs_grad:
+            context = flash_attention_with_kvcache(
+                queries, keys, values, cache_seqlens=keys.shape[2], causal=True,
+                backend=fused.current_backend_for_decode(),
+            )  # fmt: skip
+        else:  # the book's mask: causal, aligned to the newest keys (bottom-right)
+            context = fused._attend(queries, keys, values, causal=True, dropout_p=p)
+        return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out)), next_cache
+
+
+class _CallerCache:
+    """The pkg's grouped-query forward with the caller's cache, on top of a fused layer's projections."""
+
+    def forward(self, x: torch.Tensor, mask, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, cache=None):
+        _check_call(self, start_pos, cache)
+        b, n = x.shape[0], x.shape[1]
+        queries, keys, values = self._qkv_rope(x, cos, sin, start_pos)
+        keys, values = next_cache = _grow(cache, keys, values)
+        context = attend_cached(queries, keys, values, mask, self.head_dim**-0.5, type(self).__qualname__)
+        return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out)), next_cache
+
+
+class Llama3GroupedQueryAttention(_CallerCache, llama3.GroupedQueryAttention):
+    """pkg kv_cache/llama3.py's GroupedQueryAttention: ``forward(x, mask, cos, sin, start_pos=0, cache=None)``."""
+
+
+class Qwen3GroupedQueryAttention(_CallerCache, qwen3.GroupedQueryAttention):
+    """pkg kv_cache/qwen3.py's GroupedQueryAttention (QK-norm before RoPE): the same forward as Llama 3.2's."""
+
+
+class Gemma3GroupedQueryAttention(gemma3.GroupedQueryAttention):
+    """ch05/12_gemma3's KV-cache notebook: its cache holds the keys before RoPE, rotated after the concatenation
+    (from ``start_pos - len(cache)``); the scale from ``query_pre_attn_scalar``; the model's global and local
+    (sliding-window) masks read as the kernel's causal flag and window."""
+
+    def forward(self, x: torch.Tensor, mask, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, cache=None):
+        _check_call(self, start_pos, cache)
+        b, n = x.shape[0], x.shape[1]
+        queries, keys, values = self._qkv_normed(x)
+        prev_len = 0
+        if cache is not None and cache[0] is not None:
+            prev_len = cache[0].shape[2]
+        keys, values = next_cache = _grow(cache if prev_len else None, keys, values)  # unrotated, as the book's
+        queries = apply_rope(queries, cos, sin, start_pos)
+        rotated = apply_rope(keys, cos, sin, start_pos - prev_len)
+        context = attend_cached(queries, rotated, values, mask, self.scaling, type(self).__qualname__)
+        return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out)), next_cache
