@@ -67,7 +67,8 @@ class KVCacheMixin:
 
     def _publish(self) -> None:
         k, v = self._book_view(self._k_store), self._book_view(self._v_store)
-        self.cache_k, self.cache_v = k, v
+        buffers = self._buffers  # the registered buffers themselves: Module.__setattr__'s checks cost more here
+        buffers["cache_k"], buffers["cache_v"] = k, v
         self._published = (k, v)
 
     def _sync_cache(self) -> None:

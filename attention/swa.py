@@ -11,6 +11,7 @@ book's layer holds: the last W keys and values.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attention import fused
@@ -91,3 +92,37 @@ class MultiHeadAttentionWithSWA(KVCacheMixin, nn.Module):
     def reset_cache(self) -> None:
         self._reset_kv()
         self.ptr_current_pos = 0
+
+
+class MultiHeadAttention(MultiHeadAttentionWithSWA):
+    """The baseline both bonus folders compare against (ch04/04_gqa and ch04/06_swa, ``gpt_with_kv_mha.py``): the
+    KV-cache MultiHeadAttention without a mask buffer or a context length, ``(d_in, d_out, dropout, num_heads,
+    qkv_bias=False)``; the sliding-window layer without a window. The book places a cached call's queries at
+    ``ptr_current_pos`` and the cache's keys at ``0 .. T``; after a call without the cache (which resets the
+    position but not the cache) those stop being the newest-aligned causal rule, and such a call runs with the
+    book's own mask, unfused."""
+
+    sliding_window_size = None
+
+    def __init__(self, d_in: int, d_out: int, dropout: float, num_heads: int, qkv_bias: bool = False):
+        super().__init__(d_in, d_out, dropout, num_heads, qkv_bias)
+        del self.sliding_window_size  # not an attribute of the book's class: the class's None stands
+
+    def _cache_attend(self, queries, keys_new, values_new, dropout_p: float, window) -> torch.Tensor:
+        self._sync_cache()
+        if self.ptr_current_pos == self._cache_len:
+            return super()._cache_attend(queries, keys_new, values_new, dropout_p, window)
+        n = keys_new.shape[1]
+        self._reserve(keys_new, self._cache_len + n)
+        length = self._cache_len
+        keys = torch.cat([self._k_store[:, :length], keys_new], dim=1).transpose(1, 2)  # (b, nh, T, hs)
+        values = torch.cat([self._v_store[:, :length], values_new], dim=1).transpose(1, 2)
+        self._k_store[:, length : length + n] = keys_new.detach()
+        self._v_store[:, length : length + n] = values_new.detach()
+        q_pos = torch.arange(self.ptr_current_pos, self.ptr_current_pos + n, device=queries.device)
+        visible = q_pos[:, None] >= torch.arange(length + n, device=queries.device)[None, :]
+        context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, dropout_p=dropout_p)
+        self._cache_len = length + n
+        self.ptr_current_pos += n
+        self._publish()
+        return context

@@ -9,6 +9,7 @@ code, or ours from ``attention.reference``):
 | ch04/03_kv-cache                       | ``MultiHeadAttention`` (KV)  | ``attention.kv_cache``             |
 | ch04/03_kv-cache (optimized)           | ``MultiHeadAttention``       | ``attention.kv_cache_optimized``   |
 | ch04/04_gqa                            | ``GroupedQueryAttention``    | ``attention.gqa``                  |
+| ch04/04_gqa, 06_swa gpt_with_kv_mha    | ``MultiHeadAttention``       | ``attention.swa``                  |
 | ch04/06_swa                            | ``MultiHeadAttentionWithSWA``| ``attention.swa``                  |
 | Llama 3.2 (pkg llama3.py)              | ``GroupedQueryAttention``    | ``attention.llama3``               |
 | Qwen3 (pkg qwen3.py)                   | ``GroupedQueryAttention``    | ``attention.qwen3``                |
@@ -49,6 +50,7 @@ FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     kv_cache_optimized.MultiHeadAttention,
     gqa.GroupedQueryAttention,
     swa.MultiHeadAttentionWithSWA,
+    swa.MultiHeadAttention,
     llama3.GroupedQueryAttention,
     qwen3.GroupedQueryAttention,
     gemma3.GroupedQueryAttention,
@@ -100,6 +102,13 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj", "dropout"),
         buffers=("cache_k", "cache_v"),
         attrs=("d_out", "num_heads", "head_dim", "window_size", "max_seq_len"),
+    ),
+    "kvmha:MultiHeadAttention": _Kind(
+        "ch04/04_gqa and ch04/06_swa gpt_with_kv_mha",
+        swa.MultiHeadAttention,
+        children=_PROJECTIONS + ("out_proj", "dropout"),
+        buffers=("cache_k", "cache_v"),
+        attrs=("d_out", "num_heads", "head_dim", "ptr_current_pos"),
     ),
     "gqa:GroupedQueryAttention": _Kind(
         "ch04/04_gqa",
@@ -199,8 +208,10 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
             return "pkgkv:qwen3" if hasattr(module, "q_norm") else "pkgkv:llama3"
         raise _refuse(name, module, "a forward with (start_pos, cache) that is not one of the pkg's KV-cache layers")
     if cls.__name__ == "MultiHeadAttention":
-        if "mask" not in module._buffers and "cache_k" in module._buffers and hasattr(module, "window_size"):
-            return "kvopt:MultiHeadAttention"  # the optimized variant: a preallocated rolling cache, no mask
+        if "mask" not in module._buffers and "cache_k" in module._buffers:
+            if hasattr(module, "window_size"):
+                return "kvopt:MultiHeadAttention"  # the optimized variant: a preallocated rolling cache, no mask
+            return "kvmha:MultiHeadAttention"  # the bonus folders' baseline: a growing cache, no mask, no length
         return "kv:MultiHeadAttention" if "use_cache" in args or "cache_k" in module._buffers else "MultiHeadAttention"
     if cls.__name__ == "GroupedQueryAttention":
         if "use_cache" in args or "cache_k" in module._buffers:

@@ -95,6 +95,27 @@ def test_sliding_window_outputs_gradients_and_cache(window, backend):
             same_cache(ours, theirs)  # the last W keys and values, as the book keeps
 
 
+def test_the_bonus_folders_cached_baseline(backend):
+    """gpt_with_kv_mha.py's MultiHeadAttention: cached steps, its cache as the book's, gradients, and the book's
+    own positions after a call without the cache (which resets the position but keeps the cache)."""
+    ours, theirs = pair(swa.MultiHeadAttention, book_swa.MultiHeadAttention, 12, 12, 0.0, 3)
+    assert "sliding_window_size" not in vars(ours)  # an attribute the book's class does not have
+    compare(ours, theirs, torch.randn(2, 23, 12, device=DEVICE))
+    x = torch.randn(1, 40, 12, device=DEVICE)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        for a, b in [(0, 9)] + [(t, t + 1) for t in range(9, 20)] + [(20, 30)]:
+            torch.testing.assert_close(ours(x[:, a:b], use_cache=True), theirs(x[:, a:b], use_cache=True), **TOL)
+            same_cache(ours, theirs)  # (b, T, heads, hd), growing
+        torch.testing.assert_close(ours(x[:, :4]), theirs(x[:, :4]), **TOL)  # position back to 0, cache kept
+        for a, b in ((30, 33), (33, 34)):
+            torch.testing.assert_close(ours(x[:, a:b], use_cache=True), theirs(x[:, a:b], use_cache=True), **TOL)
+            same_cache(ours, theirs)
+    model = nn.Sequential(copy.deepcopy(theirs))
+    attention.swap_attention(model)
+    assert type(model[0]) is swa.MultiHeadAttention
+
+
 def test_sliding_window_size_is_checked():
     layer = swa.MultiHeadAttentionWithSWA(8, 8, 0.0, 2, sliding_window_size=0).to(DEVICE)
     with pytest.raises(ValueError, match="sliding_window_size"):
