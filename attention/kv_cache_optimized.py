@@ -38,6 +38,10 @@ class MultiHeadAttention(nn.Module):
         init_heads(self, d_in, d_out, num_heads, dropout, qkv_bias)
         self.max_seq_len = max_seq_len or context_length
         self.window_size = window_size or self.max_seq_len
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
+            raise ValueError(
+                f"window_size (or max_seq_len, context_length) must be a positive int, got {self.window_size!r}"
+            )
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
 

@@ -34,9 +34,24 @@ def _check_call(layer: nn.Module, start_pos, cache) -> None:
 
 
 def _grow(cache, keys_new: torch.Tensor, values_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caller's cache with this call's keys and values appended (the book's torch.cat), checked first."""
     if cache is None:
         return keys_new, values_new
+    if len(cache) != 2:
+        raise ValueError(f"cache must be a (keys, values) pair, got a tuple of {len(cache)}")
     prev_k, prev_v = cache
+    for name, prev, new in (("keys", prev_k, keys_new), ("values", prev_v, values_new)):
+        if not isinstance(prev, torch.Tensor):
+            raise TypeError(f"cached {name} must be a tensor, got {type(prev).__name__}")
+        if prev.dim() != 4 or prev.shape[:2] != new.shape[:2] or prev.shape[3] != new.shape[3]:
+            raise ValueError(
+                f"cached {name} have shape {tuple(prev.shape)}; this call's are {tuple(new.shape)} "
+                "(batch, kv_heads, tokens, head_dim): batch, heads and head_dim must match"
+            )
+        if prev.dtype != new.dtype or prev.device != new.device:
+            raise ValueError(
+                f"cached {name} are {prev.dtype} on {prev.device}, this call's {new.dtype} on {new.device}"
+            )
     return torch.cat([prev_k, keys_new], dim=2), torch.cat([prev_v, values_new], dim=2)
 
 

@@ -148,3 +148,9 @@ def test_swap_refuses_a_cache_of_another_shape_untouched():
     with pytest.raises(ValueError, match="cache has shape"):
         attention.swap_attention(theirs)
     assert type(theirs) is book.MultiHeadAttention
+
+
+def test_a_window_that_is_not_a_positive_int_is_refused():
+    for window in (-3, 2.5):
+        with pytest.raises(ValueError, match="window_size"):
+            ours_module.MultiHeadAttention(12, 12, 40, 0.0, 3, window_size=window)

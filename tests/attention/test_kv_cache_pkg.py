@@ -160,3 +160,18 @@ def test_masks_made_under_inference_mode_are_read_every_call(backend):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             same(ours(x, mask, cos, sin), theirs(x, mask, cos, sin))
+
+
+def test_a_cache_that_does_not_fit_is_a_clear_error():
+    ours = kv_cache_pkg.MultiHeadAttention(12, 12, 40, 0.0, 3).to(DEVICE)
+    x = torch.randn(2, 1, 12, device=DEVICE)
+    good = torch.zeros(2, 3, 5, 4, device=DEVICE)
+    for cache, err, match in (
+        ((good,), ValueError, "pair"),
+        ((good[:1], good[:1]), ValueError, "batch, heads and head_dim"),
+        ((good, good[..., :2]), ValueError, "batch, heads and head_dim"),
+        ((good.double(), good.double()), ValueError, "float64"),
+        ((good, None), TypeError, "must be a tensor"),
+    ):
+        with pytest.raises(err, match=match):
+            ours(x, use_cache=True, cache=cache)
