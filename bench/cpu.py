@@ -5,7 +5,8 @@ MultiHeadAttention d 768, 12 heads, batch 2: forward and forward+backward at N 2
 dropout) and in training with dropout 0.1; median of at least 10 calls each, the ratios against the
 chapter and against SDPA, and each layer's peak memory over one forward+backward in a fresh process
 (``bench.cpu_memory``). Also which of PyTorch's kernels our path ran: its fused flash kernel without
-dropout; with dropout (no fused CPU kernel takes it) our query-chunked exact path.
+dropout; with dropout (no fused CPU kernel takes it) our query-chunked exact path, or for a small problem
+SDPA's math path with its own dropout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from attention import reference as ref
 from bench import cpu_memory
 from bench.common import measure
 from bench.gpt import SDPAMultiHeadAttention
+from kernels import eager
 
 WIDTH, HEADS, BATCH = 768, 12, 2
 VARIANTS = {"chapter": ref.MultiHeadAttention, "ours": attention.MultiHeadAttention, "sdpa": SDPAMultiHeadAttention}
@@ -56,7 +58,10 @@ def run(tokens_list=(256, 1024), dropouts=(0.0, 0.1), with_memory: bool = True) 
                 row["mode"][name].update(fwd_bwd_ms=fb.ms, fwd_bwd_p20=fb.p20, fwd_bwd_p80=fb.p80, fwd_bwd_reps=fb.reps)
                 if with_memory and tokens == max(tokens_list):
                     row["mode"][name]["peak_bytes"] = cpu_memory.peak_bytes(name, tokens, p, BATCH, WIDTH, HEADS)
-            row["our_path"] = "chunked exact (dropout)" if p > 0 else f"SDPA {sdpa_kernel_used(tokens)}"
+            row["our_path"] = f"SDPA {sdpa_kernel_used(tokens)}"
+            if p > 0:
+                small = BATCH * HEADS * tokens * tokens <= eager.SMALL_DROPOUT_ELEMENTS
+                row["our_path"] = "SDPA math (dropout, small)" if small else "chunked exact (dropout)"
             rows.append(row)
     return rows
 

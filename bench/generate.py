@@ -79,7 +79,14 @@ class GraphedDecoder:
         split = lambda name: getattr(att, name)(h).view(b, 1, att.num_heads, att.head_dim).transpose(1, 2)
         k_cache, v_cache = (t.transpose(1, 2) for t in att.cache_storage())  # (b, nh, T_max, hs), preallocated
         context = flash_attention_with_kvcache(
-            split("W_query"), k_cache, v_cache, split("W_key"), split("W_value"), cache_seqlens=self.pos, causal=True
+            split("W_query"),
+            k_cache,
+            v_cache,
+            split("W_key"),
+            split("W_value"),
+            cache_seqlens=self.pos,
+            causal=True,
+            backend=attention.fused.current_backend_for_decode(),  # the layers' choice (PyTorch's on a CPU)
         )  # (b, nh, 1, hs); appends this token's key and value at pos, in the graph
         return att.out_proj(context.transpose(1, 2).reshape(b, 1, att.d_out))
 

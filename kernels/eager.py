@@ -11,7 +11,9 @@
   to its math path and hold several ``(B, H, N, N)`` tensors), ``_ChunkedAttention``: query chunks of
   ``CHUNK_ROWS`` rows against only the keys they see, the dropout mask drawn from PyTorch's generator
   per chunk and regenerated in the backward, which recomputes the weights from the saved log-sum-exp:
-  never more than one chunk's ``(B, H, CHUNK_ROWS, Nk)`` and its mask at a time.
+  never more than one chunk's ``(B, H, CHUNK_ROWS, Nk)`` and its mask at a time. Small problems (at most
+  ``SMALL_DROPOUT_ELEMENTS`` attention weights) take SDPA's math path with its own dropout instead: holding
+  a few such matrices costs little there, and it is faster than chunking.
 
 On CUDA ``attention_sdpa`` also serves head dims above the Triton kernel's 256 (SDPA's own dropout
 works there).
@@ -28,6 +30,11 @@ from kernels.masks import visible_mask, window_flags
 # Query rows per chunk on the chunked paths: the fastest of 64, 128 and 256 on a 2-core CPU, at a peak between
 # theirs (bench/NOTES.md, "CPU").
 CHUNK_ROWS = 128
+# Attention weights (B * Hq * Nq * Nk) up to which dropout off CUDA runs SDPA's math path (the weights, their mask
+# and the saved tensors materialized: at most ~16 MB each in float32) instead of the chunked one. On the 2-core
+# CPU, B 2 H 12 D 64 causal forward+backward: math 1.3-1.7x faster at N 64-256, even at 512 (6.3M weights),
+# the chunked path 1.6x faster at 1024 (bench/NOTES.md, "Session 7").
+SMALL_DROPOUT_ELEMENTS = 1 << 22
 
 
 def attention_reference(q, k, v, spec) -> torch.Tensor:
@@ -71,7 +78,10 @@ def attention_sdpa(q, k, v, spec) -> torch.Tensor:
     q_seen = q[:, :, first:]  # (B, Hq, Nq - first, D): a view
     mask_left, mask_right, _, right = window_flags(spec.causal, _window(spec))
     if spec.dropout_p > 0.0 and q.device.type != "cuda":
-        out = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device))
+        if q_seen.shape[0] * q_seen.shape[1] * q_seen.shape[2] * N_K <= SMALL_DROPOUT_ELEMENTS:
+            out = _math_dropout(q_seen, k, v, spec, first)
+        else:
+            out = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device))
     elif mask_left or (mask_right and right > 0):
         out = _sdpa_window_chunks(q_seen, k, v, spec)
     else:
@@ -95,6 +105,22 @@ def _sdpa(q, k, v, spec, *, causal: bool, attn_mask=None) -> torch.Tensor:
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _math_dropout(q, k, v, spec, first: int) -> torch.Tensor:
+    """A small problem with dropout: SDPA's math path, its mask from PyTorch's generator (kept by autograd for
+    the backward). q holds the rows from ``first`` on, each of which sees a key."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n_q, n_k = first + q.shape[2], k.shape[2]
+    seen = None
+    if spec.causal or _window(spec) != (-1, -1):
+        seen = visible_mask(n_q, n_k, causal=spec.causal, window=_window(spec), device=q.device)[first:]
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=seen, dropout_p=spec.dropout_p, scale=spec.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )  # fmt: skip
 
 
 def _chunk_keys(r0: int, r1: int, n_q: int, n_k: int, spec) -> tuple[int, int]:

@@ -155,13 +155,18 @@ def test_dropout_with_a_sliding_window(causal, window, dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the chunked dropout path is the one off CUDA (on CUDA, SDPA's own)")
+@pytest.mark.parametrize("path", ["chunked", "math"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dropout_on_the_sdpa_path_shares_one_mask(dtype):
+def test_dropout_on_the_sdpa_path_shares_one_mask(dtype, path, monkeypatch):
     # Off CUDA with dropout: query chunks, each mask drawn from PyTorch's generator and drawn again in the
-    # backward. Rows past a chunk boundary (CHUNK_ROWS) and grouped heads.
-    from kernels.eager import CHUNK_ROWS
+    # backward (rows past a chunk boundary, CHUNK_ROWS, and grouped heads); or, for a small problem, SDPA's
+    # math path with its own dropout. Both with rows that see no key (Nq > Nk) and a window.
+    from kernels import eager
 
-    check_one_mask(1, 4, 2, CHUNK_ROWS + 37, CHUNK_ROWS + 50, 16, dtype, p=0.2, causal=True, backend="sdpa")
+    monkeypatch.setattr(eager, "SMALL_DROPOUT_ELEMENTS", 0 if path == "chunked" else 1 << 22)
+    n = eager.CHUNK_ROWS
+    check_one_mask(1, 4, 2, n + 37, n + 50, 16, dtype, p=0.2, causal=True, backend="sdpa")
+    check_one_mask(1, 4, 2, 60, 41, 16, dtype, p=0.3, causal=True, backend="sdpa", window=(7, -1))
 
 
 @settings(max_examples=8, deadline=None)
