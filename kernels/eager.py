@@ -12,8 +12,8 @@
   ``CHUNK_ROWS`` rows against only the keys they see, the dropout mask drawn from PyTorch's generator
   per chunk and regenerated in the backward, which recomputes the weights from the saved log-sum-exp:
   never more than one chunk's ``(B, H, CHUNK_ROWS, Nk)`` and its mask at a time. Small problems (at most
-  ``SMALL_DROPOUT_ELEMENTS`` attention weights) take SDPA's math path with its own dropout instead: holding
-  a few such matrices costs little there, and it is faster than chunking.
+  ``SMALL_DROPOUT_ELEMENTS`` attention weights) take SDPA's math path with its own dropout instead: holding a
+  few such matrices costs little there, and it is faster than chunking.
 
 On CUDA ``attention_sdpa`` also serves head dims above the Triton kernel's 256 (SDPA's own dropout
 works there).
@@ -31,10 +31,12 @@ from kernels.masks import visible_mask, window_flags
 # theirs (bench/NOTES.md, "CPU").
 CHUNK_ROWS = 128
 # Attention weights (B * Hq * Nq * Nk) up to which dropout off CUDA runs SDPA's math path (the weights, their mask
-# and the saved tensors materialized: at most ~16 MB each in float32) instead of the chunked one. On the 2-core
-# CPU, B 2 H 12 D 64 causal forward+backward: math 1.3-1.7x faster at N 64-256, even at 512 (6.3M weights),
-# the chunked path 1.6x faster at 1024 (bench/NOTES.md, "Session 7").
-SMALL_DROPOUT_ELEMENTS = 1 << 22
+# and the saved tensors materialized, a few MB) instead of the chunked one. On the 2-core CPU, B 2 H 12 D 64
+# causal: at N 128 (393k weights) math takes 3.3 ms forward and 6.9 forward+backward, chunked 4.0 and 10.7; at
+# N 256 the chunked forward is 1.8x faster (it skips the hidden half), its forward+backward 1.2x slower. Below
+# this bound math wins both; the choice never depends on grad mode, so one seed draws one mask
+# (bench/NOTES.md, "Session 7").
+SMALL_DROPOUT_ELEMENTS = 1 << 19
 
 
 def attention_reference(q, k, v, spec) -> torch.Tensor:

@@ -163,7 +163,7 @@ def test_dropout_on_the_sdpa_path_shares_one_mask(dtype, path, monkeypatch):
     # math path with its own dropout. Both with rows that see no key (Nq > Nk) and a window.
     from kernels import eager
 
-    monkeypatch.setattr(eager, "SMALL_DROPOUT_ELEMENTS", 0 if path == "chunked" else 1 << 22)
+    monkeypatch.setattr(eager, "SMALL_DROPOUT_ELEMENTS", 0 if path == "chunked" else 1 << 19)
     n = eager.CHUNK_ROWS
     check_one_mask(1, 4, 2, n + 37, n + 50, 16, dtype, p=0.2, causal=True, backend="sdpa")
     check_one_mask(1, 4, 2, 60, 41, 16, dtype, p=0.3, causal=True, backend="sdpa", window=(7, -1))
