@@ -25,12 +25,6 @@ from bench.book.rope import compute_rope_params
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=["triton", "sdpa"])
-def backend(request):
-    with attention.use_backend(request.param):
-        yield request.param
-
-
 def pair(ours_cls, book_cls, *args, seed=7, **kw):
     torch.manual_seed(seed)
     ours = ours_cls(*args, **kw).to(DEVICE)

@@ -28,12 +28,6 @@ CFG = {
 }
 
 
-@pytest.fixture(params=["triton", "sdpa"])
-def backend(request):
-    with attention.use_backend(request.param):
-        yield request.param
-
-
 def pair(seed=3, **kw):
     args = dict(d_in=12, d_out=12, context_length=40, dropout=0.0, num_heads=3, qkv_bias=True, window_size=8) | kw
     torch.manual_seed(seed)

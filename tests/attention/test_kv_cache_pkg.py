@@ -22,12 +22,6 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 STEPS = ((0, 7), (7, 8), (8, 9), (9, 21), (21, 22))  # a prompt, tokens, a chunk, a token
 
 
-@pytest.fixture(params=["triton", "sdpa"])
-def backend(request):
-    with attention.use_backend(request.param):
-        yield request.param
-
-
 def pair(ours_cls, book_cls, *args, seed=5, **kw):
     torch.manual_seed(seed)
     ours = ours_cls(*args, **kw).to(DEVICE)
