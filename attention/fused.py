@@ -50,6 +50,21 @@ def current_backend_for_decode() -> str:
     return "torch" if _backend in ("sdpa", "torch") else _backend
 
 
+# New tokens per cached call up to which the cached layers run the split-KV decode kernel; a longer chunk (a
+# prompt) goes through flash_attention.
+DECODE_MAX_TOKENS = 16
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def decodes(n_new: int, dropout_p: float, grad: bool) -> bool:
+    """Whether a cached call of ``n_new`` tokens runs the decode kernel: a few tokens, no dropout, no gradient
+    (``needs_grad`` of its inputs: the decode kernel is forward only)."""
+    return n_new <= DECODE_MAX_TOKENS and dropout_p == 0.0 and not grad
+
+
 def project_heads(layer: nn.Module, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
     """The layer's projection ``name`` of x split into heads: (b, T, d_in) -> (b, T, heads, head_dim), a view. A
     projection that is not an nn.Linear (LoRA, quantized) is checked by the width it returns."""

@@ -20,7 +20,6 @@ from torch import nn
 
 from attention import fused
 from attention.reference import _check_context, _check_rank, _check_width, in_features, init_heads
-from attention.rope import DECODE_MAX_TOKENS  # new tokens per cached call up to which the decode kernel runs
 from kernels import flash_attention_with_kvcache
 
 
@@ -28,14 +27,13 @@ class KVCacheMixin:
     """A key/value cache allocated once and written in place, for layers with ``cache_k``/``cache_v`` buffers
     and a ``ptr_current_pos``.
 
-    The storage, ``_k_store``/``_v_store`` ``(b, capacity, kv_heads, head_dim)``, holds the keys and values of
-    positions ``[_cache_start, _cache_start + _cache_len)`` in its first ``_cache_len`` rows. The book's buffers
-    ``cache_k``/``cache_v`` are republished after every cached call as views of the storage (no copy) showing
-    exactly what the book's layer holds at that point: the same shape, layout and values (``_book_view``). A
-    cache the layer did not publish (the book's own, adopted by ``swap_attention``; one moved by
-    ``module.to()``; one a reader assigned) is taken over at the next cached call; ``None`` empties it."""
+    The storage, ``_k_store``/``_v_store`` ``(b, capacity, kv_heads, head_dim)``, holds in its first
+    ``_cache_len`` rows the keys and values of the positions kept, the newest ending at ``ptr_current_pos``. The
+    book's buffers ``cache_k``/``cache_v`` are republished after every cached call as views of the storage (no
+    copy) showing exactly what the book's layer holds at that point: the same shape, layout and values
+    (``_book_view``). A cache the layer did not publish (the book's own, adopted by ``swap_attention``; one moved
+    by ``module.to()``; one a reader assigned) is taken over at the next cached call; ``None`` empties it."""
 
-    _cache_start = 0
     _cache_len = 0
     _k_store = None
     _v_store = None
@@ -63,7 +61,7 @@ class KVCacheMixin:
         self.cache_k, self.cache_v = None, None
         self._k_store = self._v_store = None
         self._published = (None, None)
-        self._cache_start = self._cache_len = 0
+        self._cache_len = 0
 
     def _publish(self) -> None:
         k, v = self._book_view(self._k_store), self._book_view(self._v_store)
@@ -78,7 +76,7 @@ class KVCacheMixin:
             return
         if k is None or v is None:  # emptied by the reader (the book's reset assigns None)
             self._k_store = self._v_store = None
-            self._cache_start, self._cache_len = self.ptr_current_pos, 0
+            self._cache_len = 0
         else:  # copied into storage of our own: a tensor someone else may hold is never written
             keys, values = self._from_book(k), self._from_book(v)
             length = keys.shape[1]
@@ -86,7 +84,7 @@ class KVCacheMixin:
             self._k_store, self._v_store = self._allocate(keys, capacity), self._allocate(values, capacity)
             self._k_store[:, :length] = keys
             self._v_store[:, :length] = values
-            self._cache_start, self._cache_len = self.ptr_current_pos - length, length
+            self._cache_len = length
         self._published = (k, v)
 
     @staticmethod
@@ -108,7 +106,7 @@ class KVCacheMixin:
             return
         if store is not None and not fits:
             # A new batch, dtype or device: the book would fail (or silently mix) here; start over.
-            self._cache_start, self._cache_len = self.ptr_current_pos, 0
+            self._cache_len = 0
             needed = keys_new.shape[1]
         capacity = self._cache_capacity(needed)
         new_k, new_v = self._allocate(keys_new, capacity), self._allocate(keys_new, capacity)
@@ -129,14 +127,14 @@ class KVCacheMixin:
         self._reserve(keys_new, self._cache_len + n)
         length = self._cache_len
         k_cache, v_cache = self._k_store.transpose(1, 2), self._v_store.transpose(1, 2)  # (b, kv_heads, T, hs)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys_new, values_new))
-        if n <= DECODE_MAX_TOKENS and dropout_p == 0.0 and not needs_grad:
+        grad = fused.needs_grad(queries, keys_new, values_new)
+        if self._newest_aligned() and fused.decodes(n, dropout_p, grad):
             context = flash_attention_with_kvcache(
                 queries, k_cache, v_cache, keys_new.transpose(1, 2), values_new.transpose(1, 2),
                 cache_seqlens=length, causal=True, window_size=window, backend=fused.current_backend_for_decode(),
             )  # fmt: skip
         else:
-            if needs_grad:
+            if grad:
                 # Training through the cache: gradients reach this call's keys and values, as in the book.
                 keys = torch.cat([k_cache[:, :, :length].detach(), keys_new.transpose(1, 2)], dim=2)
                 values = torch.cat([v_cache[:, :, :length].detach(), values_new.transpose(1, 2)], dim=2)
@@ -144,8 +142,8 @@ class KVCacheMixin:
                 k_cache[:, :, length : length + n] = keys_new.transpose(1, 2)
                 v_cache[:, :, length : length + n] = values_new.transpose(1, 2)
                 keys, values = k_cache[:, :, : length + n], v_cache[:, :, : length + n]
-            context = fused._attend(queries, keys, values, causal=True, dropout_p=dropout_p, window_size=window)
-            if needs_grad:
+            context = self._attend_all(queries, keys, values, dropout_p, window)
+            if grad:
                 self._k_store[:, length : length + n] = keys_new.detach()
                 self._v_store[:, length : length + n] = values_new.detach()
         self._cache_len = length + n
@@ -155,6 +153,15 @@ class KVCacheMixin:
 
     def _make_room(self, n: int) -> None:
         """Before appending n positions: nothing by default (a sliding window drops what it no longer sees)."""
+
+    def _newest_aligned(self) -> bool:
+        """Whether this call's queries are the cache's newest positions (bottom-right causal), as in every class
+        but one (``attention.swa.MultiHeadAttention``)."""
+        return True
+
+    def _attend_all(self, queries, keys, values, dropout_p: float, window) -> torch.Tensor:
+        """The queries against every cached key and this call's (keys, values (b, kv_heads, T, hs)), fused."""
+        return fused._attend(queries, keys, values, causal=True, dropout_p=dropout_p, window_size=window)
 
 
 class MultiHeadAttention(KVCacheMixin, nn.Module):

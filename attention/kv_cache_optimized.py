@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from attention import fused
-from attention.kv_cache import DECODE_MAX_TOKENS
 from attention.reference import _check_rank, _check_width, in_features, init_heads
 from kernels import flash_attention_with_kvcache
 
@@ -77,8 +76,7 @@ class MultiHeadAttention(nn.Module):
             self.ptr_cur -= overflow
         start = self.ptr_cur
         self.ptr_cur += n
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys_new, values_new))
-        if n <= DECODE_MAX_TOKENS and dropout_p == 0.0 and not needs_grad:
+        if fused.decodes(n, dropout_p, fused.needs_grad(queries, keys_new, values_new)):
             return flash_attention_with_kvcache(
                 queries, self.cache_k, self.cache_v, keys_new, values_new,
                 cache_seqlens=start, causal=True, backend=fused.current_backend_for_decode(),

@@ -20,7 +20,7 @@ from torch import nn
 
 from attention import fused, gemma3, llama3, qwen3
 from attention.reference import _check_rank, _check_width, in_features, init_heads
-from attention.rope import DECODE_MAX_TOKENS, apply_rope, attend_cached
+from attention.rope import apply_rope, attend_cached
 from kernels import flash_attention_with_kvcache
 
 
@@ -74,8 +74,7 @@ class MultiHeadAttention(nn.Module):
         if use_cache:
             keys, values = next_cache = _grow(cache, keys, values)
         p = fused._dropout_p(self.dropout)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys, values))
-        if use_cache and n <= DECODE_MAX_TOKENS and p == 0.0 and not needs_grad:
+        if use_cache and fused.decodes(n, p, fused.needs_grad(queries, keys, values)):
             context = flash_attention_with_kvcache(
                 queries, keys, values, cache_seqlens=keys.shape[2], causal=True,
                 backend=fused.current_backend_for_decode(),

@@ -22,8 +22,6 @@ from attention.reference import _check_rank
 from kernels import flash_attention_with_kvcache
 from kernels.masks import visible_mask
 
-DECODE_MAX_TOKENS = 16  # new tokens per call up to which a cached step runs the decode kernel (as kv_cache's)
-
 _warned_masks: set[str] = set()
 
 
@@ -115,7 +113,27 @@ def _read_rule(mask: torch.Tensor) -> tuple[bool, tuple[int, int]] | None:
 def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, layer: str) -> torch.Tensor:
     """q (b, heads, n, hd), k and v (b, kv_heads, N_k, hd): one kernel call when the mask is a rule the kernel
     has; PyTorch's attention with the mask itself (and one warning per layer class) otherwise."""
-    rule = mask_rule(mask) if isinstance(mask, torch.Tensor) else None
+    return _attend_by_rule(q, k, v, mask, _rule_of(mask), scale, layer)
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, layer: str) -> torch.Tensor:
+    """``attend_with_mask`` for a step against a whole cache (k, v hold every position so far, the queries
+    the newest): a few new tokens without gradients go through the split-KV decode kernel."""
+    rule = _rule_of(mask)
+    if rule is None or q.shape[2] > k.shape[2] or not fused.decodes(q.shape[2], 0.0, fused.needs_grad(q, k, v)):
+        return _attend_by_rule(q, k, v, mask, rule, scale, layer)
+    causal, window = rule
+    return flash_attention_with_kvcache(
+        q, k, v, cache_seqlens=k.shape[2], causal=causal, softmax_scale=scale, window_size=window,
+        backend=fused.current_backend_for_decode(),
+    )  # fmt: skip
+
+
+def _rule_of(mask) -> tuple[bool, tuple[int, int]] | None:
+    return mask_rule(mask) if isinstance(mask, torch.Tensor) else None
+
+
+def _attend_by_rule(q, k, v, mask, rule, scale: float, layer: str) -> torch.Tensor:
     if rule is not None:
         causal, window = rule
         return fused._attend(q, k, v, causal=causal, dropout_p=0.0, softmax_scale=scale, window_size=window)
@@ -124,24 +142,10 @@ def attend_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sc
         warnings.warn(
             f"{layer}: the attention mask passed in is neither causal nor a causal sliding window; running "
             "PyTorch's attention with that mask (not fused)",
-            stacklevel=3,
+            stacklevel=4,
         )
     keep = ~mask if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool else mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-
-
-def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, layer: str) -> torch.Tensor:
-    """``attend_with_mask`` for a step against a whole cache (k, v hold every position so far, the queries
-    the newest): a few new tokens without gradients go through the split-KV decode kernel."""
-    rule = mask_rule(mask) if isinstance(mask, torch.Tensor) else None
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if rule is None or q.shape[2] > DECODE_MAX_TOKENS or needs_grad or q.shape[2] > k.shape[2]:
-        return attend_with_mask(q, k, v, mask, scale, layer)
-    causal, window = rule
-    return flash_attention_with_kvcache(
-        q, k, v, cache_seqlens=k.shape[2], causal=causal, softmax_scale=scale, window_size=window,
-        backend=fused.current_backend_for_decode(),
-    )  # fmt: skip
 
 
 class RopeAttentionMixin:

@@ -69,7 +69,6 @@ class MultiHeadAttentionWithSWA(KVCacheMixin, nn.Module):
         if drop:
             for t in (self._k_store, self._v_store):
                 t[:, :keep] = t[:, drop : self._cache_len].clone()
-            self._cache_start += drop
             self._cache_len = keep
 
     def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
@@ -108,21 +107,13 @@ class MultiHeadAttention(MultiHeadAttentionWithSWA):
         super().__init__(d_in, d_out, dropout, num_heads, qkv_bias)
         del self.sliding_window_size  # not an attribute of the book's class: the class's None stands
 
-    def _cache_attend(self, queries, keys_new, values_new, dropout_p: float, window) -> torch.Tensor:
-        self._sync_cache()
-        if self.ptr_current_pos == self._cache_len:
-            return super()._cache_attend(queries, keys_new, values_new, dropout_p, window)
-        n = keys_new.shape[1]
-        self._reserve(keys_new, self._cache_len + n)
-        length = self._cache_len
-        keys = torch.cat([self._k_store[:, :length], keys_new], dim=1).transpose(1, 2)  # (b, nh, T, hs)
-        values = torch.cat([self._v_store[:, :length], values_new], dim=1).transpose(1, 2)
-        self._k_store[:, length : length + n] = keys_new.detach()
-        self._v_store[:, length : length + n] = values_new.detach()
+    def _newest_aligned(self) -> bool:
+        return self.ptr_current_pos == self._cache_len
+
+    def _attend_all(self, queries, keys, values, dropout_p: float, window) -> torch.Tensor:
+        if self._newest_aligned():
+            return super()._attend_all(queries, keys, values, dropout_p, window)
+        n, total = queries.shape[2], keys.shape[2]
         q_pos = torch.arange(self.ptr_current_pos, self.ptr_current_pos + n, device=queries.device)
-        visible = q_pos[:, None] >= torch.arange(length + n, device=queries.device)[None, :]
-        context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, dropout_p=dropout_p)
-        self._cache_len = length + n
-        self.ptr_current_pos += n
-        self._publish()
-        return context
+        visible = q_pos[:, None] >= torch.arange(total, device=queries.device)[None, :]
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, dropout_p=dropout_p)

@@ -81,7 +81,7 @@ def attention_sdpa(q, k, v, spec) -> torch.Tensor:
     mask_left, mask_right, _, right = window_flags(spec.causal, _window(spec))
     if spec.dropout_p > 0.0 and q.device.type != "cuda":
         if q_seen.shape[0] * q_seen.shape[1] * q_seen.shape[2] * N_K <= SMALL_DROPOUT_ELEMENTS:
-            out = _math_dropout(q_seen, k, v, spec, first)
+            out = _math_dropout(q_seen, k, v, spec, first, masked=mask_left or mask_right)
         else:
             out = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device))
     elif mask_left or (mask_right and right > 0):
@@ -109,14 +109,15 @@ def _sdpa(q, k, v, spec, *, causal: bool, attn_mask=None) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _math_dropout(q, k, v, spec, first: int) -> torch.Tensor:
+def _math_dropout(q, k, v, spec, first: int, masked: bool) -> torch.Tensor:
     """A small problem with dropout: SDPA's math path, its mask from PyTorch's generator (kept by autograd for
-    the backward). q holds the rows from ``first`` on, each of which sees a key."""
+    the backward). q holds the rows from ``first`` on, each of which sees a key; ``masked``: some key is hidden
+    from some query (causal or a window)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    n_q, n_k = first + q.shape[2], k.shape[2]
     seen = None
-    if spec.causal or _window(spec) != (-1, -1):
+    if masked:
+        n_q, n_k = first + q.shape[2], k.shape[2]
         seen = visible_mask(n_q, n_k, causal=spec.causal, window=_window(spec), device=q.device)[first:]
     with sdpa_kernel([SDPBackend.MATH]):
         return F.scaled_dot_product_attention(
