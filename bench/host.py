@@ -6,7 +6,8 @@
    - ``host``: the CPU time per call while the GPU is kept busy by a long kernel queued first, so nothing
      waits for the device: the cost of Python, autograd, allocation and the launches themselves;
    - ``device``: the same call captured in a CUDA graph and replayed: the GPU's own time.
-   A call is host-bound when ``host`` > ``device``. Plus a cProfile of our forward+backward by own time.
+   A call is host-bound when ``host`` > ``device``. Ours also with every launch through Triton's JIT dispatch
+   ("ours JIT dispatch": kernels/launch.py off), old against new. Plus a cProfile of our forward+backward.
 2. Forward variants (kernels/hopper.py): the pointer kernel, TMA loads, a persistent grid and warp
    specialization, bf16 causal at head dims 64 and 128, N 4096 to 16384, with SDPA's cuDNN beside them.
 3. The backward at the same shapes: one pass (dQ by atomics) against the two kernels (dQ, then dK/dV).
@@ -30,7 +31,7 @@ from bench import providers
 from bench.common import graphed, measure, metadata, save_json, smoke_mode
 from bench.sweep import attention_flops
 from kernels import flash_attn as fa
-from kernels import hopper
+from kernels import hopper, launch
 
 GPT2 = (8, 12, 1024, 64)
 VARIANT_SHAPES = [(8, 16, 4096, 128), (8, 16, 16384, 128), (8, 12, 4096, 64), (8, 12, 16384, 64)]  # (B, H, N, D)
@@ -70,11 +71,14 @@ def host_rows(device: str, shape=GPT2, calls: int = 50) -> tuple[list[dict], str
     impls = {
         "ours": lambda q, k, v: providers.ours(q, k, v, 0.0),
         "ours deterministic": lambda q, k, v: providers.ours(q, k, v, 0.0, deterministic=True),
+        # The same call with every launch through Triton's JIT dispatch (kernels/launch.py off): old against new.
+        "ours JIT dispatch": lambda q, k, v: providers.ours(q, k, v, 0.0),
         "sdpa_flash": lambda q, k, v: providers.sdpa("FLASH_ATTENTION")(q, k, v, 0.0),
         "sdpa_cudnn": lambda q, k, v: providers.sdpa("CUDNN_ATTENTION")(q, k, v, 0.0),
     }
     rows = []
     for name, fn in impls.items():
+        launch.DIRECT = name != "ours JIT dispatch"
 
         def fwd(fn=fn):
             with torch.no_grad():
@@ -95,6 +99,7 @@ def host_rows(device: str, shape=GPT2, calls: int = 50) -> tuple[list[dict], str
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
                 row["ours_failed"] = name.startswith("ours")
             rows.append(row)
+    launch.DIRECT = True
     prof = cProfile.Profile()
     fwd_bwd = lambda: providers.ours(qg, kg, vg, 0.0).backward(do)
     prof.enable()

@@ -36,6 +36,7 @@ from kernels import configs
 from kernels import flash_attn as fa
 from kernels.flash_attn import _cast, _tf32
 from kernels.interface import check_options, triton_runs_on
+from kernels.launch import Launcher
 from kernels.masks import _visible, window_flags
 
 BACKENDS = ("auto", "triton", "torch")
@@ -280,6 +281,12 @@ def _decode_combine(
 # Host side
 # ----------------------------------------------------------------------------------------------
 
+# The JIT's dispatch on a signature's first call, the compiled kernel's own launcher after it
+# (kernels/launch.py): a decode step is up to three launches per layer, and host-bound at batch 1.
+_append_kv_launcher = Launcher(_append_kv)
+_decode_fwd_launcher = Launcher(_decode_fwd)
+_decode_combine_launcher = Launcher(_decode_combine)
+
 
 @functools.cache
 def _num_sms(device_index: int) -> int:
@@ -477,7 +484,8 @@ def _append_triton(k_cache, v_cache, k, v, cache_seqlens) -> None:
     # Rows of k and v per program: 16 KB of float32 per tensor at most (64 rows of head dim 64; at head dim 256
     # the 64 rows held 64 KB per tensor and spilled 256 B per thread, bench/sm90.py).
     block_n = 16 if fa.INTERPRET else max(16, 4096 // configs.block_d(D))
-    _append_kv[(configs.cdiv(n_new, block_n), B * H_KV)](
+    _append_kv_launcher(
+        (configs.cdiv(n_new, block_n), B * H_KV),
         k, v, k_cache, v_cache, cache_seqlens if tensor else k, 0 if tensor else cache_seqlens,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         H_KV, n_new, D,
@@ -530,7 +538,8 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int,
     else:
         o_part = lse_part = out  # never read
     tensor = isinstance(cache_seqlens, torch.Tensor)
-    _decode_fwd[(num_splits, row_tiles, B * H_KV)](
+    _decode_fwd_launcher(
+        (num_splits, row_tiles, B * H_KV),
         q, k_cache, v_cache, out, o_part, lse_part, cache_seqlens if tensor else q, 0 if tensor else cache_seqlens,
         spec.softmax_scale * _LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
@@ -542,7 +551,8 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int,
     )  # fmt: skip
     if split:
         block_r = 16
-        _decode_combine[(configs.cdiv(B * H * N_Q, block_r),)](
+        _decode_combine_launcher(
+            (configs.cdiv(B * H * N_Q, block_r),),
             out, o_part, lse_part, *out.stride(), B * H * N_Q, H, N_Q, num_splits, D,
             BLOCK_R=block_r, BLOCK_D=block_d, UPCAST=flags["UPCAST"],
         )  # fmt: skip

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from kernels import configs
 from kernels.dropout import _dropout_keep, keep_scale, keep_threshold, new_seed
+from kernels.launch import Launcher
 from kernels.masks import _key_range, _query_range, _visible, window_flags
 
 # The interpreter must be chosen before the @triton.jit functions below are defined.
@@ -126,8 +127,8 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty((B, H, N, D), dtype=t.dtype, device=t.device)
     if out.numel():
         block_m = max(1, 4096 // configs.block_d(D))
-        _round_tf32_kernel[(configs.cdiv(N, block_m), H, B)](
-            t, out, *t.stride(), H, N, D, BLOCK_M=block_m, BLOCK_D=configs.block_d(D)
+        _round_tf32_launcher(
+            (configs.cdiv(N, block_m), H, B), t, out, *t.stride(), H, N, D, BLOCK_M=block_m, BLOCK_D=configs.block_d(D)
         )
     return out
 
@@ -845,6 +846,14 @@ def _attn_bwd_preprocess(
 # Host launchers
 # ----------------------------------------------------------------------------------------------
 
+# Each kernel launched through the JIT on the first call of an argument signature, then straight through the
+# compiled kernel's launcher (kernels/launch.py: the JIT's dispatch is ~20 us of host time a launch).
+_round_tf32_launcher = Launcher(_round_tf32_kernel)
+_attn_fwd_launcher = Launcher(_attn_fwd)
+_attn_bwd_dq_launcher = Launcher(_attn_bwd_dq)
+_attn_bwd_preprocess_launcher = Launcher(_attn_bwd_preprocess)
+_attn_bwd_kv_launcher = Launcher(_attn_bwd_kv)
+
 
 def _flags(q: torch.Tensor, spec: Spec) -> dict:
     """Run-time window bounds and the constexprs every kernel of one call shares (a fresh dict)."""
@@ -904,7 +913,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile:
     if kwargs["ROUND_TF32"]:
         q, k, v = round_tf32(q), round_tf32(k), round_tf32(v)
     grid = (configs.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)
-    _attn_fwd[grid](
+    _attn_fwd_launcher(
+        grid,
         q, k, v, o, lse, seed,
         spec.softmax_scale * _LOG2E, keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -953,18 +963,21 @@ def backward(
     if not one_pass:
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
         dq_kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
-        _attn_bwd_dq[(configs.cdiv(N_Q, dq_kwargs["BLOCK_M"]), H, B)](
+        _attn_bwd_dq_launcher(
+            (configs.cdiv(N_Q, dq_kwargs["BLOCK_M"]), H, B),
             q, k, v, o, do, dq, lse, delta, seed, *scales,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
             H, H // H_KV, N_Q, N_K,
             **dq_kwargs,
         )  # fmt: skip
     else:
-        _attn_bwd_preprocess[(configs.cdiv(N_Q, 64), H, B)](
+        _attn_bwd_preprocess_launcher(
+            (configs.cdiv(N_Q, 64), H, B),
             o, do, dq, delta, *o.stride(), *do.stride(), *dq.stride(), H, N_Q, D,
             BLOCK_D=block_d, BLOCK_M=64,
         )  # fmt: skip
-    _attn_bwd_kv[(configs.cdiv(N_K, kwargs["BLOCK_N"]), H_KV, B)](
+    _attn_bwd_kv_launcher(
+        (configs.cdiv(N_K, kwargs["BLOCK_N"]), H_KV, B),
         q, k, v, do, dq, dk, dv, lse, delta, seed, *scales,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         H, H // H_KV, N_Q, N_K,

@@ -223,12 +223,11 @@ def test_deterministic_algorithms_flag_picks_the_deterministic_backward(monkeypa
 def test_deterministic_rules_out_the_one_pass_backward(monkeypatch):
     # Even where the config table would take the one pass (dropout on a short sequence), deterministic=True
     # keeps the atomics out: the one pass's first kernel never launches.
-    class Refuse:
-        def __getitem__(self, grid):
-            raise AssertionError("the one-pass backward ran under deterministic=True")
+    def refuse(grid, *args, **kwargs):
+        raise AssertionError("the one-pass backward ran under deterministic=True")
 
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 40, 40, 16, torch.float32))
-    monkeypatch.setattr(fa, "_attn_bwd_preprocess", Refuse())
+    monkeypatch.setattr(fa, "_attn_bwd_preprocess_launcher", refuse)
     with backward_path("one-pass"):
         flash_attention(q, k, v, causal=True, dropout_p=0.2, deterministic=True).sum().backward()
         with pytest.raises(AssertionError, match="one-pass backward ran"):
