@@ -85,6 +85,7 @@ class Launcher:
         self.exact: dict[tuple, tuple] = {}  # by argument values, for argument types ``types``
         self.types: tuple = ()
         self.tensors: list[int] = []  # where ``types`` has a tensor
+        self.widths: list[int] = []  # where it has an int Triton does not specialize on (keyed by its width)
         if self.direct:
             # Per parameter: (specialize, align); None for a constexpr, keyed by its value.
             self.flags = tuple(
@@ -108,6 +109,8 @@ class Launcher:
             for i in self.tensors:
                 t = values[i]
                 values[i] = (t.dtype, t.data_ptr() % 16 == 0)
+            for i in self.widths:  # a decode step's cache length: a new value every call, one kernel
+                values[i] = _int_class(values[i], False, True)
             exact = (device, tuple(values), options)
             entry = self.exact.get(exact)
             if entry is not None:
@@ -127,6 +130,8 @@ class Launcher:
         if exact is None:  # new argument types: the exact table follows them from now on
             self.types = tuple(map(type, args))
             self.tensors = [i for i, x in enumerate(args) if isinstance(x, torch.Tensor)]
+            loose = {i for i, flag in enumerate(self.flags) if flag is not None and not flag[0]}
+            self.widths = [i for i, x in enumerate(args) if x.__class__ is int and i in loose]
             self.exact.clear()
         else:
             self._remember(self.exact, exact, entry)
