@@ -17,6 +17,8 @@ code, or ours from ``attention.reference``):
 | pkg kv_cache gpt2.py                   | ``MultiHeadAttention``       | ``attention.kv_cache_pkg``         |
 | pkg kv_cache llama3.py, qwen3.py       | ``GroupedQueryAttention``    | ``attention.kv_cache_pkg``         |
 | Gemma 3 with a KV cache (notebook)     | ``GroupedQueryAttention``    | ``attention.kv_cache_pkg``         |
+| pkg ch03 bonus (``GPTModelFast``)      | ``PyTorchMultiHeadAttention``| ``attention.fast``                 |
+| pkg llama3.py (``Llama3ModelFast``)    | ``GroupedQueryAttentionFast``| ``attention.fast``                 |
 
 Projections may be any module that maps the same widths (the book's LoRA wrapper, quantized linears):
 the fused layers call them as the book's code does. The pkg package's cached variants, whose forward takes
@@ -34,7 +36,19 @@ import warnings
 import torch
 from torch import nn
 
-from attention import fused, gemma3, gqa, kv_cache, kv_cache_optimized, kv_cache_pkg, llama3, qwen3, reference, swa
+from attention import (
+    fast,
+    fused,
+    gemma3,
+    gqa,
+    kv_cache,
+    kv_cache_optimized,
+    kv_cache_pkg,
+    llama3,
+    qwen3,
+    reference,
+    swa,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,8 @@ FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     kv_cache_pkg.Llama3GroupedQueryAttention,
     kv_cache_pkg.Qwen3GroupedQueryAttention,
     kv_cache_pkg.Gemma3GroupedQueryAttention,
+    fast.PyTorchMultiHeadAttention,
+    fast.GroupedQueryAttentionFast,
 )
 
 
@@ -170,8 +186,21 @@ _KINDS = {
         optional_children=("q_norm", "k_norm"),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups", "scaling"),
     ),
+    "PyTorchMultiHeadAttention": _Kind(
+        "pkg ch03 bonus (GPTModelFast)",
+        fast.PyTorchMultiHeadAttention,
+        children=("qkv", "proj"),
+        attrs=("d_out", "num_heads", "head_dim", "dropout"),
+    ),
+    "GroupedQueryAttentionFast": _Kind(
+        "pkg llama3.py (Llama3ModelFast)",
+        fast.GroupedQueryAttentionFast,
+        children=_PROJECTIONS + ("out_proj",),
+        attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+    ),
 }
 _NAMES = {"MultiHeadAttention", "GroupedQueryAttention", "MultiHeadAttentionWithSWA", *_CHAPTER}
+_NAMES |= {"PyTorchMultiHeadAttention", "GroupedQueryAttentionFast"}
 
 
 def _refuse(name: str, module: nn.Module, why: str) -> ValueError:
@@ -276,6 +305,9 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
         if not ok:
             raise _refuse(name, module, "heads must be a ModuleList of CausalAttention layers")
         return
+    if key == "PyTorchMultiHeadAttention":
+        _check_fused_qkv(name, module)
+        return
     d_in, q_out = widths(module.W_query)
     if key == "SelfAttention_v2":
         for attr in _PROJECTIONS:
@@ -314,6 +346,22 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
             swa.window_of(module.sliding_window_size)
         except (TypeError, ValueError) as err:
             raise _refuse(name, module, str(err)) from None
+
+
+def _check_fused_qkv(name: str, module: nn.Module) -> None:
+    """pkg ch03's PyTorchMultiHeadAttention: one qkv projection to 3 * d_out, proj back to d_out, a float dropout."""
+    d_out, heads, head_dim, p = module.d_out, module.num_heads, module.head_dim, module.dropout
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (d_out, heads, head_dim)):
+        raise _refuse(
+            name, module, f"d_out {d_out!r}, num_heads {heads!r}, head_dim {head_dim!r} must be positive ints"
+        )
+    if heads * head_dim != d_out:
+        raise _refuse(name, module, f"num_heads {heads} x head_dim {head_dim} != d_out {d_out}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise _refuse(name, module, f"dropout must be a probability in [0, 1], got {p!r}")
+    d_in, _ = widths(module.qkv)
+    _check_projection(name, module, "qkv", d_in, 3 * d_out)
+    _check_projection(name, module, "proj", d_out, d_out)
 
 
 def _check_mask(name: str, module: nn.Module) -> None:

@@ -9,5 +9,7 @@ name and layout without importing ours. One module per book file, since the book
 - ``gqa`` and ``swa``: ch04/04_gqa and ch04/06_swa, grouped-query and sliding-window attention with
   their KV caches;
 - ``llama3``, ``qwen3``, ``gemma3``: the bonus models' attention (RoPE, QK-norm, a sliding window on
-  Gemma 3's local layers) and a block of each.
+  Gemma 3's local layers) and a block of each;
+- ``fast``: the SDPA variants (pkg ch03's ``PyTorchMultiHeadAttention`` of ``GPTModelFast``, Llama 3.2's
+  ``GroupedQueryAttentionFast``).
 """
