@@ -4,8 +4,9 @@
 #
 #   tests     the GPU suite: compiled kernels (both backwards, windows, decode, the Hopper forward experiments,
 #             TF32 against cuBLAS), the benchmarks' smoke runs with real CUDA graphs
-#   host      host path per call at the GPT-2 shape (measured / host-only, median of five rounds / CUDA-graph
-#             device time); HOST_PARTS=host,variants adds the Hopper forward variants
+#   host      host path per call at the GPT-2 shape, ours also through the JIT's dispatch (measured /
+#             host-only, median of five rounds / CUDA-graph device time); HOST_PARTS=host,variants adds the
+#             Hopper forward variants
 #   sweep     the attention core against every SDPA backend: bf16/fp16 at head dims 64 and 128 first
 #   window    window 512 at N 16k against full causal, FlexAttention, SDPA masks; Qwen3 / Gemma 3 blocks
 #   tune      tiles against the table's rows, same run: the window's short loops first, the head-dim-256

@@ -20,11 +20,12 @@ separates, and sends later calls straight to that kernel's launcher. The key (``
 
 A finer key than Triton's costs an extra JIT call, never a wrong kernel; a coarser one would launch a kernel
 specialized for another alignment or divisibility (a wrong address, not an error), so the key errs finer:
-``tests/kernels/test_launch.py`` checks it against Triton's own specialization, and ``bench/sm90.py
---launch-check`` replays our launchers through both paths with Hopper-compiled kernels and compares every
-launch. Where anything could differ from the JIT's path the JIT runs: under the interpreter, while Triton's
-launch hooks are set (a profiler), when ``run`` was patched on the jit function (``bench/sm90.py``), for an
-argument of another type, and with ``DIRECT = False`` (the benchmarks' old-against-new rows).
+``tests/kernels/test_launch.py`` checks it against Triton's own specialization, and ``bench/launch_check.py``
+replays our launchers through both paths with Hopper-compiled kernels and compares every launch. Where
+anything could differ from the JIT's path the JIT runs: on another Triton than 3.6-3.9 (``CONVENTION_KNOWN``),
+under the interpreter, while Triton's launch hooks are set (a profiler), when ``run`` was patched on the jit
+function (``bench/sm90.py``), for an argument of another type, and with ``DIRECT = False`` (the benchmarks'
+old-against-new rows).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ import triton
 from triton.runtime.jit import JITFunction
 
 DIRECT = True  # False: every launch through the JIT's dispatch (bench.host measures both in one run)
+# The Tritons whose launch convention (every parameter passed, constexprs included, after the grid, stream,
+# function, metadata and hooks) bench/launch_check.py verified: 3.6 and 3.9, and those between. Others launch
+# through the JIT until checked.
+_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+CONVENTION_KNOWN = (3, 6) <= _VERSION <= (3, 9) and hasattr(triton, "knobs")
 MAX_SIGNATURES = 1024  # per kernel; past it the table starts over (shapes that never repeat)
 _I32_MIN, _I32_MAX, _I64_MAX = -(2**31), 2**31 - 1, 2**63 - 1
 
@@ -80,7 +86,7 @@ class Launcher:
 
     def __init__(self, jit):
         self.jit = jit
-        self.direct = isinstance(jit, JITFunction)  # not the interpreter's function
+        self.direct = CONVENTION_KNOWN and isinstance(jit, JITFunction)  # not the interpreter's function
         self.kernels: dict[tuple, tuple] = {}  # by signature
         self.exact: dict[tuple, tuple] = {}  # by argument values, for argument types ``types``
         self.types: tuple = ()
