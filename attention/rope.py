@@ -30,6 +30,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: in
     n, head_dim = x.shape[2], x.shape[3]
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim:
+        raise ValueError(
+            f"RoPE tables cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be (context_length, head_dim "
+            f"{head_dim})"
+        )
+    if offset < 0 or offset + n > cos.shape[0]:
+        raise ValueError(f"RoPE positions {offset} to {offset + n} are outside the tables' {cos.shape[0]} positions")
     x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
     cos = cos[offset : offset + n][None, None]  # (1, 1, n, head_dim)
     sin = sin[offset : offset + n][None, None]

@@ -235,3 +235,20 @@ def test_swap_converts_each_bonus_class_and_keeps_outputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # these models now have fused layers: no "nothing swapped" warning
         attention.swap_attention(swapped)
+
+
+@pytest.mark.parametrize(
+    "tables, words",
+    [
+        (lambda: rope(8, 10), "RoPE positions 0 to 12 are outside the tables' 10 positions"),  # shorter than the input
+        (lambda: rope(16, 12), r"must both be \(context_length, head_dim 8\)"),  # another head dim
+        (lambda: (rope(8, 12)[0], rope(8, 13)[1]), r"cos \(12, 8\) and sin \(13, 8\)"),  # tables that disagree
+    ],
+)
+def test_rope_tables_that_do_not_fit_are_value_errors(tables, words):
+    # The book's broadcasting fails with a RuntimeError deep in the rotation (or slices a shorter table silently
+    # for a negative offset); ours names the shapes before any kernel runs.
+    layer = llama3.GroupedQueryAttention(32, 32, 4, 2).to(DEVICE)
+    cos, sin = tables()
+    with pytest.raises(ValueError, match=words):
+        layer(torch.randn(1, 12, 32, device=DEVICE), causal(12), cos, sin)
