@@ -88,10 +88,9 @@ class Launcher:
         self.jit = jit
         self.direct = CONVENTION_KNOWN and isinstance(jit, JITFunction)  # not the interpreter's function
         self.kernels: dict[tuple, tuple] = {}  # by signature
-        self.exact: dict[tuple, tuple] = {}  # by argument values, for argument types ``types``
-        self.types: tuple = ()
-        self.tensors: list[int] = []  # where ``types`` has a tensor
-        self.widths: list[int] = []  # where it has an int Triton does not specialize on (keyed by its width)
+        # (argument types, where they have a tensor, where an int Triton does not specialize on, the table by
+        # argument values for those types), replaced as a whole: a thread never mixes two calls' layouts
+        self.layout: tuple = ((), (), (), {})
         if self.direct:
             # Per parameter: (specialize, align); None for a constexpr, keyed by its value.
             self.flags = tuple(
@@ -110,15 +109,16 @@ class Launcher:
         # The usual call repeats the last one's argument types, and mostly its values: then the key is the
         # values themselves (a tensor by its dtype and alignment), finer than the signature and faster to make.
         exact = None
-        if tuple(map(type, args)) == self.types:
+        types, tensors, widths, by_values = self.layout
+        if tuple(map(type, args)) == types:
             values = list(args)
-            for i in self.tensors:
+            for i in tensors:
                 t = values[i]
                 values[i] = (t.dtype, t.data_ptr() % 16 == 0)
-            for i in self.widths:  # a decode step's cache length: a new value every call, one kernel
+            for i in widths:  # a decode step's cache length: a new value every call, one kernel
                 values[i] = _int_class(values[i], False, True)
             exact = (device, tuple(values), options)
-            entry = self.exact.get(exact)
+            entry = by_values.get(exact)
             if entry is not None:
                 return self._launch(entry, grid, args, active, device)
         args_key = signature(args, self.flags)
@@ -134,13 +134,15 @@ class Launcher:
         else:
             self._launch(entry, grid, args, active, device)
         if exact is None:  # new argument types: the exact table follows them from now on
-            self.types = tuple(map(type, args))
-            self.tensors = [i for i, x in enumerate(args) if isinstance(x, torch.Tensor)]
             loose = {i for i, flag in enumerate(self.flags) if flag is not None and not flag[0]}
-            self.widths = [i for i, x in enumerate(args) if x.__class__ is int and i in loose]
-            self.exact.clear()
+            self.layout = (
+                tuple(map(type, args)),
+                tuple(i for i, x in enumerate(args) if isinstance(x, torch.Tensor)),
+                tuple(i for i, x in enumerate(args) if x.__class__ is int and i in loose),
+                {},
+            )
         else:
-            self._remember(self.exact, exact, entry)
+            self._remember(by_values, exact, entry)
         return None
 
     @staticmethod
