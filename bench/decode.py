@@ -152,6 +152,38 @@ def splits_rows(device: str, shapes, factors=(0.5, 1, 2, 4)) -> list[dict]:
     return rows
 
 
+def append_rows(device: str, shapes) -> list[dict]:
+    """A decode step that appends its token (as generation does): the append inside the decode kernel
+    (``decode.FUSE_APPEND``, one launch) against its own kernel first (two launches), each captured in a CUDA
+    graph, in the same run."""
+    from kernels import decode
+
+    rows = []
+    for B, T, group, D in shapes:
+        q = torch.randn(B, KV_HEADS * group, 1, D, device=device, dtype=torch.bfloat16)
+        k_cache = torch.randn(B, KV_HEADS, T + 1, D, device=device, dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        k_new, v_new = (torch.randn(B, KV_HEADS, 1, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+        row = dict(batch=B, cache=T, group=group, head_dim=D)
+        outs = {}
+        for name, fused in (("fused_us", True), ("separate_us", False)):
+            decode.FUSE_APPEND = fused
+            try:
+                call = lambda: flash_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=T)
+                with torch.no_grad():
+                    outs[name] = call().float()
+                    row[name] = measure(graphed(call, device), device).ms * 1e3
+            finally:
+                decode.FUSE_APPEND = True
+        row["max_diff"] = (outs["fused_us"] - outs["separate_us"]).abs().max().item()
+        rows.append(row)
+        print(
+            f"B{B} T{T} g{group} D{D}: append in decode {row['fused_us']:7.1f} us, own kernel {row['separate_us']:7.1f}"
+            f" us ({row['separate_us'] / row['fused_us']:.2f}x), max diff {row['max_diff']:.1e}"
+        )
+    return rows
+
+
 def decode_splits(B: int, T: int, group: int, D: int, device: str) -> int:
     """The split count the kernel picks for this shape when left to it (as flash_attention_with_kvcache does):
     one query per sequence, so the packed rows are the group's query heads."""
@@ -186,10 +218,19 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the rows here (after every row)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is here (a code check)")
     ap.add_argument("--splits", action="store_true", help="only the split-count experiment")
+    ap.add_argument("--append", action="store_true", help="only a step that appends: in the decode kernel or not")
     args = ap.parse_args(argv)
     if args.smoke:
         smoke_mode()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.append:
+        shapes = (
+            [(2, 64, 2, 64)]
+            if args.smoke
+            else [(1, 1024, 1, 64), (1, 4096, 1, 64), (8, 4096, 1, 64), (8, 4096, 8, 128), (1, 32768, 1, 128)]
+        )
+        save_json(args.json, {"meta": metadata(device), "append": append_rows(device, shapes)})
+        return 0
     if args.splits:
         shapes = (
             [(2, 64, 2, 64)]

@@ -215,11 +215,14 @@ def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float,
             for variant in hopper.VARIANTS[1:]:
                 if hopper.supports(q, k, v, spec, variant):
                     hopper.forward(q, k, v, spec, variant)
-            if dropout_p == 0.0:  # the KV-cache decode: a step of 2 queries on 8 groups, split 4 ways, appending
+            if dropout_p == 0.0:  # the KV-cache decode: a step of 2 queries on 8 groups, split 4 ways, appending in
+                # the decode kernel; then without new keys, and the append kernel alone (no queries)
                 qd = torch.zeros(B, H * 4, 2, D, dtype=dtype)
                 cache = torch.zeros(B, H, N, D, dtype=dtype)
                 new = torch.zeros(B, H, 2, D, dtype=dtype)
                 decode.launch(qd, cache, cache.clone(), new, new.clone(), N - 8, N - 6, spec, num_splits=4)
+                decode.launch(qd, cache, cache.clone(), None, None, N - 8, N - 8, spec, num_splits=4)  # no new keys
+                decode.launch(qd[:, :, :0], cache, cache.clone(), new, new.clone(), N - 8, N - 6, spec)  # append only
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
     return found

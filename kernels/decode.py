@@ -14,7 +14,10 @@ one row each, which leaves most of a GPU idle and reads each key/value head once
   log-sum-exp: no atomics, deterministic. The number of splits follows FlashAttention's wave-efficiency
   heuristic (``num_splits``), chosen on the host from the sequence length and the GPU's SM count;
 - decoding is memory-bound (bytes = sum over b of ``len_b * Hkv * D * 2 * element size``), so the tile's
-  mask is applied to every key block: the arithmetic is free next to the loads.
+  mask is applied to every key block: the arithmetic is free next to the loads;
+- the step's own keys and values are appended by the decode kernel itself (``FUSE_APPEND``): every program
+  reads them from ``k``/``v``, one program per (batch, key/value head) writes them into the cache, so the
+  append costs no launch of its own and no program waits for another.
 
 Which keys a query sees is the rule of ``kernels/masks.py`` with ``Nk = cache_seqlens[b] (+ new keys)``:
 bottom-right causal, optional sliding window. Forward only (no autograd). The PyTorch path
@@ -41,6 +44,9 @@ from kernels.masks import _visible, window_flags
 
 BACKENDS = ("auto", "triton", "torch")
 MAX_SPLITS = 128
+# The step's keys and values appended by the decode kernel itself (one launch fewer per step) or by a kernel of
+# their own first (False: the old path, kept for bench.decode's old-against-new rows until a GPU has timed both).
+FUSE_APPEND = True
 _LOG2E = 1.4426950408889634
 
 
@@ -111,11 +117,37 @@ def _append_kv(
     )
 
 
+@triton.jit
+def _decode_tile(
+    q, k, v, qi, cols, row_valid, hi, diag, left, right, qk_scale, m_i, l_i, acc,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
+):  # fmt: skip
+    """One key/value tile (``cols``: their positions; those from ``hi`` on were not loaded) into the rows' online
+    softmax; returns m_i, l_i, acc."""
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    k, v = _tf32(k, ROUND_TF32), _tf32(v, ROUND_TF32)
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    seen = _visible(qi[:, None], cols[None, :], hi, diag, left, right, MASK_LEFT, MASK_RIGHT, True)
+    qk = tl.where(seen & row_valid[:, None], qk * qk_scale, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row with no key yet: exp2(-inf - 0) = 0
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(_tf32(p.to(v.dtype), ROUND_TF32), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+    return m_ij, l_i, acc
+
+
 @triton.jit(do_not_specialize=["seqlen"])
 def _decode_fwd(
     Q,
     K,
     V,
+    K_NEW,
+    V_NEW,
     Out,
     O_PART,
     LSE_PART,
@@ -134,6 +166,14 @@ def _decode_fwd(
     stride_vh,
     stride_vn,
     stride_vk,
+    stride_knz,
+    stride_knh,
+    stride_knn,
+    stride_knk,
+    stride_vnz,
+    stride_vnh,
+    stride_vnn,
+    stride_vnk,
     stride_oz,
     stride_oh,
     stride_om,
@@ -155,13 +195,19 @@ def _decode_fwd(
     MASK_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr,
     SEQLENS_TENSOR: tl.constexpr,
+    APPEND: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     ROUND_TF32: tl.constexpr,
 ):
     """One program: split ``program_id(0)`` of the keys, tile ``program_id(1)`` of the packed rows, and
     (batch, key/value head) ``program_id(2)``. Row r of the packed rows is query ``r % N_Q`` of query head
-    ``hk * GROUP + r // N_Q``."""
+    ``hk * GROUP + r // N_Q``.
+
+    With ``APPEND`` the step's N_NEW keys and values (K_NEW, V_NEW) are positions [seqlen, seqlen + N_NEW): every
+    program reads them from K_NEW / V_NEW, never from the cache, and the first program of each (batch, key/value
+    head) writes them into the cache. No program reads a cache row another writes in this launch, so the append
+    needs no launch of its own and no ordering between programs."""
     split = tl.program_id(0)
     off_hk = tl.program_id(2) % H_KV
     off_z = tl.program_id(2) // H_KV
@@ -195,29 +241,48 @@ def _decode_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    # The cached keys of the split; with APPEND, the step's own keys after them, from K_NEW / V_NEW.
+    cached_hi = tl.minimum(hi, seqlen) if APPEND else hi
+    for start_n in range(lo, cached_hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols < hi)[:, None] & mask_d[None, :]
+        kv_mask = (cols < cached_hi)[:, None] & mask_d[None, :]
         k = tl.load(
             k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0
         )
         v = tl.load(
             v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0
         )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        k, v = _tf32(k, ROUND_TF32), _tf32(v, ROUND_TF32)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        seen = _visible(qi[:, None], cols[None, :], hi, diag, left, right, MASK_LEFT, MASK_RIGHT, True)
-        qk = tl.where(seen & row_valid[:, None], qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row with no key yet: exp2(-inf - 0) = 0
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(_tf32(p.to(v.dtype), ROUND_TF32), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_ij
+        m_i, l_i, acc = _decode_tile(
+            q, k, v, qi, cols, row_valid, cached_hi, diag, left, right, qk_scale, m_i, l_i, acc,
+            MASK_LEFT, MASK_RIGHT, INPUT_PRECISION, UPCAST, ROUND_TF32,
+        )  # fmt: skip
+    if APPEND:
+        kn_base = K_NEW + z * stride_knz + off_hk.to(tl.int64) * stride_knh
+        vn_base = V_NEW + z * stride_vnz + off_hk.to(tl.int64) * stride_vnh
+        for start_n in range(tl.maximum(lo, seqlen), hi, BLOCK_N):
+            cols = start_n + offs_n
+            new_rows = (cols - seqlen).to(tl.int64)
+            kv_mask = (cols < hi)[:, None] & mask_d[None, :]
+            k = tl.load(
+                kn_base + new_rows[:, None] * stride_knn + offs_d[None, :] * stride_knk, mask=kv_mask, other=0.0
+            )
+            v = tl.load(
+                vn_base + new_rows[:, None] * stride_vnn + offs_d[None, :] * stride_vnk, mask=kv_mask, other=0.0
+            )
+            m_i, l_i, acc = _decode_tile(
+                q, k, v, qi, cols, row_valid, hi, diag, left, right, qk_scale, m_i, l_i, acc,
+                MASK_LEFT, MASK_RIGHT, INPUT_PRECISION, UPCAST, ROUND_TF32,
+            )  # fmt: skip
+        if (split == 0) & (tl.program_id(1) == 0):  # one program per (batch, key/value head) appends
+            for start_a in range(0, N_NEW, BLOCK_N):
+                app = start_a + offs_n  # the step's rows
+                app_mask = (app < N_NEW)[:, None] & mask_d[None, :]
+                src = app[:, None].to(tl.int64)
+                dst = (seqlen + app)[:, None].to(tl.int64)
+                k_app = tl.load(kn_base + src * stride_knn + offs_d[None, :] * stride_knk, mask=app_mask)
+                v_app = tl.load(vn_base + src * stride_vnn + offs_d[None, :] * stride_vnk, mask=app_mask)
+                tl.store(k_base + dst * stride_kn + offs_d[None, :] * stride_kk, k_app, mask=app_mask)
+                tl.store(v_base + dst * stride_vn + offs_d[None, :] * stride_vk, v_app, mask=app_mask)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -456,14 +521,16 @@ def flash_attention_with_kvcache(
 
 
 def launch(q, k_cache, v_cache, k, v, cache_seqlens, max_len: int, spec, num_splits: int = 0) -> torch.Tensor:
-    """The Triton launchers after the checks: append (if k, v), decode, merge the splits. ``max_len`` bounds
-    the keys any sequence sees (it sizes the splits)."""
-    if k is not None and k.shape[2] and k.shape[0]:
+    """The Triton launchers after the checks: decode (appending k, v in the same launch), merge the splits.
+    ``max_len`` bounds the keys any sequence sees (it sizes the splits)."""
+    appends = k is not None and k.shape[2] > 0 and k.shape[0] > 0
+    if appends and (q.numel() == 0 or not FUSE_APPEND):  # nothing to attend, or the old path: the append alone
         _append_triton(k_cache, v_cache, k, v, cache_seqlens)
     if q.numel() == 0:
         return q.mul(0.0)
     n_new = 0 if k is None else k.shape[2]
-    return _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec, num_splits)
+    new = (k, v) if appends and FUSE_APPEND else None
+    return _decode_triton(q, k_cache, v_cache, new, n_new, cache_seqlens, max_len, spec, num_splits)
 
 
 def _append_torch(k_cache, v_cache, k, v, cache_seqlens) -> None:
@@ -521,8 +588,11 @@ def plan(B: int, H_KV: int, rows: int, max_len: int, D: int, precision: str, num
     return Plan(tile, block_m, row_tiles, num_splits, keys_per_split)
 
 
-def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int, spec, num_splits: int):
+def _decode_triton(q, k_cache, v_cache, new, n_new: int, cache_seqlens, max_len: int, spec, num_splits: int):
+    """``new``: the step's (k, v) to append and attend, or None when the cache holds them already (``n_new``
+    of them past ``cache_seqlens``)."""
     B, H, N_Q, D = q.shape
+    k_new, v_new = new if new is not None else (q, q)  # never read without APPEND
     H_KV = k_cache.shape[1]
     group = H // H_KV
     flags = fa._flags(q, spec)
@@ -540,12 +610,12 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int,
     tensor = isinstance(cache_seqlens, torch.Tensor)
     _decode_fwd_launcher(
         (num_splits, row_tiles, B * H_KV),
-        q, k_cache, v_cache, out, o_part, lse_part, cache_seqlens if tensor else q, 0 if tensor else cache_seqlens,
-        spec.softmax_scale * _LOG2E,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        q, k_cache, v_cache, k_new, v_new, out, o_part, lse_part, cache_seqlens if tensor else q,
+        0 if tensor else cache_seqlens, spec.softmax_scale * _LOG2E,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
         B, H, H_KV, group, N_Q, n_new, keys_per_split, flags["left"], flags["right"], D,
         BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_D=block_d, MASK_LEFT=flags["MASK_LEFT"], MASK_RIGHT=flags["MASK_RIGHT"],
-        SPLIT=split, SEQLENS_TENSOR=tensor, INPUT_PRECISION=flags["INPUT_PRECISION"], UPCAST=flags["UPCAST"],
+        SPLIT=split, SEQLENS_TENSOR=tensor, APPEND=new is not None, INPUT_PRECISION=flags["INPUT_PRECISION"], UPCAST=flags["UPCAST"],
         ROUND_TF32=flags["ROUND_TF32"],
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip

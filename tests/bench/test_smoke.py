@@ -24,7 +24,9 @@ def run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("module", ["decode", "decode --splits", "generate", "window", "host", "tune"])
+@pytest.mark.parametrize(
+    "module", ["decode", "decode --splits", "decode --append", "generate", "window", "host", "tune"]
+)
 def test_gpu_benchmark_module_runs(module, tmp_path):
     out = tmp_path / "rows.json"
     name, *flags = module.split()

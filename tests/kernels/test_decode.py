@@ -93,6 +93,26 @@ def test_book_layout_and_int_length(backend):
     check(q, k_cache, v_cache, k, v, 21, backend=backend)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["append-in-decode", "append-kernel"])
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, N_new, T, D, lengths, num_splits, window",
+    [
+        (3, 4, 2, 1, 90, 32, [0, 17, 88], 3, (-1, -1)),  # ragged, one empty, the new key in the last split
+        (2, 4, 4, 20, 80, 16, [5, 40], 2, (-1, -1)),  # 20 new keys: more than one key tile of them
+        (1, 2, 1, 3, 64, 64, [61], 1, (-1, -1)),  # the step fills the cache to its last row
+        (2, 6, 2, 4, 70, 24, [30, 3], 2, (6, -1)),  # a window narrower than the step's reach
+    ],
+)
+def test_both_append_paths(monkeypatch, fused, B, Hq, Hkv, N_new, T, D, lengths, num_splits, window):
+    # The decode kernel appends the step's keys itself (FUSE_APPEND) and reads them from k, v, never from the
+    # cache rows it is writing (check() fills those with NaN); the old path appends in a kernel of its own first.
+    monkeypatch.setattr(decode, "FUSE_APPEND", fused)
+    q, k_cache, v_cache = make_cache(B, Hq, Hkv, N_new, T, D, torch.float16, book_layout=True)
+    k, v = (torch.randn(B, Hkv, N_new, D, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    seqlens = torch.tensor(lengths, device=DEVICE)
+    check(q, k_cache, v_cache, k, v, seqlens, window=window, num_splits=num_splits)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
 def test_splits_agree(num_splits):
     # Split-KV: each split's partial output merged by its log-sum-exp; ragged lengths leave some splits empty.
