@@ -7,7 +7,8 @@
      waits for the device: the cost of Python, autograd, allocation and the launches themselves;
    - ``device``: the same call captured in a CUDA graph and replayed: the GPU's own time.
    A call is host-bound when ``host`` > ``device``. Ours also with every launch through Triton's JIT dispatch
-   ("ours JIT dispatch": kernels/launch.py off), old against new. Plus a cProfile of our forward+backward.
+   ("ours JIT dispatch": kernels/launch.py off), old against new. Plus a cProfile of our forward+backward,
+   and one generation step's attention at batch 1 (ours, through the JIT's dispatch, the book's torch.cat).
 2. Forward variants (kernels/hopper.py): the pointer kernel, TMA loads, a persistent grid and warp
    specialization, bf16 causal at head dims 64 and 128, N 4096 to 16384, with SDPA's cuDNN beside them.
 3. The backward at the same shapes: one pass (dQ by atomics) against the two kernels (dQ, then dK/dV).
@@ -30,8 +31,8 @@ import torch
 from bench import providers
 from bench.common import graphed, measure, metadata, save_json, smoke_mode
 from bench.sweep import attention_flops
+from kernels import flash_attention_with_kvcache, hopper, launch
 from kernels import flash_attn as fa
-from kernels import hopper, launch
 
 GPT2 = (8, 12, 1024, 64)
 VARIANT_SHAPES = [(8, 16, 4096, 128), (8, 16, 16384, 128), (8, 12, 4096, 64), (8, 12, 16384, 64)]  # (B, H, N, D)
@@ -113,6 +114,46 @@ def host_rows(device: str, shape=GPT2, calls: int = 50) -> tuple[list[dict], str
     return rows, "\n".join(line for line in out.getvalue().splitlines() if line.strip())
 
 
+def decode_rows(device: str, calls: int = 50) -> list[dict]:
+    """One generation step's attention at batch 1 (GPT-2: 12 heads, head dim 64, a 1,024-token cache, the token
+    appended): ours with direct launches and through the JIT's dispatch, and the book's way (torch.cat of the
+    cache, then SDPA). Decoding at batch 1 is host-bound, so the host-only column is the one that matters."""
+    H, D, T = 12, 64, 1024
+    dtype = torch.bfloat16
+    q = torch.randn(1, H, 1, D, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(1, T + 1, H, D, device=device, dtype=dtype).transpose(1, 2) for _ in range(2))
+    k_new, v_new = (torch.randn(1, H, 1, D, device=device, dtype=dtype) for _ in range(2))
+    past_k, past_v = k_cache[:, :, :T].contiguous(), v_cache[:, :, :T].contiguous()
+
+    def ours():
+        return flash_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=T)
+
+    def book():  # ch04/03's step: the cache grown by torch.cat, then attention over all of it
+        keys, values = torch.cat([past_k, k_new], dim=2), torch.cat([past_v, v_new], dim=2)
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values)
+
+    rows = []
+    for name, fn, direct in (
+        ("ours", ours, True),
+        ("ours JIT dispatch", ours, False),
+        ("book torch.cat + SDPA", book, True),
+    ):
+        launch.DIRECT = direct
+        row = dict(impl=name, mode="decode", batch=1, heads=H, seq_len=T, head_dim=D, dtype="bf16")
+        try:
+            with torch.no_grad():
+                row["measured_us"] = measure(fn, device).ms * 1e3
+                row["host_us"] = host_us(fn, device, calls)
+                row["device_us"] = device_us(fn, device)
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            row["ours_failed"] = name.startswith("ours")
+        finally:
+            launch.DIRECT = True
+        rows.append(row)
+    return rows
+
+
 def variant_rows(device: str, shapes) -> list[dict]:
     rows = []
     for B, H, N, D in shapes:
@@ -189,6 +230,7 @@ def main(argv=None) -> int:
 
     if "host" in args.parts:
         result["host"], result["profile"] = host_rows(device, *(((1, 2, 64, 16), 2) if args.smoke else (GPT2, 20)))
+        result["host"] += decode_rows(device, 2 if args.smoke else 50)
         save()
         print(result["profile"][:2500])
     if "variants" in args.parts:

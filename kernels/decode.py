@@ -40,7 +40,7 @@ from kernels import flash_attn as fa
 from kernels.flash_attn import _cast, _tf32
 from kernels.interface import check_options, triton_runs_on
 from kernels.launch import Launcher
-from kernels.masks import _visible, window_flags
+from kernels.masks import _visible, visible_mask, window_flags
 
 BACKENDS = ("auto", "triton", "torch")
 MAX_SPLITS = 128
@@ -633,6 +633,19 @@ def _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int, 
     """The same semantics through PyTorch's fused attention: keys past each sequence's length and keys the
     rule hides are masked per batch entry; rows that see no key return zeros. The cache past a sequence's
     length is never read (it may hold anything, NaN included: a mask does not stop 0 * NaN)."""
+    if isinstance(cache_seqlens, int):
+        return _decode_torch_one_length(q, k_cache, v_cache, cache_seqlens + n_new, spec)
+    if cache_seqlens.device.type == "cpu" and q.device.type == "cpu":
+        # Lengths readable for free: one sliced call per distinct length, no (B, T) masks, no copies of the cache.
+        lengths = cache_seqlens.tolist()
+        if len(set(lengths)) == 1:
+            return _decode_torch_one_length(q, k_cache, v_cache, lengths[0] + n_new, spec)
+        out = torch.empty_like(q)
+        for b, n in enumerate(lengths):
+            out[b : b + 1] = _decode_torch_one_length(
+                q[b : b + 1], k_cache[b : b + 1], v_cache[b : b + 1], n + n_new, spec
+            )
+        return out
     B, H, N_Q, D = q.shape
     lengths = (
         torch.full((B,), cache_seqlens, device=q.device)
@@ -657,3 +670,29 @@ def _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int, 
     )
     # Into q's memory layout (SDPA's CUDA kernels return their own), rows without a key zeroed.
     return torch.empty_like(q).copy_(out.masked_fill(~any_key[:, None], 0.0))
+
+
+def _decode_torch_one_length(q, k_cache, v_cache, n_k: int, spec):
+    """``_decode_torch`` when every sequence has the same ``n_k`` keys (an int length, as the layers pass): the
+    cache sliced to them (a view: nothing past them is read or copied), one ``(N_Q, n_k)`` mask for the batch,
+    and none for a step whose queries see every key (one causal query: the usual decode step, and PyTorch's
+    fastest kernel). What the rule shows is worked out from the integers: no host sync, capturable."""
+    N_Q = q.shape[2]
+    if n_k == 0:
+        return torch.zeros_like(q)
+    mask_left, mask_right, left, right = window_flags(spec.causal, (spec.window_left, spec.window_right))
+    first = n_k - N_Q  # the first query's position; query i sits at first + i
+    sees_all = (not mask_right or first + right >= n_k - 1) and (not mask_left or n_k - 1 - left <= 0)
+    blind = min(N_Q, max(0, -(first + right))) if mask_right else 0  # leading queries that see no key
+    keys, values = k_cache[:, :, :n_k], v_cache[:, :, :n_k]  # (B, Hkv, n_k, D)
+    mask = None
+    if not sees_all:
+        window = (spec.window_left, spec.window_right)
+        mask = visible_mask(N_Q, n_k, causal=spec.causal, window=window, device=q.device)  # (N_Q, n_k)
+        mask[:blind] = True  # attend anywhere, zeroed below (an all-hidden row would give NaN)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=spec.softmax_scale, enable_gqa=q.shape[1] != keys.shape[1]
+    )
+    result = torch.empty_like(q).copy_(out)  # into q's memory layout
+    result[:, :, :blind] = 0.0
+    return result

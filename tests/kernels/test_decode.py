@@ -113,6 +113,28 @@ def test_both_append_paths(monkeypatch, fused, B, Hq, Hkv, N_new, T, D, lengths,
     check(q, k_cache, v_cache, k, v, seqlens, window=window, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "Nq, n_new, length, causal, window",
+    [
+        (1, 1, 40, True, (-1, -1)),  # the usual step: every key seen (PyTorch's path without a mask)
+        (5, 5, 30, True, (-1, -1)),  # a chunk: bottom-right causal
+        (6, 0, 2, True, (-1, -1)),  # more queries than keys: the first four see none
+        (3, 3, 50, True, (7, -1)),  # a window narrower than the cache
+        (4, 2, 20, False, (3, 2)),  # a two-sided window, not causal
+        (2, 0, 0, True, (-1, -1)),  # an empty cache and no new keys: zeros
+        (1, 1, 0, False, (-1, 0)),  # a first token that sees only itself
+    ],
+)
+def test_int_lengths(Nq, n_new, length, causal, window, backend):
+    # An int cache_seqlens (what the layers pass) takes its own PyTorch path: the cache sliced, one mask or none.
+    q, k_cache, v_cache = make_cache(2, 4, 2, Nq, 64, 16, torch.float32, book_layout=True)
+    k = v = None
+    if n_new:
+        k, v = (torch.randn(2, 2, n_new, 16, device=DEVICE) for _ in range(2))
+    check(q, k_cache, v_cache, k, v, length, causal=causal, window=window, backend=backend)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
 def test_splits_agree(num_splits):
     # Split-KV: each split's partial output merged by its log-sum-exp; ragged lengths leave some splits empty.
