@@ -113,6 +113,7 @@ def run(
     """Every variant at every batch size; ``on_row(rows)`` after each row (to print and save as it goes)."""
     rows = _Rows(on_row)
     ids = text_to_token_ids()
+    ids = ids.repeat(-(-(prompt_len + max(batches)) // len(ids)))  # the text repeated for a long prompt
     for b in batches:
         prompt = torch.stack([ids[i : i + prompt_len] for i in range(b)]).to(device)  # (b, prompt_len)
         torch.manual_seed(123)
@@ -209,6 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on whatever device is here (a code check)")
     ap.add_argument("--profile", action="store_true", help="only the host profile of ours through the book's loop")
+    ap.add_argument("--prompt-len", type=int, default=24, help="prompt tokens (the text repeated; default 24)")
     args = ap.parse_args(argv)
     if args.smoke:
         smoke_mode()
@@ -230,9 +232,10 @@ def main(argv=None) -> int:
         cfg = {**GPT_CONFIG_124M, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
         rows = run(device, cfg, batches=(1,), new_tokens=8, uncached_tokens=4, prompt_len=6, on_row=on_row)
     elif device == "cuda":
-        rows = run(device, GPT_CONFIG_124M, batches=(1, 8), new_tokens=1000, uncached_tokens=100, on_row=on_row)
+        new_tokens = min(1000, GPT_CONFIG_124M["context_length"] - args.prompt_len)
+        rows = run(device, GPT_CONFIG_124M, (1, 8), new_tokens, 100, prompt_len=args.prompt_len, on_row=on_row)
     else:  # a CPU: the same model, fewer tokens
-        rows = run(device, GPT_CONFIG_124M, batches=(1,), new_tokens=100, uncached_tokens=20, on_row=on_row)
+        rows = run(device, GPT_CONFIG_124M, (1,), 100, 20, prompt_len=args.prompt_len, on_row=on_row)
     return 0 if all(r.get("same_tokens_as_uncached") for r in rows) else 1
 
 
