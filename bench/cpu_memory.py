@@ -2,8 +2,10 @@
 
 PyTorch keeps no peak statistics for CPU memory, so each measurement runs in its own process with glibc
 told to serve every allocation above 64 KiB by mmap (``MALLOC_MMAP_THRESHOLD_``), which returns freed
-tensors to the system at once: the process's resident set then follows the live tensors, and its peak
-(``ru_maxrss``) minus the resident set before the call is the call's peak. The layer, its weights and the
+tensors to the system at once: the process's resident set then follows the live tensors. The peak is reset
+right before the call (``/proc/self/clear_refs``: Linux carries ``ru_maxrss`` across fork and exec, so without
+the reset a child of the main job reads its parent's peak), and the peak after the call (``VmHWM``) minus the
+resident set before it is the call's peak. The layer, its weights and the
 input exist before the first reading, so they are not counted.
 
     python -m bench.cpu_memory --layer ours --tokens 1024 --dropout 0.1      # prints JSON
@@ -24,6 +26,24 @@ LAYERS = ("chapter", "ours", "sdpa")
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    """Reset the process's resident-set high-water mark (Linux: ``5`` to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_bytes(layer: str, tokens: int, dropout: float, batch: int = 2, width: int = 768, heads: int = 12) -> int:
@@ -56,9 +76,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     layer = cls[args.layer](args.width, args.width, args.tokens, args.dropout, args.heads).train(args.dropout > 0)
     x = torch.randn(args.batch, args.tokens, args.width, requires_grad=True)
+    if not _reset_peak():
+        print(json.dumps({"layer": args.layer, "error": "cannot reset the peak resident set (/proc/self/clear_refs)"}))
+        return 1
     before = _rss_bytes()
     layer(x).sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    peak = _peak_rss_bytes()
     print(
         json.dumps({"layer": args.layer, "tokens": args.tokens, "dropout": args.dropout, "peak_bytes": peak - before})
     )
