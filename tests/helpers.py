@@ -233,3 +233,30 @@ def build(name: str, args, seed=123, module=None, **kw):
     torch.manual_seed(seed)
     theirs = getattr(ref, name)(*args, **kw)
     return ours.to(DEVICE), theirs.to(DEVICE)
+
+
+def twin_layers(ours_cls, book_cls, *args, seed: int, **kw):
+    """Our layer and a reader's copy of the book's, each built after ``torch.manual_seed(seed)`` on the test
+    device; their state_dicts must match key for key and value for value (same parameters, same order)."""
+    torch.manual_seed(seed)
+    ours = ours_cls(*args, **kw).to(DEVICE)
+    torch.manual_seed(seed)
+    theirs = book_cls(*args, **kw).to(DEVICE)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a), "parameters differ after the same seed"
+    return ours, theirs
+
+
+def assert_same_outputs_and_grads(ours, theirs, *inputs, tol: dict) -> None:
+    """Both layers on the same inputs (the first gets a gradient): outputs, the input's gradient and every
+    parameter's gradient for one random output gradient."""
+    x = inputs[0]
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = ours(xa, *inputs[1:]), theirs(xb, *inputs[1:])
+    torch.testing.assert_close(out_a, out_b, **tol)
+    dout = torch.randn_like(out_a)
+    out_a.backward(dout)
+    out_b.backward(dout)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    for (name, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, **tol, msg=lambda m, n=name: f"{n}: {m}")

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, assert_same_outputs_and_grads, twin_layers
 from torch import nn
 
 import attention
@@ -20,27 +20,12 @@ from bench.book.rope import compute_rope_params
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def pair(ours_cls, book_cls, *args, seed=3, **kw):
-    torch.manual_seed(seed)
-    ours = ours_cls(*args, **kw).to(DEVICE)
-    torch.manual_seed(seed)
-    theirs = book_cls(*args, **kw).to(DEVICE)
-    a, b = ours.state_dict(), theirs.state_dict()
-    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a), "parameters differ after the same seed"
-    return ours, theirs
+def pair(ours_cls, book_cls, *args, **kw):
+    return twin_layers(ours_cls, book_cls, *args, seed=3, **kw)
 
 
 def compare(ours, theirs, *inputs):
-    x = inputs[0]
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_a, out_b = ours(xa, *inputs[1:]), theirs(xb, *inputs[1:])
-    torch.testing.assert_close(out_a, out_b, **TOL)
-    dout = torch.randn_like(out_a)
-    out_a.backward(dout)
-    out_b.backward(dout)
-    torch.testing.assert_close(xa.grad, xb.grad, **TOL)
-    for (name, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_outputs_and_grads(ours, theirs, *inputs, tol=TOL)
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])

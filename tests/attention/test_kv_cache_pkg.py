@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, twin_layers
 from torch import nn
 
 import attention
@@ -22,14 +22,8 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 STEPS = ((0, 7), (7, 8), (8, 9), (9, 21), (21, 22))  # a prompt, tokens, a chunk, a token
 
 
-def pair(ours_cls, book_cls, *args, seed=5, **kw):
-    torch.manual_seed(seed)
-    ours = ours_cls(*args, **kw).to(DEVICE)
-    torch.manual_seed(seed)
-    theirs = book_cls(*args, **kw).to(DEVICE)
-    a, b = ours.state_dict(), theirs.state_dict()
-    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-    return ours, theirs
+def pair(ours_cls, book_cls, *args, **kw):
+    return twin_layers(ours_cls, book_cls, *args, seed=5, **kw)
 
 
 def same(a, b):
