@@ -2,6 +2,8 @@
 # Everything pending on a GPU, in one call on a GPU machine (the device tool), in order of importance, each
 # stage under its own time limit and its results saved as it goes (a stage cut short keeps what it measured):
 #
+#   launch    direct launches against the JIT's, bit for bit, and the decode kernel's append (if they disagree,
+#             every later stage runs with KERNELS_DIRECT_LAUNCH=0)
 #   tests     the GPU suite: compiled kernels (both backwards, windows, decode, the Hopper forward experiments,
 #             TF32 against cuBLAS), the benchmarks' smoke runs with real CUDA graphs
 #   host      host path per call at the GPT-2 shape, ours also through the JIT's dispatch (measured /
@@ -30,7 +32,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-"tests host sweep window tune e2e dropout decode splits append generate"}
+STAGES=${STAGES:-"launch tests host sweep window tune e2e dropout decode splits append generate"}
 RES="$OUT/results"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -54,7 +56,17 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $RES/NAME.
   echo "== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$OUT/summary.log"
   tail -n "${TAIL:-25}" "$RES/$name.log" | tee -a "$OUT/summary.log"
   tar -czf "$OUT/results.tar.gz" -C "$OUT" results 2>/dev/null  # after every stage: a cut call keeps it
+  return $rc
 }
+
+# First: the direct launches (kernels/launch.py) against the JIT's, bit for bit, and the decode kernel's append.
+# Every stage below launches directly; if a test fails (exit 1, not a time-out), the rest runs through the JIT.
+stage launch "${LAUNCH_LIMIT:-60}" $PY -m pytest tests/kernels/test_launch.py tests/kernels/test_decode.py -n 8 \
+  -p no:cacheprovider --timeout 60 -rfE --tb=short -p no:benchmark
+if [ $? -eq 1 ]; then
+  export KERNELS_DIRECT_LAUNCH=0
+  echo "== launch failed: KERNELS_DIRECT_LAUNCH=0 for every stage below" | tee -a "$OUT/summary.log"
+fi
 
 # shellcheck disable=SC2086
 stage tests "${TESTS_LIMIT:-120}" $PY -m pytest ${TESTS:-tests} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \

@@ -78,8 +78,9 @@ def host_rows(device: str, shape=GPT2, calls: int = 50) -> tuple[list[dict], str
         "sdpa_cudnn": lambda q, k, v: providers.sdpa("CUDNN_ATTENTION")(q, k, v, 0.0),
     }
     rows = []
+    direct = launch.DIRECT  # False under KERNELS_DIRECT_LAUNCH=0: then every row goes through the JIT
     for name, fn in impls.items():
-        launch.DIRECT = name != "ours JIT dispatch"
+        launch.DIRECT = direct and name != "ours JIT dispatch"
 
         def fwd(fn=fn):
             with torch.no_grad():
@@ -100,7 +101,7 @@ def host_rows(device: str, shape=GPT2, calls: int = 50) -> tuple[list[dict], str
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
                 row["ours_failed"] = name.startswith("ours")
             rows.append(row)
-    launch.DIRECT = True
+    launch.DIRECT = direct
     prof = cProfile.Profile()
     fwd_bwd = lambda: providers.ours(qg, kg, vg, 0.0).backward(do)
     prof.enable()
@@ -133,12 +134,13 @@ def decode_rows(device: str, calls: int = 50) -> list[dict]:
         return torch.nn.functional.scaled_dot_product_attention(q, keys, values)
 
     rows = []
+    default = launch.DIRECT  # False under KERNELS_DIRECT_LAUNCH=0: then every row goes through the JIT
     for name, fn, direct in (
         ("ours", ours, True),
         ("ours JIT dispatch", ours, False),
         ("book torch.cat + SDPA", book, True),
     ):
-        launch.DIRECT = direct
+        launch.DIRECT = default and direct
         row = dict(impl=name, mode="decode", batch=1, heads=H, seq_len=T, head_dim=D, dtype="bf16")
         try:
             with torch.no_grad():
@@ -149,7 +151,7 @@ def decode_rows(device: str, calls: int = 50) -> list[dict]:
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             row["ours_failed"] = name.startswith("ours")
         finally:
-            launch.DIRECT = True
+            launch.DIRECT = default
         rows.append(row)
     return rows
 

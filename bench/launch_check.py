@@ -136,6 +136,7 @@ CASES = {
 def check(name: str, case) -> list[str]:
     """The case's launches through the JIT against two direct runs: a list of what differs."""
     runs = []
+    default = launch.DIRECT
     for direct in (False, True, True):
         log: list = []
         launch.DIRECT = direct
@@ -143,7 +144,7 @@ def check(name: str, case) -> list[str]:
             with recording(log):
                 case()
         finally:
-            launch.DIRECT = True
+            launch.DIRECT = default
         runs.append(log)
     jit, first, second = runs
     errors = []

@@ -25,16 +25,21 @@ replays our launchers through both paths with Hopper-compiled kernels and compar
 anything could differ from the JIT's path the JIT runs: on another Triton than 3.6-3.9 (``CONVENTION_KNOWN``),
 under the interpreter, while Triton's launch hooks are set (a profiler), when ``run`` was patched on the jit
 function (``bench/sm90.py``), for an argument of another type, and with ``DIRECT = False`` (the benchmarks'
-old-against-new rows).
+old-against-new rows; ``KERNELS_DIRECT_LAUNCH=0`` in the environment for a whole run).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-DIRECT = True  # False: every launch through the JIT's dispatch (bench.host measures both in one run)
+# False: every launch through the JIT's dispatch (bench.host measures both in one run). KERNELS_DIRECT_LAUNCH=0 in
+# the environment sets it for a whole run: a switch for anyone who doubts the direct path (bench/gpu_check.sh sets
+# it when its first stage finds the two paths disagree on the GPU).
+DIRECT = os.environ.get("KERNELS_DIRECT_LAUNCH", "1") != "0"
 # The Tritons whose launch convention (every parameter passed, constexprs included, after the grid, stream,
 # function, metadata and hooks) bench/launch_check.py verified: 3.6 and 3.9, and those between. Others launch
 # through the JIT until checked.

@@ -69,6 +69,17 @@ def test_a_constexpr_is_keyed_by_its_value():
     assert launch.signature([object()], [(True, True)]) is None  # another type: the call goes through the JIT
 
 
+def test_the_environment_switch_turns_direct_launches_off():
+    # KERNELS_DIRECT_LAUNCH=0: every launch of a run through the JIT (bench/gpu_check.sh's fallback).
+    code = "import kernels.launch as launch; print(launch.DIRECT)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "KERNELS_DIRECT_LAUNCH": value}
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.stdout.strip() == expected, proc.stderr[-2000:]
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the bit-for-bit test below runs the real launches")
 def test_every_direct_launch_is_the_jits_for_hopper_compiled_kernels():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -84,13 +95,14 @@ def test_every_direct_launch_is_the_jits_for_hopper_compiled_kernels():
 def _both_paths(fn):
     """fn's outputs with direct launches and through the JIT, the RNG reset before each."""
     outs = []
+    default = launch.DIRECT
     for direct in (True, False):
         launch.DIRECT = direct
         torch.manual_seed(0)
         try:
             outs.append(fn())
         finally:
-            launch.DIRECT = True
+            launch.DIRECT = default
     return outs
 
 
