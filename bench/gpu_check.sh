@@ -61,7 +61,7 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $RES/NAME.
 
 # First: the direct launches (kernels/launch.py) against the JIT's, bit for bit, and the decode kernel's append.
 # Every stage below launches directly; if a test fails (exit 1, not a time-out), the rest runs through the JIT.
-stage launch "${LAUNCH_LIMIT:-60}" $PY -m pytest tests/kernels/test_launch.py tests/kernels/test_decode.py -n 8 \
+stage launch "${LAUNCH_LIMIT:-45}" $PY -m pytest tests/kernels/test_launch.py tests/kernels/test_decode.py -n 16 \
   -p no:cacheprovider --timeout 60 -rfE --tb=short -p no:benchmark
 if [ $? -eq 1 ]; then
   export KERNELS_DIRECT_LAUNCH=0
@@ -69,12 +69,12 @@ if [ $? -eq 1 ]; then
 fi
 
 # shellcheck disable=SC2086
-stage tests "${TESTS_LIMIT:-120}" $PY -m pytest ${TESTS:-tests} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
+stage tests "${TESTS_LIMIT:-105}" $PY -m pytest ${TESTS:-tests} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
   -p no:benchmark
 grep -E "(FAILED|ERROR) " "$RES/tests.log" | head -20 | tee -a "$OUT/summary.log"
 stage host "${HOST_LIMIT:-40}" $PY -m bench.host --parts "${HOST_PARTS:-host}" --json "$RES/host.json"
 # shellcheck disable=SC2086
-stage sweep "${SWEEP_LIMIT:-95}" $PY -m bench --parts sweep --budget "${SWEEP_BUDGET:-75}" --no-progress \
+stage sweep "${SWEEP_LIMIT:-85}" $PY -m bench --parts sweep --budget "${SWEEP_BUDGET:-65}" --no-progress \
   --out "$RES/sweep" --seq-lens 1024,2048,4096,8192,16384 \
   --providers ours,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,chapter ${BENCH_ARGS:-}
 stage window "${WINDOW_LIMIT:-60}" $PY -m bench.window --json "$RES/window.json"
