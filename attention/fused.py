@@ -22,7 +22,7 @@ from torch import nn
 
 from attention import reference
 from attention.reference import _check_context, _check_projected, _check_rank, _check_width, in_features
-from kernels import flash_attention
+from kernels import flash_attention, flash_attention_with_kvcache
 from kernels.interface import BACKENDS
 
 _backend = "auto"
@@ -63,6 +63,19 @@ def decodes(n_new: int, dropout_p: float, grad: bool) -> bool:
     """Whether a cached call of ``n_new`` tokens runs the decode kernel: a few tokens, no dropout, no gradient
     (``needs_grad`` of its inputs: the decode kernel is forward only)."""
     return n_new <= DECODE_MAX_TOKENS and dropout_p == 0.0 and not grad
+
+
+def attend_newest(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, dropout_p: float, **kw
+) -> torch.Tensor:
+    """The queries as the newest positions of the keys k, v hold (a step against a whole cache, bottom-right):
+    a few new tokens without dropout or gradient through the split-KV decode kernel, anything else through
+    ``flash_attention``. ``kw``: softmax_scale, window_size."""
+    n = q.shape[2]
+    if n <= k.shape[2] and decodes(n, dropout_p, needs_grad(q, k, v)):
+        backend = current_backend_for_decode()
+        return flash_attention_with_kvcache(q, k, v, cache_seqlens=k.shape[2], causal=causal, backend=backend, **kw)
+    return _attend(q, k, v, causal=causal, dropout_p=dropout_p, **kw)
 
 
 def project_heads(layer: nn.Module, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:

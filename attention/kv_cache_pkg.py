@@ -21,7 +21,6 @@ from torch import nn
 from attention import fused, gemma3, llama3, qwen3
 from attention.reference import _check_rank, _check_width, in_features, init_heads
 from attention.rope import apply_rope, attend_cached
-from kernels import flash_attention_with_kvcache
 
 
 def _check_call(layer: nn.Module, start_pos, cache) -> None:
@@ -74,13 +73,8 @@ class MultiHeadAttention(nn.Module):
         if use_cache:
             keys, values = next_cache = _grow(cache, keys, values)
         p = fused._dropout_p(self.dropout)
-        if use_cache and fused.decodes(n, p, fused.needs_grad(queries, keys, values)):
-            context = flash_attention_with_kvcache(
-                queries, keys, values, cache_seqlens=keys.shape[2], causal=True,
-                backend=fused.current_backend_for_decode(),
-            )  # fmt: skip
-        else:  # the book's mask: causal, aligned to the newest keys (bottom-right)
-            context = fused._attend(queries, keys, values, causal=True, dropout_p=p)
+        attend = fused.attend_newest if use_cache else fused._attend  # the book's mask: causal, bottom-right
+        context = attend(queries, keys, values, causal=True, dropout_p=p)
         return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out)), next_cache
 
 

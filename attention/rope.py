@@ -19,7 +19,6 @@ from torch import nn
 
 from attention import fused
 from attention.reference import _check_rank
-from kernels import flash_attention_with_kvcache
 from kernels.masks import visible_mask
 
 _warned_masks: set[str] = set()
@@ -127,13 +126,10 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale
     """``attend_with_mask`` for a step against a whole cache (k, v hold every position so far, the queries
     the newest): a few new tokens without gradients go through the split-KV decode kernel."""
     rule = _rule_of(mask)
-    if rule is None or q.shape[2] > k.shape[2] or not fused.decodes(q.shape[2], 0.0, fused.needs_grad(q, k, v)):
+    if rule is None:
         return _attend_by_rule(q, k, v, mask, rule, scale, layer)
     causal, window = rule
-    return flash_attention_with_kvcache(
-        q, k, v, cache_seqlens=k.shape[2], causal=causal, softmax_scale=scale, window_size=window,
-        backend=fused.current_backend_for_decode(),
-    )  # fmt: skip
+    return fused.attend_newest(q, k, v, causal=causal, dropout_p=0.0, softmax_scale=scale, window_size=window)
 
 
 def _rule_of(mask) -> tuple[bool, tuple[int, int]] | None:

@@ -166,15 +166,16 @@ def append_rows(device: str, shapes) -> list[dict]:
         k_new, v_new = (torch.randn(B, KV_HEADS, 1, D, device=device, dtype=torch.bfloat16) for _ in range(2))
         row = dict(batch=B, cache=T, group=group, head_dim=D)
         outs = {}
+        call = lambda: flash_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=T)
+        saved = decode.FUSE_APPEND
         for name, fused in (("fused_us", True), ("separate_us", False)):
             decode.FUSE_APPEND = fused
             try:
-                call = lambda: flash_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=T)
                 with torch.no_grad():
                     outs[name] = call().float()
                     row[name] = measure(graphed(call, device), device).ms * 1e3
             finally:
-                decode.FUSE_APPEND = True
+                decode.FUSE_APPEND = saved
         row["max_diff"] = (outs["fused_us"] - outs["separate_us"]).abs().max().item()
         rows.append(row)
         print(

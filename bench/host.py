@@ -78,9 +78,7 @@ def host_rows(device: str, shape=GPT2, calls: int = 50) -> tuple[list[dict], str
         "sdpa_cudnn": lambda q, k, v: providers.sdpa("CUDNN_ATTENTION")(q, k, v, 0.0),
     }
     rows = []
-    direct = launch.DIRECT  # False under KERNELS_DIRECT_LAUNCH=0: then every row goes through the JIT
     for name, fn in impls.items():
-        launch.DIRECT = direct and name != "ours JIT dispatch"
 
         def fwd(fn=fn):
             with torch.no_grad():
@@ -91,17 +89,18 @@ def host_rows(device: str, shape=GPT2, calls: int = 50) -> tuple[list[dict], str
 
         for mode, call in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
             row = dict(impl=name, mode=mode, batch=B, heads=H, seq_len=N, head_dim=D, dtype="bf16")
-            try:
-                row["measured_us"] = measure(call, device).ms * 1e3
-                row["host_us"] = host_us(call, device, calls)
-                row["device_us"] = device_us(call, device)
-            except providers.Unavailable as err:
-                row["error"] = f"n/a: {err}"
-            except Exception as err:
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-                row["ours_failed"] = name.startswith("ours")
+            # Under KERNELS_DIRECT_LAUNCH=0 every row goes through the JIT.
+            with launch.direct_launches(launch.DIRECT and name != "ours JIT dispatch"):
+                try:
+                    row["measured_us"] = measure(call, device).ms * 1e3
+                    row["host_us"] = host_us(call, device, calls)
+                    row["device_us"] = device_us(call, device)
+                except providers.Unavailable as err:
+                    row["error"] = f"n/a: {err}"
+                except Exception as err:
+                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                    row["ours_failed"] = name.startswith("ours")
             rows.append(row)
-    launch.DIRECT = direct
     prof = cProfile.Profile()
     fwd_bwd = lambda: providers.ours(qg, kg, vg, 0.0).backward(do)
     prof.enable()
@@ -134,24 +133,21 @@ def decode_rows(device: str, calls: int = 50) -> list[dict]:
         return torch.nn.functional.scaled_dot_product_attention(q, keys, values)
 
     rows = []
-    default = launch.DIRECT  # False under KERNELS_DIRECT_LAUNCH=0: then every row goes through the JIT
     for name, fn, direct in (
         ("ours", ours, True),
         ("ours JIT dispatch", ours, False),
         ("book torch.cat + SDPA", book, True),
     ):
-        launch.DIRECT = default and direct
         row = dict(impl=name, mode="decode", batch=1, heads=H, seq_len=T, head_dim=D, dtype="bf16")
-        try:
-            with torch.no_grad():
+        # Under KERNELS_DIRECT_LAUNCH=0 every row goes through the JIT.
+        with launch.direct_launches(launch.DIRECT and direct), torch.no_grad():
+            try:
                 row["measured_us"] = measure(fn, device).ms * 1e3
                 row["host_us"] = host_us(fn, device, calls)
                 row["device_us"] = device_us(fn, device)
-        except Exception as err:
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-            row["ours_failed"] = name.startswith("ours")
-        finally:
-            launch.DIRECT = default
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                row["ours_failed"] = name.startswith("ours")
         rows.append(row)
     return rows
 

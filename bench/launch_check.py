@@ -136,15 +136,10 @@ CASES = {
 def check(name: str, case) -> list[str]:
     """The case's launches through the JIT against two direct runs: a list of what differs."""
     runs = []
-    default = launch.DIRECT
     for direct in (False, True, True):
         log: list = []
-        launch.DIRECT = direct
-        try:
-            with recording(log):
-                case()
-        finally:
-            launch.DIRECT = default
+        with launch.direct_launches(direct), recording(log):
+            case()
         runs.append(log)
     jit, first, second = runs
     errors = []

@@ -636,7 +636,8 @@ def _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int, 
     if isinstance(cache_seqlens, int):
         return _decode_torch_one_length(q, k_cache, v_cache, cache_seqlens + n_new, spec)
     if cache_seqlens.device.type == "cpu" and q.device.type == "cpu":
-        # Lengths readable for free: one sliced call per distinct length, no (B, T) masks, no copies of the cache.
+        # Lengths readable for free: one sliced call for the batch when they agree, else one per sequence; no
+        # (B, T) masks, no copies of the cache.
         lengths = cache_seqlens.tolist()
         if len(set(lengths)) == 1:
             return _decode_torch_one_length(q, k_cache, v_cache, lengths[0] + n_new, spec)

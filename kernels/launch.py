@@ -30,6 +30,7 @@ old-against-new rows; ``KERNELS_DIRECT_LAUNCH=0`` in the environment for a whole
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -79,6 +80,17 @@ def signature(args, flags) -> tuple | None:
         else:
             return None
     return tuple(key)
+
+
+@contextlib.contextmanager
+def direct_launches(enabled: bool):
+    """``DIRECT`` set to ``enabled`` inside the block, restored after it (the old-against-new experiments)."""
+    global DIRECT
+    saved, DIRECT = DIRECT, enabled
+    try:
+        yield
+    finally:
+        DIRECT = saved
 
 
 def _hooks_set() -> bool:

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, twin_layers
 
 import attention
 from attention import kv_cache
@@ -27,11 +27,7 @@ CFG = {
 
 def pair(seed=3, **kw):
     args = dict(d_in=12, d_out=12, context_length=40, dropout=0.0, num_heads=3, qkv_bias=True) | kw
-    torch.manual_seed(seed)
-    ours = kv_cache.MultiHeadAttention(**args).to(DEVICE)
-    torch.manual_seed(seed)
-    theirs = book.MultiHeadAttention(**args).to(DEVICE)
-    return ours, theirs
+    return twin_layers(kv_cache.MultiHeadAttention, book.MultiHeadAttention, seed=seed, **args)
 
 
 def test_same_parameters_buffers_and_state_dict():

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, twin_layers
 
 import attention
 from attention import kv_cache_optimized as ours_module
@@ -30,11 +30,7 @@ CFG = {
 
 def pair(seed=3, **kw):
     args = dict(d_in=12, d_out=12, context_length=40, dropout=0.0, num_heads=3, qkv_bias=True, window_size=8) | kw
-    torch.manual_seed(seed)
-    ours = ours_module.MultiHeadAttention(**args).to(DEVICE)
-    torch.manual_seed(seed)
-    theirs = book.MultiHeadAttention(**args).to(DEVICE)
-    return ours, theirs
+    return twin_layers(ours_module.MultiHeadAttention, book.MultiHeadAttention, seed=seed, **args)
 
 
 def same_cache(ours, theirs):

@@ -95,14 +95,10 @@ def test_every_direct_launch_is_the_jits_for_hopper_compiled_kernels():
 def _both_paths(fn):
     """fn's outputs with direct launches and through the JIT, the RNG reset before each."""
     outs = []
-    default = launch.DIRECT
     for direct in (True, False):
-        launch.DIRECT = direct
         torch.manual_seed(0)
-        try:
+        with launch.direct_launches(direct):
             outs.append(fn())
-        finally:
-            launch.DIRECT = default
     return outs
 
 
