@@ -72,6 +72,7 @@ class Spec(NamedTuple):
     window_left: int = -1  # -1: unbounded
     window_right: int = -1
     deterministic: bool = False
+    softcap: float = 0.0  # 0: no cap; else scores = softcap * tanh(scores / softcap) (Gemma 2)
 
 
 @triton.jit

@@ -26,16 +26,19 @@ _warned_head_dims: set[int] = set()
 
 
 class _FlashAttention(torch.autograd.Function):
+    """Returns ``(out, lse)``, lse the kernel's own (base 2, +inf for rows that see no key; no gradient)."""
+
     @staticmethod
     def forward(ctx, q, k, v, spec: Spec):
         o, lse, seed = fa.forward(q, k, v, spec)
         ctx.save_for_backward(q, k, v, o, lse, seed)
         ctx.spec = spec
-        return o
+        ctx.mark_non_differentiable(lse)
+        return o, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the backward kernels have no backward: say so, loudly
-    def backward(ctx, do):
+    def backward(ctx, do, _dlse):
         dq, dk, dv = fa.backward(do, *ctx.saved_tensors, ctx.spec)
         return dq, dk, dv, None
 
@@ -51,8 +54,11 @@ def _attn_fwd_op(
     window_left: int,
     window_right: int,
     deterministic: bool,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fa.forward(q, k, v, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic))
+    return fa.forward(
+        q, k, v, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
+    )
 
 
 @_attn_fwd_op.register_fake
@@ -76,10 +82,10 @@ def _attn_bwd_op(
     window_left: int,
     window_right: int,
     deterministic: bool,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fa.backward(
-        do, q, k, v, o, lse, seed, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic)
-    )
+    spec = Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
+    return fa.backward(do, q, k, v, o, lse, seed, spec)
 
 
 @_attn_bwd_op.register_fake
@@ -103,12 +109,22 @@ def _backward(ctx, do, _dlse, _dseed):
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention_triton(q, k, v, spec: Spec) -> torch.Tensor:
+def _attention_triton(q, k, v, spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``, lse in the kernel's units (base 2, +inf for rows that see no key)."""
     if torch.compiler.is_compiling():
-        return _attn_fwd_op(q, k, v, *spec)[0]
+        return _attn_fwd_op(q, k, v, *spec)[:2]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FlashAttention.apply(q, k, v, spec)
-    return fa.forward(q, k, v, spec)[0]
+    return fa.forward(q, k, v, spec)[:2]
+
+
+_LN2 = math.log(2.0)
+
+
+def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' log-sum-exp (base 2, +inf for a row that sees no key, so that the backward's
+    ``exp2(s - lse)`` is 0 there) as the public one: natural log, -inf for such a row."""
+    return torch.where(lse2 == float("inf"), float("-inf"), lse2 * _LN2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +189,36 @@ def _check_dropout(dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
 
 
+def check_softcap(softcap) -> float:
+    """softcap: a finite float >= 0 (0: no cap); returns it as a float."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0.0: no cap), got {softcap!r}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0: no cap), got {softcap}")
+    return float(softcap)
+
+
+def check_sinks(sinks, q_heads: int, device) -> None:
+    """sinks: None or a floating tensor (Hq,) on the inputs' device, one logit per query head."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor of shape ({q_heads},) or None, got {type(sinks).__name__}")
+    if sinks.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"sinks has dtype {sinks.dtype}; supported: float16, bfloat16, float32")
+    if sinks.shape != (q_heads,):
+        raise ValueError(
+            f"sinks must have shape (Hq,) = ({q_heads},), one logit per query head, got {tuple(sinks.shape)}"
+        )
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device}, q on {device}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def triton_runs_on(t: torch.Tensor) -> bool:
     return t.is_cuda or (fa.INTERPRET and t.device.type == "cpu")
 
@@ -226,7 +272,10 @@ def flash_attention(
     window_size: tuple[int, int] = (-1, -1),
     deterministic: bool | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention ``dropout(softmax(q k^T * softmax_scale + mask)) v`` without the N x N matrix.
 
     Args:
@@ -245,9 +294,21 @@ def flash_attention(
             two-kernel one too, except with dropout on short sequences: ``kernels.configs``).
         backend: ``"triton"``, ``"sdpa"`` (PyTorch's fused kernels, any device), ``"torch"`` (the readable
             eager reference) or ``"auto"`` (Triton where it can run, else ``"sdpa"``).
+        softcap: Gemma 2's logit cap: the scaled scores become ``softcap * tanh(scores / softcap)`` before
+            the mask; ``0.0`` (default) caps nothing. Gradients flow through the tanh.
+        sinks: ``(Hq,)`` float tensor or None: GPT-OSS's attention sinks, one learned logit per query head
+            that joins each row's softmax denominator only, ``weights = exp(s - m) / (exp(sink - m) +
+            sum_j exp(s_j - m))``; the weights no longer sum to 1 and a row that sees no key returns zeros.
+            ``sinks`` gets a gradient, ``-sum over rows of P_sink * rowsum(dO * O)``.
+        return_lse: also return the log-sum-exp (below).
 
     Returns:
-        ``(B, Hq, Nq, D)`` in q's dtype (and, on the Triton path, q's memory layout).
+        ``(B, Hq, Nq, D)`` in q's dtype (and, on the Triton path, q's memory layout). With ``return_lse``
+        ``(out, lse)``: lse ``(B, Hq, Nq)`` float32, the natural log of ``sum_j exp(s_j)`` over the keys the row
+        sees, ``s`` the scaled (and capped) scores; ``-inf`` for a row that sees no key; no gradient (as
+        FlashAttention's). The sink is NOT in it (FlashAttention's convention): the lse of a call with sinks is
+        the lse of the same call without, so partial results merge as usual, and the sink is applied once
+        after merging, ``out_with_sink = out * sigmoid(lse - sink)``.
     """
     if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
         # Like scaled_dot_product_attention, attention runs in autocast's lower precision.
@@ -260,15 +321,25 @@ def flash_attention(
         deterministic = torch.are_deterministic_algorithms_enabled()
     elif not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool or None, got {deterministic!r}")
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, q.shape[1], q.device)
+    check_flag("return_lse", return_lse)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    spec = Spec(causal, float(dropout_p), scale, window[0], window[1], deterministic)
+    spec = Spec(causal, float(dropout_p), scale, window[0], window[1], deterministic, softcap)
     path = choose_path(q, backend)
+    if path == "triton" and (softcap or sinks is not None):
+        # Not in the Triton kernels yet (issue 26, step 2): the exact chunked PyTorch path serves them.
+        if backend == "triton":
+            raise ValueError("softcap and sinks are not in the Triton kernels yet; use backend='auto' or 'sdpa'")
+        path = "sdpa"
     if path == "torch":
-        return eager.attention_reference(q, k, v, spec)
+        return eager.attention_reference(q, k, v, spec, sinks, return_lse)
     if path == "sdpa":
-        return eager.attention_sdpa(q, k, v, spec)
+        return eager.attention_sdpa(q, k, v, spec, sinks, return_lse)
     _check_triton_limits(q, k, v)
     if q.numel() == 0 or k.shape[2] == 0:
         # No query or no key: an empty output, or rows that see no key (zeros), as the eager path gives.
-        return q.mul(0.0)
-    return _attention_triton(q, k, v, spec)
+        out = q.mul(0.0)
+        return (out, q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)) if return_lse else out
+    out, lse = _attention_triton(q, k, v, spec)
+    return (out, natural_lse(lse)) if return_lse else out
