@@ -29,9 +29,9 @@ class _FlashAttention(torch.autograd.Function):
     """Returns ``(out, lse)``, lse the kernel's own (base 2, +inf for rows that see no key; no gradient)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, spec: Spec):
-        o, lse, seed = fa.forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, o, lse, seed)
+    def forward(ctx, q, k, v, sinks, spec: Spec):
+        o, lse, seed = fa.forward(q, k, v, spec, sinks=sinks)
+        ctx.save_for_backward(q, k, v, o, lse, seed, sinks)
         ctx.spec = spec
         ctx.mark_non_differentiable(lse)
         return o, lse
@@ -39,8 +39,9 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the backward kernels have no backward: say so, loudly
     def backward(ctx, do, _dlse):
-        dq, dk, dv = fa.backward(do, *ctx.saved_tensors, ctx.spec)
-        return dq, dk, dv, None
+        *saved, sinks = ctx.saved_tensors
+        grads = fa.backward(do, *saved, ctx.spec, sinks=sinks)
+        return *grads, *((None,) if sinks is None else ()), None
 
 
 @torch.library.custom_op("chapter3_flash::attn_fwd", mutates_args=())
@@ -48,6 +49,7 @@ def _attn_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    sinks: torch.Tensor | None,
     causal: bool,
     dropout_p: float,
     softmax_scale: float,
@@ -56,13 +58,12 @@ def _attn_fwd_op(
     deterministic: bool,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fa.forward(
-        q, k, v, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
-    )
+    spec = Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
+    return fa.forward(q, k, v, spec, sinks=sinks)
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, *spec):
+def _(q, k, v, sinks, *spec):
     B, H, N_Q, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, N_Q), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
 
@@ -76,6 +77,7 @@ def _attn_bwd_op(
     o: torch.Tensor,
     lse: torch.Tensor,
     seed: torch.Tensor,
+    sinks: torch.Tensor | None,
     causal: bool,
     dropout_p: float,
     softmax_scale: float,
@@ -83,39 +85,44 @@ def _attn_bwd_op(
     window_right: int,
     deterministic: bool,
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and dsinks (an empty tensor without sinks: a custom op returns tensors only)."""
     spec = Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
-    return fa.backward(do, q, k, v, o, lse, seed, spec)
+    grads = fa.backward(do, q, k, v, o, lse, seed, spec, sinks=sinks)
+    return grads if sinks is not None else (*grads, q.new_empty(0))
 
 
 @_attn_bwd_op.register_fake
-def _(do, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, o, lse, seed, sinks, *rest):
+    dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *spec = inputs
+    q, k, v, sinks, *spec = inputs
     o, lse, seed = output
-    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.save_for_backward(q, k, v, o, lse, seed, sinks)
     ctx.spec = Spec(*spec)
     ctx.mark_non_differentiable(lse, seed)
 
 
 def _backward(ctx, do, _dlse, _dseed):
-    dq, dk, dv = _attn_bwd_op(do, *ctx.saved_tensors, *ctx.spec)
-    return (dq, dk, dv) + (None,) * len(ctx.spec)
+    q, k, v, o, lse, seed, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = _attn_bwd_op(do, q, k, v, o, lse, seed, sinks, *ctx.spec)
+    return (dq, dk, dv, dsinks if sinks is not None else None) + (None,) * len(ctx.spec)
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention_triton(q, k, v, spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_triton(q, k, v, spec: Spec, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``, lse in the kernel's units (base 2, +inf for rows that see no key)."""
     if torch.compiler.is_compiling():
-        return _attn_fwd_op(q, k, v, *spec)[:2]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FlashAttention.apply(q, k, v, spec)
-    return fa.forward(q, k, v, spec)[:2]
+        return _attn_fwd_op(q, k, v, sinks, *spec)[:2]
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        return _FlashAttention.apply(q, k, v, sinks, spec)
+    return fa.forward(q, k, v, spec, sinks=sinks)[:2]
 
 
 _LN2 = math.log(2.0)
@@ -327,11 +334,6 @@ def flash_attention(
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     spec = Spec(causal, float(dropout_p), scale, window[0], window[1], deterministic, softcap)
     path = choose_path(q, backend)
-    if path == "triton" and (softcap or sinks is not None):
-        # Not in the Triton kernels yet (issue 26, step 2): the exact chunked PyTorch path serves them.
-        if backend == "triton":
-            raise ValueError("softcap and sinks are not in the Triton kernels yet; use backend='auto' or 'sdpa'")
-        path = "sdpa"
     if path == "torch":
         return eager.attention_reference(q, k, v, spec, sinks, return_lse)
     if path == "sdpa":
@@ -340,6 +342,8 @@ def flash_attention(
     if q.numel() == 0 or k.shape[2] == 0:
         # No query or no key: an empty output, or rows that see no key (zeros), as the eager path gives.
         out = q.mul(0.0)
+        if sinks is not None:
+            out = out + sinks.sum().to(out.dtype) * 0.0  # zero gradients for the sinks, not None
         return (out, q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)) if return_lse else out
-    out, lse = _attention_triton(q, k, v, spec)
+    out, lse = _attention_triton(q, k, v, spec, sinks)
     return (out, natural_lse(lse)) if return_lse else out

@@ -46,8 +46,6 @@ def _lse_close(name, ours, ref64, lowp):
 
 def check_features(q, k, v, *, causal, window=(-1, -1), softcap=0.0, sinks=None, backend="triton", scale=None):
     """Ours against attention_ref in float64 and at our precision: out, lse, dq, dk, dv and dsinks."""
-    if backend == "triton" and (softcap or sinks is not None):
-        pytest.skip("softcap and sinks in the Triton kernels: next commit")
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     s = sinks.detach().requires_grad_() if sinks is not None else None
     out, lse = flash_attention(
@@ -126,8 +124,6 @@ def test_rows_that_see_no_key(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_keys_at_all_gives_zero_sink_gradient(backend):
-    if backend == "triton":
-        pytest.skip("sinks in the Triton kernels: next commit")
     q = torch.randn(1, 2, 4, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(1, 2, 0, 16, device=DEVICE)
     s = torch.randn(2, device=DEVICE, requires_grad=True)
@@ -141,8 +137,6 @@ def test_no_keys_at_all_gives_zero_sink_gradient(backend):
 def test_lse_merges_partial_attentions_and_the_sink_applies_after(backend):
     """What the log-sum-exp is for: attention over keys [0, 20) and [20, 50) computed apart and merged by their
     lse is attention over all 50; the sink applied once after the merge is the call with sinks."""
-    if backend == "triton":
-        pytest.skip("sinks in the Triton kernels: next commit")
     q, k, v = make_qkv(1, 4, 2, 9, 50, 16, torch.float32, scale=1.5)
     sinks = _sinks(4)
     full, lse = flash_attention(q, k, v, causal=False, backend=backend, return_lse=True)
@@ -213,3 +207,26 @@ def test_bad_input(kwargs, error, words):
     q = _t(1, 2, 8, 16)
     with pytest.raises(error, match=words):
         flash_attention(q, q, q, causal=True, **kwargs)
+
+
+@pytest.mark.parametrize("sinks", [True, False], ids=["sinks", "no-sinks"])
+def test_compiles_without_graph_break(sinks):
+    """The custom ops carry softcap, the sinks (and their gradient) and the lse under torch.compile."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 24, 24, 16, torch.float32))
+    s = _sinks(2).requires_grad_() if sinks else None
+
+    def f(q, k, v, s):
+        out, lse = flash_attention(q, k, v, causal=True, softcap=2.0, sinks=s, return_lse=True)
+        return out.sin().sum() + lse.sum().detach()
+
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    loss = compiled(q, k, v, s)
+    loss.backward()
+    leaves = [q, k, v] + ([s] if sinks else [])
+    twins = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = f(*twins[:3], twins[3] if sinks else None)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(leaves, twins):
+        torch.testing.assert_close(a.grad, b.grad)
