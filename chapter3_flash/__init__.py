@@ -9,3 +9,12 @@ package ``kernels``)::
     from chapter3_flash.attention import MultiHeadAttention, swap_attention
     from chapter3_flash.kernels import flash_attention
 """
+
+import os as _os
+
+# In a checkout (the repository, or an editable install of it) the subpackages are the folders beside this one: the
+# package's path includes the checkout, so ``chapter3_flash.kernels`` is the ``kernels/`` of the tree this file is
+# in, whatever else an editable install maps (a second worktree of the repository imports its own code).
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isdir(_os.path.join(_checkout, "kernels")):
+    __path__.append(_checkout)
