@@ -7,11 +7,11 @@ back), ``flash_attention_with_kvcache`` (generation: a KV cache appended in plac
 and ``MAX_HEAD_DIM``, the largest head dim the Triton kernels take.
 """
 
-from kernels.decode import flash_attention_with_kvcache
-from kernels.flash_attn import MAX_HEAD_DIM
-from kernels.interface import flash_attention
-from kernels.padding import pad_input, unpad_input
-from kernels.varlen import flash_attention_varlen
+from .decode import flash_attention_with_kvcache
+from .flash_attn import MAX_HEAD_DIM
+from .interface import flash_attention
+from .padding import pad_input, unpad_input
+from .varlen import flash_attention_varlen
 
 __all__ = [
     "MAX_HEAD_DIM",

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chapter3_flash.kernels import eager, flash_attention
 from helpers import DEVICE, assert_close_to_reference, attention_ref, make_qkv
-
-import kernels.eager
-from kernels import flash_attention
 
 BACKENDS = ["triton", "sdpa", "torch"]
 # (B, Hq, Hkv, Nq, Nk, D): grouped heads with Nq < Nk; Nq > Nk (causal rows that see no key); one query.
@@ -31,7 +29,7 @@ FEATURES = [
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     # Several query chunks at test sizes, so that the chunked path's chunk edges are exercised.
-    monkeypatch.setattr(kernels.eager, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(eager, "CHUNK_ROWS", 16)
 
 
 def _lse_close(name, ours, ref64, lowp):

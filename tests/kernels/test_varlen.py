@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chapter3_flash.kernels import eager, flash_attention, flash_attention_varlen, pad_input, unpad_input, varlen
 from helpers import DEVICE, assert_close_to_reference, cu_seqlens, varlen_ref
-
-import kernels.eager
-import kernels.varlen
-from kernels import flash_attention, flash_attention_varlen, pad_input, unpad_input
 
 BACKENDS = ["sdpa", "torch"]  # the Triton varlen kernels: a later commit
 # Per sequence (queries, keys): empty, one token, Nq < Nk (newest queries), Nq > Nk, equal, keys but no query.
@@ -22,7 +19,7 @@ LENGTHS = [(5, 5), (0, 3), (1, 1), (7, 19), (12, 4), (1, 9), (0, 0), (20, 20), (
 
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
-    monkeypatch.setattr(kernels.eager, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(eager, "CHUNK_ROWS", 16)
 
 
 def packed(lengths, Hq, Hkv, D, dtype=torch.float32, scale=1.5):
@@ -138,13 +135,13 @@ def test_empty_batch_and_all_empty_sequences():
 def test_no_total_by_total_matrix_on_the_pytorch_path(monkeypatch):
     """The PyTorch path works sequence by sequence: no matmul ever sees more rows than one sequence's."""
     seen = []
-    real = kernels.eager._grouped
+    real = eager._grouped
 
     def spy(a, kv, op):
         seen.append(max(a.shape[2], kv.shape[2]))
         return real(a, kv, op)
 
-    monkeypatch.setattr(kernels.eager, "_grouped", spy)
+    monkeypatch.setattr(eager, "_grouped", spy)
     lengths = [(30, 30), (25, 25), (40, 40)]
     q, k, v, cu_q, cu_k, mq, mk = packed(lengths, 2, 2, 16)
     flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, softcap=1.0, backend="sdpa")
@@ -242,12 +239,12 @@ def test_bad_input(kwargs, error, words):
 def test_cuda_values_are_trusted_unless_the_debug_switch_is_on(monkeypatch):
     """On a CPU the values are always checked; the switch is what turns the (syncing) check on for CUDA."""
     calls = []
-    monkeypatch.setattr(kernels.varlen, "check_cu_seqlens_values", lambda *a: calls.append(a))
-    monkeypatch.setattr(kernels.varlen, "CHECK_CU_SEQLENS", False)
+    monkeypatch.setattr(varlen, "check_cu_seqlens_values", lambda *a: calls.append(a))
+    monkeypatch.setattr(varlen, "CHECK_CU_SEQLENS", False)
     q = torch.randn(8, 2, 16, device="meta")
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device="meta")
-    kernels.varlen.check_varlen(q, q, q, cu, cu, 8, 8)
+    varlen.check_varlen(q, q, q, cu, cu, 8, 8)
     assert calls == []  # a device tensor (meta stands in for CUDA): nothing read on the host
-    monkeypatch.setattr(kernels.varlen, "CHECK_CU_SEQLENS", True)
+    monkeypatch.setattr(varlen, "CHECK_CU_SEQLENS", True)
     with pytest.raises(NotImplementedError):  # the switch reads the values: meta tensors have none
-        kernels.varlen.check_varlen(q, q, q, cu, cu, 8, 8)
+        varlen.check_varlen(q, q, q, cu, cu, 8, 8)
