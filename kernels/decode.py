@@ -697,7 +697,7 @@ def _decode_triton(
     _decode_fwd_launcher(
         (num_splits, row_tiles, B * H_KV),
         q, k_cache, v_cache, k_new, v_new, out, o_part, lse_part, cache_seqlens if tensor else q,
-        leftpad if leftpad is not None else q, sinks if sinks is not None else q,
+        leftpad, sinks,
         0 if tensor else cache_seqlens, *fa._scales(spec),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
         B, H, H_KV, group, N_Q, n_new, keys_per_split, flags["left"], flags["right"], D,
@@ -711,7 +711,7 @@ def _decode_triton(
         block_r = 16
         _decode_combine_launcher(
             (configs.cdiv(B * H * N_Q, block_r),),
-            out, o_part, lse_part, sinks if sinks is not None else lse_part, *out.stride(),
+            out, o_part, lse_part, sinks, *out.stride(),
             B * H * N_Q, H, N_Q, num_splits, D,
             BLOCK_R=block_r, BLOCK_D=block_d, UPCAST=flags["UPCAST"], HAS_SINKS=sinks is not None,
         )  # fmt: skip
