@@ -1,0 +1,214 @@
+"""attention.hf: tiny random Hugging Face models (no downloads) on our kernels against HF's own attention.
+
+Every model is built in float32 from a small config (2 layers, hidden 64, vocab 100). The reference is the same
+model in float64 with HF's eager attention; "theirs" is HF's sdpa in float32 (eager where HF refuses sdpa: Gemma 2's
+softcap, GPT-OSS's sinks); ours runs under the ``backend`` fixture's choice, and the tolerance rule of
+tests/helpers.py compares ours and theirs with the float64 reference: logits and every parameter's gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import attention
+from tests.helpers import assert_close_to_reference
+
+transformers = pytest.importorskip("transformers")
+
+from attention import hf  # noqa: E402
+
+NAME = hf.register()
+VOCAB = 100
+N = 20  # tokens per sequence: beyond the sliding windows of 8, not a multiple of any tile
+
+
+def _config(model: str):
+    tf = transformers
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=128)
+    llama_like = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, **common)
+    if model == "llama":  # grouped-query attention, 2 query heads per key head
+        return tf.LlamaConfig(num_key_value_heads=2, **llama_like)
+    if model == "mistral":  # multi-query attention, a sliding window on every layer
+        return tf.MistralConfig(num_key_value_heads=1, sliding_window=8, **llama_like)
+    if model == "qwen2":  # a full layer, then a sliding one
+        return tf.Qwen2Config(
+            num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1, **llama_like
+        )
+    if model == "qwen3":  # QK-norm
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=16, **llama_like)
+    if model == "gemma2":  # softcap, query_pre_attn_scalar's scaling, sliding and full layers
+        return tf.Gemma2Config(
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            **llama_like,
+        )
+    if model == "gemma3":
+        return tf.Gemma3TextConfig(
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            **llama_like,
+        )
+    if model == "gpt2":  # multi-head attention, absolute positions
+        return tf.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=VOCAB, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+        )
+    if model == "gpt_oss":  # attention sinks, sliding and full layers, mixture of experts
+        return tf.GptOssConfig(
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            **{**llama_like, "intermediate_size": 64},
+        )
+    if model == "phi3":  # one fused qkv projection
+        return tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **llama_like)
+    raise ValueError(model)
+
+
+# gemma2 (softcap) and gpt_oss (sinks) join when the kernels take softcap and sinks (issue 26)
+MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gpt2", "phi3"]
+SDPA_REFUSED = {"gemma2", "gpt_oss"}  # HF has no sdpa path for softcap and sinks: eager is theirs
+TRITON_MODELS = ["llama", "gemma3", "gpt2"]  # the interpreter is slow: the tiniest few run the Triton path
+
+
+def build(model: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    # experts_implementation="eager": GPT-OSS's grouped matmul has no float64 kernel for the reference
+    net = transformers.AutoModelForCausalLM.from_config(
+        _config(model), attn_implementation="eager", experts_implementation="eager"
+    )
+    with torch.no_grad():  # HF zero-initializes some weights (GPT-OSS's sinks): random ones test more
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.5)
+    return net.eval()
+
+
+def theirs(model: str) -> str:
+    return "eager" if model in SDPA_REFUSED else "sdpa"
+
+
+def logits_and_grads(net, impl: str, ids, dout, valid=None, **kwargs):
+    """The model's logits under ``impl`` and the gradients of ``sum(logits * dout)`` (valid positions only) with
+    respect to every parameter, flattened into one vector."""
+    net.set_attn_implementation(impl)
+    net.zero_grad(set_to_none=True)
+    logits = net(ids, **kwargs).logits  # (B, N, VOCAB)
+    if valid is not None:
+        logits = logits[valid]  # padded positions hold whatever each implementation leaves there
+        dout = dout[valid]
+    (logits * dout.to(logits.dtype)).sum().backward()
+    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in net.parameters()])
+    return logits.detach(), grads
+
+
+def compare(model: str, ids, backend: str, valid=None, **kwargs):
+    net = build(model)
+    net64 = copy.deepcopy(net).double()
+    dout = torch.randn(*ids.shape, VOCAB, dtype=torch.float64)
+    ref = logits_and_grads(net64, "eager", ids, dout, valid, **kwargs)
+    hf_own = logits_and_grads(net, theirs(model), ids, dout, valid, **kwargs)
+    with attention.use_backend(backend):
+        ours = logits_and_grads(net, NAME, ids, dout, valid, **kwargs)
+    assert_close_to_reference(f"{model} logits", ours[0], ref[0], hf_own[0])
+    assert_close_to_reference(f"{model} gradients", ours[1], ref[1], hf_own[1])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_logits_and_gradients_sdpa_backend(model):
+    compare(model, torch.randint(0, VOCAB, (2, N)), "sdpa")
+
+
+@pytest.mark.parametrize("model", TRITON_MODELS)
+def test_logits_and_gradients_triton(model):
+    compare(model, torch.randint(0, VOCAB, (2, N)), "triton")
+
+
+def generate(net, impl: str, ids, new_tokens=12, **kwargs):
+    net.set_attn_implementation(impl)
+    return net.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("model, backend", [(m, "sdpa") for m in MODELS] + [(m, "triton") for m in TRITON_MODELS])
+def test_greedy_generation(model, cache, backend):
+    """A 10-token prompt and 12 new tokens: windowed layers of 8 keys run past their window (a sliding-window
+    cache), the static cache's prefill sees max_cache_len keys."""
+    net = build(model)
+    ids = torch.randint(1, VOCAB, (2, 10))
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    expected = generate(net, theirs(model), ids, **kwargs)
+    with attention.use_backend(backend):
+        got = generate(net, NAME, ids, **kwargs)
+    assert torch.equal(got, expected), f"{model} {cache}: {got.tolist()} != {expected.tolist()}"
+
+
+def test_register_is_idempotent_and_refuses_flash_names():
+    assert hf.register() == NAME == "chapter3"
+    assert hf.register("chapter3_other") == "chapter3_other"
+    assert transformers.AttentionInterface._global_mapping[NAME] is hf.attention_forward
+    with pytest.raises(ValueError, match="flash"):
+        hf.register("my_flash_attention")
+    with pytest.raises(TypeError):
+        hf.register("")
+
+
+def test_output_attentions_is_refused():
+    net = build("llama")
+    net.set_attn_implementation(NAME)
+    with pytest.raises(ValueError, match="output_attentions"):
+        net(torch.randint(0, VOCAB, (1, 8)), output_attentions=True)
+
+
+def test_custom_4d_mask_runs_sdpa_and_warns():
+    """A 4-D mask reaches the attention function unchanged: HF's sdpa with that mask, one warning."""
+    net = build("llama")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mask = torch.ones(12, 12, dtype=torch.bool).tril()
+    mask[:, 0] = False  # no query sees the first token: not a pattern the kernels take
+    mask[0, 0] = True
+    mask4 = mask[None, None].expand(2, 1, 12, 12)
+    net.set_attn_implementation("sdpa")
+    expected = net(ids, attention_mask=mask4).logits
+    net.set_attn_implementation(NAME)
+    hf._warned.discard("fallback")
+    with pytest.warns(UserWarning, match="SDPA"):
+        got = net(ids, attention_mask=mask4).logits
+    torch.testing.assert_close(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        net(ids, attention_mask=mask4)
+
+
+def test_dropout_matches_eager_draw_for_draw():
+    """Training with attention dropout: the "torch" backend draws its mask from PyTorch's generator on the
+    (B, Hq, Nq, Nk) weights as HF's eager attention does, so one seed gives the same outputs and gradients."""
+    net = build("llama")
+    net.config.attention_dropout = 0.3
+    for layer in net.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    net.train()
+    ids = torch.randint(0, VOCAB, (2, N))
+    dout = torch.randn(2, N, VOCAB)
+    torch.manual_seed(1)
+    expected = logits_and_grads(net, "eager", ids, dout)
+    torch.manual_seed(1)
+    with attention.use_backend("torch"):
+        got = logits_and_grads(net, NAME, ids, dout)
+    torch.manual_seed(2)
+    with attention.use_backend("torch"):
+        other_seed = logits_and_grads(net, NAME, ids, dout)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    assert not torch.allclose(other_seed[0], expected[0])  # dropout is on: another seed, other masks
