@@ -309,6 +309,28 @@ def _from_kwargs(kwargs, batch_size: int) -> Ragged | None:
     return Ragged(None, cu_q.to(torch.int32), max_q, None, cu_k.to(torch.int32), max_k)
 
 
+# The last position_ids seen and what they say, so that packing is read once per forward, not in every layer:
+# (tensor, its version counter, Ragged or None).
+_positions_seen: list = [None, -1, None]
+
+
+def _packed_from_positions(position_ids: torch.Tensor | None, batch_size: int) -> Ragged | None:
+    """Packed sequences told by ``position_ids`` that restart inside a row, as FlashAttention-2's HF path reads
+    them. HF's mask machinery sees them only without a cache (``use_cache=False``); a training step with the
+    default cache passes them here alone. One host sync per new position_ids tensor."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    if position_ids is None or position_ids.dim() != 2:
+        return None
+    tensor, version, ragged = _positions_seen
+    if tensor is position_ids and version == position_ids._version:
+        return ragged
+    ids = find_packed_sequence_indices(position_ids.expand(batch_size, -1))  # (B, N) or None: a host sync
+    ragged = None if ids is None else _packed(ids, batch_size)
+    _positions_seen[:] = [position_ids, position_ids._version, ragged]
+    return ragged
+
+
 def _attend_ragged(q, k, v, ragged: Ragged, *, causal, dropout_p, window, options) -> torch.Tensor:
     """q (B, Nq, Hq, D), k, v (B, Nk, Hkv, D) through the varlen kernel in one launch: (B, Nq, Hq, D), zeros at
     padded queries."""
@@ -381,6 +403,9 @@ def attention_forward(
     k = key[:, :, : layout.kv_used]  # (B, Hkv, kv_used, D): a StaticCache's filled part, a view
     v = value[:, :, : layout.kv_used]
     ragged = _from_kwargs(kwargs, query.shape[0]) or layout.ragged
+    if ragged is None and layout.leftpad is None and query.shape[2] == layout.kv_used > 1:
+        # A whole sequence per row, no past: position_ids restarting inside a row are packed sequences.
+        ragged = _packed_from_positions(kwargs.get("position_ids"), query.shape[0])
     if ragged is not None:
         out = _attend_ragged(
             query.transpose(1, 2),  # (B, Nq, Hq, D), views

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import attention
+import kernels
 from tests.helpers import assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")
@@ -212,3 +213,85 @@ def test_dropout_matches_eager_draw_for_draw():
     torch.testing.assert_close(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1])
     assert not torch.allclose(other_seed[0], expected[0])  # dropout is on: another seed, other masks
+
+
+# Removed once issue 26's varlen kernel is merged into this branch.
+requires_varlen = pytest.mark.skipif(
+    not hasattr(kernels, "flash_attention_varlen"), reason="needs kernels.flash_attention_varlen (issue 26)"
+)
+
+
+def _per_sequence_reference(net64, ids, dout, spans):
+    """The float64 eager model run on each sequence alone (no padding, no packing, positions from 0): the
+    reference logits of the tokens in ``spans`` ((row, start, end) each, in order) and the summed gradients."""
+    logits, grads = [], 0
+    for row, start, end in spans:
+        out = logits_and_grads(net64, "eager", ids[row : row + 1, start:end], dout[row : row + 1, start:end])
+        logits.append(out[0].reshape(-1, VOCAB))  # (L, VOCAB)
+        grads = grads + out[1]
+    return torch.cat(logits), grads
+
+
+def compare_ragged(model, backend, ids, spans, kwargs_theirs, kwargs_ours, valid=None):
+    net = build(model)
+    net64 = copy.deepcopy(net).double()
+    dout = torch.randn(*ids.shape, VOCAB, dtype=torch.float64)
+    ref = _per_sequence_reference(net64, ids, dout, spans)
+    hf_own = logits_and_grads(net, theirs(model), ids, dout, valid, **kwargs_theirs)
+    for kwargs in kwargs_ours:
+        with attention.use_backend(backend):
+            ours = logits_and_grads(net, NAME, ids, dout, valid, **kwargs)
+        assert_close_to_reference(f"{model} logits", ours[0].reshape(-1, VOCAB), ref[0], hf_own[0].reshape(-1, VOCAB))
+        assert_close_to_reference(f"{model} gradients", ours[1], ref[1], hf_own[1])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("model, backend", [(m, "sdpa") for m in MODELS] + [("llama", "triton")])
+@requires_varlen
+def test_padded_batch(model, side, backend):
+    """A batch of a 13-token and a 20-token sequence, padded to 20 on either side: the valid tokens' logits and
+    the gradients equal each sequence's run alone (positions from 0, as HF's generate numbers padded prompts)."""
+    lengths = [13, N]
+    mask = torch.zeros(2, N, dtype=torch.long)
+    spans = []
+    for row, length in enumerate(lengths):
+        start = N - length if side == "left" else 0
+        mask[row, start : start + length] = 1
+        spans.append((row, start, start + length))
+    ids = torch.randint(1, VOCAB, (2, N))
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = dict(attention_mask=mask, position_ids=position_ids)
+    compare_ragged(model, backend, ids, spans, kwargs, [kwargs], valid=mask.bool())
+
+
+@pytest.mark.parametrize("model, backend", [(m, "sdpa") for m in MODELS] + [("llama", "triton")])
+@requires_varlen
+def test_packed_batch(model, backend):
+    """Sequences of 7, 9 and 4 tokens packed in one row (DataCollatorWithFlattening): told by position_ids
+    restarting (with and without a cache: HF's masks see them only without), or by cu_seq_lens / max_length."""
+    lengths = [7, 9, 4]
+    ids = torch.randint(1, VOCAB, (1, sum(lengths)))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 7, 16, 20], dtype=torch.int32)
+    spans = [(0, int(a), int(b)) for a, b in zip(cu[:-1], cu[1:])]
+    flash_kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    theirs_kwargs = dict(position_ids=position_ids, use_cache=False)
+    ours_kwargs = [theirs_kwargs, dict(position_ids=position_ids), dict(position_ids=position_ids, **flash_kwargs)]
+    compare_ragged(model, backend, ids, spans, theirs_kwargs, ours_kwargs)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("model, backend", [(m, "sdpa") for m in MODELS] + [("llama", "triton")])
+@requires_varlen
+def test_left_padded_generation(model, cache, backend):
+    """Greedy generation from a left-padded batch: the padded prompt through varlen, then each step against the
+    cache with the padded keys skipped."""
+    net = build(model)
+    ids = torch.randint(1, VOCAB, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :4] = 0
+    kwargs = {"attention_mask": mask, **({"cache_implementation": "static"} if cache == "static" else {})}
+    expected = generate(net, theirs(model), ids, **kwargs)
+    with attention.use_backend(backend):
+        got = generate(net, NAME, ids, **kwargs)
+    assert torch.equal(got, expected), f"{model} {cache}: {got.tolist()} != {expected.tolist()}"
