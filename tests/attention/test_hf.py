@@ -295,3 +295,41 @@ def test_left_padded_generation(model, cache, backend):
     with attention.use_backend(backend):
         got = generate(net, NAME, ids, **kwargs)
     assert torch.equal(got, expected), f"{model} {cache}: {got.tolist()} != {expected.tolist()}"
+
+
+@requires_varlen  # the example pads a batch
+def test_readme_offline_example_runs(capsys):
+    """The README's offline example, executed as written."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if b.startswith("# offline: a tiny")]
+    assert len(blocks) == 1, "the README's offline Hugging Face example is missing"
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "torch.Size([2, 20])"
+
+
+@requires_varlen
+def test_padded_batch_is_one_varlen_launch_per_layer(monkeypatch):
+    """A padded batch: one varlen call per layer, the padding read once per forward (not per layer)."""
+    calls = []
+    varlen = kernels.flash_attention_varlen
+
+    def counting(*args, **kwargs):
+        calls.append(args[3].numel() - 1)  # sequences in the call
+        return varlen(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "flash_attention_varlen", counting)
+    reads = []
+    padded = hf._padded
+    monkeypatch.setattr(hf, "_padded", lambda *a: reads.append(1) or padded(*a))
+    net = build("llama")
+    net.set_attn_implementation(NAME)
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, :5] = 0
+    mask[2, 11:] = 0
+    with attention.use_backend("sdpa"), torch.no_grad():
+        net(torch.randint(1, VOCAB, (3, 16)), attention_mask=mask)
+    assert calls == [3, 3]  # two layers, three sequences each
+    assert reads == [1]
