@@ -1,7 +1,7 @@
 """Hugging Face transformers (5.x): any HF decoder runs its attention on our kernels, with one line.
 
-    import attention.hf
-    name = attention.hf.register()             # "chapter3"
+    from chapter3_flash.attention import hf
+    name = hf.register()                       # "chapter3"
     model.set_attn_implementation(name)        # or from_pretrained(..., attn_implementation=name)
 
 transformers takes a third-party attention through two registries, and this module fills both:
@@ -34,9 +34,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from chapter3_flash.kernels import flash_attention_with_kvcache
 
-from attention import fused
-from kernels import flash_attention_with_kvcache
+from . import fused
 
 DEFAULT_NAME = "chapter3"
 
@@ -334,7 +334,7 @@ def _packed_from_positions(position_ids: torch.Tensor | None, batch_size: int) -
 def _attend_ragged(q, k, v, ragged: Ragged, *, causal, dropout_p, window, options) -> torch.Tensor:
     """q (B, Nq, Hq, D), k, v (B, Nk, Hkv, D) through the varlen kernel in one launch: (B, Nq, Hq, D), zeros at
     padded queries."""
-    from kernels import flash_attention_varlen
+    from chapter3_flash.kernels import flash_attention_varlen
 
     B, Nq, Hq, D = q.shape
 

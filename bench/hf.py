@@ -1,4 +1,4 @@
-"""A Hugging Face Llama on our kernels (``attention.hf``) against HF's own sdpa and eager attention.
+"""A Hugging Face Llama on our kernels (``chapter3_flash.attention.hf``) against HF's own sdpa and eager attention.
 
 Model: Llama-3.2-1B's shape (16 layers, width 2048, 32 query heads on 8 key/value heads of 64, vocab 128256) with
 random weights, in bf16 on a GPU. On a CPU the same proportions scaled down (``CPU_CONFIG``: 2 layers, width 256,
@@ -110,7 +110,7 @@ def padded_batch(ids, docs, device: str):
 @contextlib.contextmanager
 def implementation(model, impl: str):
     """Select ``impl`` ("ours", "sdpa", "eager") on the model; ours is attention.hf's registration."""
-    from attention import hf
+    from chapter3_flash.attention import hf
 
     model.set_attn_implementation(hf.register() if impl == "ours" else impl)
     try:
@@ -217,8 +217,8 @@ def memory_rows(tokens: int) -> list[dict]:
 def memory_case(impl: str, tokens: int) -> dict:
     """One forward of a padded batch (2 rows of ``tokens``, the second half padding on the left) in this process:
     the peak resident memory above what existed before the call."""
-    import attention
     from bench.cpu_memory import call_peak_bytes
+    from chapter3_flash import attention
 
     model = build(MEMORY_CONFIG, "cpu", torch.float32)
     ids = torch.randint(0, MEMORY_CONFIG["vocab_size"], (2, tokens))
@@ -253,7 +253,7 @@ def table(rows: list[dict]) -> list[str]:
 
 def run(device: str, parts, smoke: bool, on_rows) -> dict:
     """Every part asked for; ``on_rows(result)`` after each row. Returns {"config", "rows", "notes"}."""
-    import attention
+    from chapter3_flash import attention
 
     result: dict = {"rows": [], "notes": []}
     if smoke:

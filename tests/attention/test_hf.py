@@ -1,4 +1,4 @@
-"""attention.hf: tiny random Hugging Face models (no downloads) on our kernels against HF's own attention.
+"""chapter3_flash.attention.hf: tiny random Hugging Face models (no downloads) on our kernels against HF's own.
 
 Every model is built in float32 from a small config (2 layers, hidden 64, vocab 100). The reference is the same
 model in float64 with HF's eager attention; "theirs" is HF's sdpa in float32 (eager where HF refuses sdpa: Gemma 2's
@@ -13,14 +13,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_close_to_reference
 
-import attention
-import kernels
-from tests.helpers import assert_close_to_reference
+from chapter3_flash import attention, kernels
 
 transformers = pytest.importorskip("transformers")
 
-from attention import hf  # noqa: E402
+from chapter3_flash.attention import hf  # noqa: E402
 
 NAME = hf.register()
 VOCAB = 100
