@@ -72,6 +72,7 @@ class Spec(NamedTuple):
     window_left: int = -1  # -1: unbounded
     window_right: int = -1
     deterministic: bool = False
+    softcap: float = 0.0  # 0: no cap; else scores = softcap * tanh(scores / softcap) (Gemma 2)
 
 
 @triton.jit
@@ -133,6 +134,23 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _tanh(x):
+    """tanh through one exp2 (the MUFU unit): ``1 - 2 / (e^(2x) + 1)``; exactly +-1 where e^(2x) over- or
+    underflows. Its absolute error (a few float32 ulps of 1) is what the softmax sees: scores are compared by
+    difference, so the relative error near 0 does not matter."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
+
+
+@triton.jit
+def _scores(qk, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
+    """The scores in the exp2 domain: ``qk * softmax_scale * log2(e)``, or with SOFTCAP (``qk_scale`` then
+    ``softmax_scale / softcap``, ``cap_log2`` ``softcap * log2(e)``) Gemma 2's ``softcap * tanh(s / softcap)``."""
+    if SOFTCAP:
+        return _tanh(qk * qk_scale) * cap_log2
+    return qk * qk_scale
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +173,7 @@ def _attn_fwd_inner(
     lo,
     hi,
     qk_scale,
+    cap_log2,
     seed,
     off_zh,
     drop_threshold,
@@ -172,6 +191,7 @@ def _attn_fwd_inner(
     UPCAST: tl.constexpr,
     POS_SCALE: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
     offs_m = row0 + tl.arange(0, BLOCK_M)  # the tile's query rows
@@ -193,7 +213,7 @@ def _attn_fwd_inner(
         if MASKED:
             # Only the blocks on the window's edges, the causal diagonal or past N_K pay for the mask.
             visible = _visible(offs_m[:, None], cols[None, :], N_K, diag, left, right, MASK_LEFT, MASK_RIGHT, True)
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            qk = tl.where(visible, _scores(qk, qk_scale, cap_log2, SOFTCAP), float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
             m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -204,7 +224,7 @@ def _attn_fwd_inner(
             m_sub = m_ij
             qk = qk * qk_scale
         else:
-            qk = qk * qk_scale
+            qk = _scores(qk, qk_scale, cap_log2, SOFTCAP)
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             m_sub = m_ij
         p = tl.math.exp2(qk - m_sub[:, None])
@@ -234,7 +254,9 @@ def _attn_fwd(
     Out,
     LSE,
     SEED,
+    SINKS,
     qk_scale,
+    cap_log2,
     inv_keep,
     drop_threshold,
     stride_qz,
@@ -270,6 +292,8 @@ def _attn_fwd(
     UPCAST: tl.constexpr,
     POS_SCALE: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
@@ -315,25 +339,25 @@ def _attn_fwd(
     if MASK_LEFT:  # the window's left edge: blocks that some rows of the tile no longer see
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-            lo, full_lo, qk_scale, seed, off_zh, drop_threshold, N_K, diag, left, right,
+            lo, full_lo, qk_scale, cap_log2, seed, off_zh, drop_threshold, N_K, diag, left, right,
             head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
             DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
-            ROUND_TF32=ROUND_TF32,
+            ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
         )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-        full_lo, full_hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag, left, right,
+        full_lo, full_hi, qk_scale, cap_log2, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
         DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
-        ROUND_TF32=ROUND_TF32,
+        ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
     # The causal diagonal, the window's right edge and the ragged end.
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-        full_hi, hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag, left, right,
+        full_hi, hi, qk_scale, cap_log2, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
         DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
-        ROUND_TF32=ROUND_TF32,
+        ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
 
     # Rows that saw no key: output 0 and lse = +inf, so the backward's exp2(s - lse) is 0 there.
@@ -341,7 +365,13 @@ def _attn_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     if DROPOUT:
         acc = acc * inv_keep
-    acc = acc / l_safe[:, None]
+    if HAS_SINKS:
+        # GPT-OSS's sink joins the denominator only: + 2^(sink - m) in the running max's units. The stored
+        # log-sum-exp below leaves it out (the public convention); the backward adds it back on the host.
+        sink = tl.load(SINKS + off_h).to(tl.float32) * 1.4426950408889634
+        acc = acc / tl.where(empty, 1.0, l_i + tl.math.exp2(sink - m_i))[:, None]
+    else:
+        acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     tl.store(LSE + off_zh.to(tl.int64) * N_Q + offs_m, lse, mask=row_mask)
     tl.store(
@@ -374,6 +404,7 @@ def _attn_bwd_dq_inner(
     lo,
     hi,
     qk_scale,
+    cap_log2,
     inv_keep,
     seed,
     off_zh,
@@ -391,6 +422,7 @@ def _attn_bwd_dq_inner(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
     offs_m = row0 + tl.arange(0, BLOCK_M)  # the tile's query rows
@@ -411,7 +443,11 @@ def _attn_bwd_dq_inner(
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
         qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if SOFTCAP:
+            t = _tanh(qk * qk_scale)
+            p = tl.math.exp2(t * cap_log2 - lse[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
             visible = _visible(offs_m[:, None], cols[None, :], N_K, diag, left, right, MASK_LEFT, MASK_RIGHT, True)
             p = tl.where(visible, p, 0.0)
@@ -420,6 +456,8 @@ def _attn_bwd_dq_inner(
             keep = _dropout_keep(seed, off_zh, row0, start_n, drop_threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)  # through the cap: d(softcap * tanh(s / softcap)) / ds
         dq = tl.dot(_tf32(ds.to(kT.dtype), ROUND_TF32), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
     return dq
 
@@ -437,6 +475,7 @@ def _attn_bwd_dq(
     SEED,
     softmax_scale,
     qk_scale,
+    cap_log2,
     inv_keep,
     drop_threshold,
     stride_qz,
@@ -479,6 +518,7 @@ def _attn_bwd_dq(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
@@ -524,21 +564,21 @@ def _attn_bwd_dq(
     if MASK_LEFT:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-            lo, full_lo, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
+            lo, full_lo, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
             head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-            DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32,
+            DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
         )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-        full_lo, full_hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
+        full_lo, full_hi, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32,
+        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-        full_hi, hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
+        full_hi, hi, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32,
+        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
     dq = dq * softmax_scale
     dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh + row0 * stride_dqm
@@ -573,6 +613,7 @@ def _attn_bwd_kv_inner(
     hi,
     softmax_scale,
     qk_scale,
+    cap_log2,
     inv_keep,
     seed,
     off_zh,
@@ -593,6 +634,7 @@ def _attn_bwd_kv_inner(
     PER_LANE: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [lo, hi), in the transposed (keys, queries)
     orientation so that dV += P^T dO and dK += dS^T Q need no transposed accumulator. DQ_ATOMIC (the
@@ -617,7 +659,11 @@ def _attn_bwd_kv_inner(
         if UPCAST:
             qT = qT.to(tl.float32)
         qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if SOFTCAP:
+            tT = _tanh(qkT * qk_scale)
+            pT = tl.math.exp2(tT * cap_log2 - lse[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASKED:
             visible = _visible(offs_m[None, :], offs_n[:, None], N_K, diag, left, right, MASK_LEFT, MASK_RIGHT, False)
             pT = tl.where(visible, pT, 0.0)
@@ -641,7 +687,10 @@ def _attn_bwd_kv_inner(
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
             dpT = tl.where(keepT, dpT * inv_keep, 0.0)
-        dsT = _tf32((pT * (dpT - delta[None, :])).to(qT.dtype), ROUND_TF32)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)  # through the cap
+        dsT = _tf32(dsT.to(qT.dtype), ROUND_TF32)
         dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=INPUT_PRECISION)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, D)
@@ -666,6 +715,7 @@ def _attn_bwd_kv(
     SEED,
     softmax_scale,
     qk_scale,
+    cap_log2,
     inv_keep,
     drop_threshold,
     stride_qz,
@@ -714,6 +764,7 @@ def _attn_bwd_kv(
     PER_LANE: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """dK and dV of one key/value tile, summed over the query heads of its group in this program. With
     DQ_ATOMIC (the one-pass backward) it also adds each tile's share of dQ (float32, atomics); without,
@@ -757,27 +808,27 @@ def _attn_bwd_kv(
             dk, dv = _attn_bwd_kv_inner(
                 dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qm, stride_qk,
                 stride_dom, stride_dok, stride_dqm, stride_dqk, start_n, offs_n, offs_d, lo, full_lo,
-                softmax_scale, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
+                softmax_scale, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
                 head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
                 DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, PER_LANE=PER_LANE,
-                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32,
+                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
             )  # fmt: skip
         dk, dv = _attn_bwd_kv_inner(
             dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qm, stride_qk,
             stride_dom, stride_dok, stride_dqm, stride_dqk, start_n, offs_n, offs_d, full_lo, full_hi,
-            softmax_scale, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
+            softmax_scale, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
             head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=False, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
             DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, PER_LANE=PER_LANE,
-            DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32,
+            DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
         )  # fmt: skip
         if MASK_LEFT:  # the window's left edge: rows that no longer see all of the tile
             dk, dv = _attn_bwd_kv_inner(
                 dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qm, stride_qk,
                 stride_dom, stride_dok, stride_dqm, stride_dqk, start_n, offs_n, offs_d, full_hi, hi,
-                softmax_scale, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
+                softmax_scale, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
                 head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
                 DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, PER_LANE=PER_LANE,
-                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32,
+                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
             )  # fmt: skip
 
     # dS was taken w.r.t. the scaled scores s = softmax_scale * q.k, hence one more factor here.
@@ -857,7 +908,7 @@ _attn_bwd_kv_launcher = Launcher(_attn_bwd_kv)
 
 def _flags(q: torch.Tensor, spec: Spec) -> dict:
     """Run-time window bounds and the constexprs every kernel of one call shares (a fresh dict)."""
-    return dict(_plan(None, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5]))
+    return dict(_plan(None, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5], spec.softcap))
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -866,7 +917,9 @@ def _precision(q: torch.Tensor) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale, window_left, window_right) -> dict:
+def _plan(
+    kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale, window_left, window_right, softcap=0.0
+) -> dict:
     """Everything a launch passes by keyword besides tensors, strides and sizes: the window, the constexprs
     and (for ``kernel``) the config table's tile. Cached: a training step launches the same few kernels with
     the same settings every time, and the host path is what a small call costs (bench/NOTES.md)."""
@@ -885,23 +938,33 @@ def _plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale,
         UPCAST=INTERPRET and dtype == torch.bfloat16,
         # Register-held TF32 operands rounded as cuBLAS rounds them (_tf32); the interpreter's dots are float32.
         ROUND_TF32=prec == "tf32" and not INTERPRET,
+        SOFTCAP=softcap > 0.0,
     )
     if kernel is not None:
         narrow = mask_left and mask_right and configs.narrow_window(left, right)
         kwargs.update(configs.select(kernel, head_dim, prec, dropout=dropout_p > 0, interpret=INTERPRET, narrow=narrow))
     if kernel == "fwd":
-        kwargs["POS_SCALE"] = softmax_scale > 0
+        kwargs["POS_SCALE"] = softmax_scale > 0 and not softcap  # the cap's tanh does not fold into one FFMA
     return kwargs
 
 
 def _launch_kwargs(kernel: str, q: torch.Tensor, spec: Spec, tile: dict | None) -> dict:
-    kwargs = _plan(kernel, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5])
+    kwargs = _plan(kernel, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5], spec.softcap)
     return {**kwargs, **tile} if tile else kwargs
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile: dict | None = None):
-    """The forward launcher: returns ``(out, lse, seed)``. ``tile`` (BLOCK_M, BLOCK_N, num_warps,
-    num_stages) replaces the config table's row: for the tuning experiments."""
+def _scales(spec: Spec) -> tuple[float, float]:
+    """``(qk_scale, cap_log2)`` for the kernels' ``_scores``: ``softmax_scale * log2(e)`` and an unused 0, or with a
+    softcap the tanh's argument scale ``softmax_scale / softcap`` and ``softcap * log2(e)``."""
+    if spec.softcap:
+        return spec.softmax_scale / spec.softcap, spec.softcap * _LOG2E
+    return spec.softmax_scale * _LOG2E, 0.0
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile: dict | None = None, *, sinks=None):
+    """The forward launcher: returns ``(out, lse, seed)``, lse base 2, the sink excluded, +inf for a row that sees
+    no key. ``sinks``: ``(Hq,)`` or None. ``tile`` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces the config
+    table's row: for the tuning experiments."""
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     # Same memory layout as q: for a (B, N, H, D) projection viewed as (B, H, N, D) the output's
@@ -915,11 +978,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile:
     grid = (configs.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)
     _attn_fwd_launcher(
         grid,
-        q, k, v, o, lse, seed,
-        spec.softmax_scale * _LOG2E, keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
+        q, k, v, o, lse, seed, sinks if sinks is not None else lse,
+        *_scales(spec), keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // k.shape[1], N_Q, N_K,
-        **kwargs,
+        **kwargs, HAS_SINKS=sinks is not None,
     )  # fmt: skip
     return o, lse, seed
 
@@ -930,9 +993,26 @@ def tile_offsets_fit(t: torch.Tensor) -> bool:
 
 
 def backward(
-    do, q, k, v, o, lse, seed, spec: Spec, tiles: dict | None = None, per_lane_bits: bool | None = None, one_pass=None
+    do,
+    q,
+    k,
+    v,
+    o,
+    lse,
+    seed,
+    spec: Spec,
+    tiles: dict | None = None,
+    per_lane_bits: bool | None = None,
+    one_pass=None,
+    *,
+    sinks=None,
 ):
-    """The backward launcher: returns ``(dq, dk, dv)``. The two-kernel backward, or the one pass with dQ atomics
+    """The backward launcher: returns ``(dq, dk, dv)``, and ``dsinks`` after them when ``sinks`` is given.
+
+    Sinks: the kernels take the weights' normalizer with the sink in it, ``lse' = log2(2^lse + 2^sink')``
+    (one elementwise op here), and need nothing else: dS = P (dP - delta) holds as it is. The sink's own
+    gradient is ``dsink = -sum over rows of P_sink * delta``, ``P_sink = 2^(sink' - lse')`` (its weight, which
+    multiplies every other weight's derivative), summed here from the delta the kernels wrote. The two-kernel backward, or the one pass with dQ atomics
     where ``configs.one_pass_backward`` says it is faster and ``spec.deterministic`` does not forbid it. For the
     experiments: ``one_pass`` forces a path, ``tiles`` replaces the table's rows by kernel name ("bwd", "dq",
     "dkdv"), ``per_lane_bits`` the table's choice of how dK/dV computes its dropout bits."""
@@ -944,9 +1024,11 @@ def backward(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty_like(lse)
+    if sinks is not None:
+        lse = torch.logaddexp2(lse, sinks.float()[None, :, None] * _LOG2E)  # (B, Hq, Nq); +inf stays +inf
     scales = (
         spec.softmax_scale,
-        spec.softmax_scale * _LOG2E,
+        *_scales(spec),
         keep_scale(spec.dropout_p),
         keep_threshold(spec.dropout_p),
     )
@@ -983,4 +1065,8 @@ def backward(
         H, H // H_KV, N_Q, N_K,
         **kwargs, PER_LANE=per_lane, DQ_ATOMIC=one_pass,
     )  # fmt: skip
-    return (dq if dq.dtype == q.dtype else dq.to(q.dtype)), dk, dv
+    dq = dq if dq.dtype == q.dtype else dq.to(q.dtype)
+    if sinks is None:
+        return dq, dk, dv
+    p_sink = torch.exp2(sinks.float()[None, :, None] * _LOG2E - lse)  # (B, Hq, Nq); 0 where lse is +inf
+    return dq, dk, dv, (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)

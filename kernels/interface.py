@@ -29,18 +29,22 @@ _OPS = "chapter3_flash" if __name__.startswith("chapter3_flash.") else "chapter3
 
 
 class _FlashAttention(torch.autograd.Function):
+    """Returns ``(out, lse)``, lse the kernel's own (base 2, +inf for rows that see no key; no gradient)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, spec: Spec):
-        o, lse, seed = fa.forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, o, lse, seed)
+    def forward(ctx, q, k, v, sinks, spec: Spec):
+        o, lse, seed = fa.forward(q, k, v, spec, sinks=sinks)
+        ctx.save_for_backward(q, k, v, o, lse, seed, sinks)
         ctx.spec = spec
-        return o
+        ctx.mark_non_differentiable(lse)
+        return o, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the backward kernels have no backward: say so, loudly
-    def backward(ctx, do):
-        dq, dk, dv = fa.backward(do, *ctx.saved_tensors, ctx.spec)
-        return dq, dk, dv, None
+    def backward(ctx, do, _dlse):
+        *saved, sinks = ctx.saved_tensors
+        grads = fa.backward(do, *saved, ctx.spec, sinks=sinks)
+        return *grads, *((None,) if sinks is None else ()), None
 
 
 @torch.library.custom_op(f"{_OPS}::attn_fwd", mutates_args=())
@@ -48,18 +52,21 @@ def _attn_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    sinks: torch.Tensor | None,
     causal: bool,
     dropout_p: float,
     softmax_scale: float,
     window_left: int,
     window_right: int,
     deterministic: bool,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fa.forward(q, k, v, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic))
+    spec = Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
+    return fa.forward(q, k, v, spec, sinks=sinks)
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, *spec):
+def _(q, k, v, sinks, *spec):
     B, H, N_Q, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, N_Q), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
 
@@ -73,45 +80,61 @@ def _attn_bwd_op(
     o: torch.Tensor,
     lse: torch.Tensor,
     seed: torch.Tensor,
+    sinks: torch.Tensor | None,
     causal: bool,
     dropout_p: float,
     softmax_scale: float,
     window_left: int,
     window_right: int,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fa.backward(
-        do, q, k, v, o, lse, seed, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic)
-    )
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and dsinks (an empty tensor without sinks: a custom op returns tensors only)."""
+    spec = Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
+    grads = fa.backward(do, q, k, v, o, lse, seed, spec, sinks=sinks)
+    return grads if sinks is not None else (*grads, q.new_empty(0))
 
 
 @_attn_bwd_op.register_fake
-def _(do, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, o, lse, seed, sinks, *rest):
+    dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *spec = inputs
+    q, k, v, sinks, *spec = inputs
     o, lse, seed = output
-    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.save_for_backward(q, k, v, o, lse, seed, sinks)
     ctx.spec = Spec(*spec)
     ctx.mark_non_differentiable(lse, seed)
 
 
 def _backward(ctx, do, _dlse, _dseed):
-    dq, dk, dv = _attn_bwd_op(do, *ctx.saved_tensors, *ctx.spec)
-    return (dq, dk, dv) + (None,) * len(ctx.spec)
+    q, k, v, o, lse, seed, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = _attn_bwd_op(do, q, k, v, o, lse, seed, sinks, *ctx.spec)
+    return (dq, dk, dv, dsinks if sinks is not None else None) + (None,) * len(ctx.spec)
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention_triton(q, k, v, spec: Spec) -> torch.Tensor:
+def _attention_triton(q, k, v, spec: Spec, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``, lse in the kernel's units (base 2, +inf for rows that see no key)."""
     if torch.compiler.is_compiling():
-        return _attn_fwd_op(q, k, v, *spec)[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FlashAttention.apply(q, k, v, spec)
-    return fa.forward(q, k, v, spec)[0]
+        return _attn_fwd_op(q, k, v, sinks, *spec)[:2]
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        return _FlashAttention.apply(q, k, v, sinks, spec)
+    return fa.forward(q, k, v, spec, sinks=sinks)[:2]
+
+
+_LN2 = math.log(2.0)
+
+
+def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' log-sum-exp (base 2, +inf for a row that sees no key, so that the backward's
+    ``exp2(s - lse)`` is 0 there) as the public one: natural log, -inf for such a row."""
+    return torch.where(lse2 == float("inf"), float("-inf"), lse2 * _LN2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +199,36 @@ def _check_dropout(dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
 
 
+def check_softcap(softcap) -> float:
+    """softcap: a finite float >= 0 (0: no cap); returns it as a float."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0.0: no cap), got {softcap!r}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0: no cap), got {softcap}")
+    return float(softcap)
+
+
+def check_sinks(sinks, q_heads: int, device) -> None:
+    """sinks: None or a floating tensor (Hq,) on the inputs' device, one logit per query head."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor of shape ({q_heads},) or None, got {type(sinks).__name__}")
+    if sinks.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"sinks has dtype {sinks.dtype}; supported: float16, bfloat16, float32")
+    if sinks.shape != (q_heads,):
+        raise ValueError(
+            f"sinks must have shape (Hq,) = ({q_heads},), one logit per query head, got {tuple(sinks.shape)}"
+        )
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device}, q on {device}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def triton_runs_on(t: torch.Tensor) -> bool:
     return t.is_cuda or (fa.INTERPRET and t.device.type == "cpu")
 
@@ -229,7 +282,10 @@ def flash_attention(
     window_size: tuple[int, int] = (-1, -1),
     deterministic: bool | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention ``dropout(softmax(q k^T * softmax_scale + mask)) v`` without the N x N matrix.
 
     Args:
@@ -248,9 +304,21 @@ def flash_attention(
             two-kernel one too, except with dropout on short sequences: ``kernels.configs``).
         backend: ``"triton"``, ``"sdpa"`` (PyTorch's fused kernels, any device), ``"torch"`` (the readable
             eager reference) or ``"auto"`` (Triton where it can run, else ``"sdpa"``).
+        softcap: Gemma 2's logit cap: the scaled scores become ``softcap * tanh(scores / softcap)`` before
+            the mask; ``0.0`` (default) caps nothing. Gradients flow through the tanh.
+        sinks: ``(Hq,)`` float tensor or None: GPT-OSS's attention sinks, one learned logit per query head
+            that joins each row's softmax denominator only, ``weights = exp(s - m) / (exp(sink - m) +
+            sum_j exp(s_j - m))``; the weights no longer sum to 1 and a row that sees no key returns zeros.
+            ``sinks`` gets a gradient, ``-sum over rows of P_sink * rowsum(dO * O)``.
+        return_lse: also return the log-sum-exp (below).
 
     Returns:
-        ``(B, Hq, Nq, D)`` in q's dtype (and, on the Triton path, q's memory layout).
+        ``(B, Hq, Nq, D)`` in q's dtype (and, on the Triton path, q's memory layout). With ``return_lse``
+        ``(out, lse)``: lse ``(B, Hq, Nq)`` float32, the natural log of ``sum_j exp(s_j)`` over the keys the row
+        sees, ``s`` the scaled (and capped) scores; ``-inf`` for a row that sees no key; no gradient (as
+        FlashAttention's). The sink is NOT in it (FlashAttention's convention): the lse of a call with sinks is
+        the lse of the same call without, so partial results merge as usual, and the sink is applied once
+        after merging, ``out_with_sink = out * sigmoid(lse - sink)``.
     """
     if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
         # Like scaled_dot_product_attention, attention runs in autocast's lower precision.
@@ -263,15 +331,22 @@ def flash_attention(
         deterministic = torch.are_deterministic_algorithms_enabled()
     elif not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool or None, got {deterministic!r}")
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, q.shape[1], q.device)
+    check_flag("return_lse", return_lse)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    spec = Spec(causal, float(dropout_p), scale, window[0], window[1], deterministic)
+    spec = Spec(causal, float(dropout_p), scale, window[0], window[1], deterministic, softcap)
     path = choose_path(q, backend)
     if path == "torch":
-        return eager.attention_reference(q, k, v, spec)
+        return eager.attention_reference(q, k, v, spec, sinks, return_lse)
     if path == "sdpa":
-        return eager.attention_sdpa(q, k, v, spec)
+        return eager.attention_sdpa(q, k, v, spec, sinks, return_lse)
     _check_triton_limits(q, k, v)
     if q.numel() == 0 or k.shape[2] == 0:
         # No query or no key: an empty output, or rows that see no key (zeros), as the eager path gives.
-        return q.mul(0.0)
-    return _attention_triton(q, k, v, spec)
+        out = q.mul(0.0)
+        if sinks is not None:
+            out = out + sinks.sum().to(out.dtype) * 0.0  # zero gradients for the sinks, not None
+        return (out, q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)) if return_lse else out
+    out, lse = _attention_triton(q, k, v, spec, sinks)
+    return (out, natural_lse(lse)) if return_lse else out

@@ -1,0 +1,199 @@
+"""``flash_attention_varlen``: packed batches of sequences of different lengths, FlashAttention-2's layout.
+
+A batch of ``B`` sequences is packed token after token, with no padding: q is ``(total_q, Hq, D)``, k and v
+``(total_k, Hkv, D)``, and sequence ``b`` owns query rows ``cu_seqlens_q[b] <= t < cu_seqlens_q[b + 1]`` and key
+rows ``cu_seqlens_k[b] <= t < cu_seqlens_k[b + 1]`` (``cu_seqlens_*`` int32 ``(B + 1,)``, the running sums of the
+lengths, starting at 0). Every sequence is its own attention problem with ``flash_attention``'s semantics:
+bottom-right causal alignment per sequence (a sequence with fewer queries than keys holds its newest queries),
+grouped heads, windows, softcap, sinks; a sequence of 0 queries costs nothing, one of 0 keys returns zeros.
+
+Dropout: the keep bit of weight (query i, key j) of head h of a sequence is the one ``kernels/dropout.py``
+gives ``(b, h, i, j)`` with ``b = 0``, ``i`` and ``j`` the positions WITHIN the sequence, and the call's seed. So
+a sequence's mask depends on the seed, its head and its own positions only, never on which sequences are
+packed with it, in what order, or at what offset: it is the mask ``flash_attention`` draws for that sequence
+alone (batch 1) with the same seed. The price: sequences of one call share the bits at the same (head, i, j),
+where a dense batch varies them by batch index. (The PyTorch path gets the same property its own way: each
+sequence starts from the same generator state, the one a call on that sequence alone would start from.)
+
+What is checked: types, ranks, shapes, dtypes (``cu_seqlens`` of another dtype than int32 is a TypeError) and
+devices always. The VALUES of ``cu_seqlens`` (starts at 0, never decreases, ends at the token count, no
+sequence longer than ``max_seqlen``) are checked on the host when they live there (CPU tensors: free). On CUDA
+they are trusted, as FlashAttention-2 trusts them (checking needs a device-to-host copy, a sync per call); set
+``CHECK_CU_SEQLENS = True`` here, or ``KERNELS_CHECK_CU_SEQLENS=1`` in the environment, to check them there
+too, at one sync per call. Wrong values on CUDA unchecked read and write outside a sequence's rows.
+
+Paths: the PyTorch path (``backend="sdpa"`` / ``"torch"``, what ``"auto"`` takes off CUDA) loops over the
+sequences and runs ``flash_attention``'s path of that name on each: exact, and never a ``(total, total)``
+matrix (the largest is one sequence's chunk, or its ``(Nq, Nk)`` on the ``"torch"`` reference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import interface
+from .flash_attn import Spec
+
+CHECK_CU_SEQLENS = os.environ.get("KERNELS_CHECK_CU_SEQLENS", "0") == "1"
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """Everything about the packed inputs that costs no device sync (see the module docstring); the values of
+    ``cu_seqlens`` where they are on the host or ``CHECK_CU_SEQLENS`` is set."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have rank 3 (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    # The dense checks on (1, H, total, D) views: dtypes, devices, head counts and head dims, same words.
+    interface.check_qkv(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be an int32 torch.Tensor of shape (B + 1,), got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must have dtype torch.int32 (FlashAttention's), got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must have shape (B + 1,) with B >= 0, got {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device}, q on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} must describe "
+            "the same number of sequences"
+        )
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise TypeError(f"{name} must be an int, got {m!r}")
+        if m < 0:
+            raise ValueError(f"{name} must be >= 0, got {m}")
+    if q.device.type == "cpu" or CHECK_CU_SEQLENS:
+        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], max_seqlen_q)
+        check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k.tolist(), k.shape[0], max_seqlen_k)
+
+
+def check_cu_seqlens_values(name: str, values: list[int], total: int, max_seqlen: int) -> None:
+    """A ValueError naming the values unless ``values`` (a ``cu_seqlens`` read on the host) starts at 0, never
+    decreases, ends at ``total`` and holds no sequence longer than ``max_seqlen``."""
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]} ({name} = {values})")
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if any(n < 0 for n in lengths):
+        i = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(f"{name} must not decrease: {values[i]} then {values[i + 1]} at sequence {i}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the token count {total}, got {values[-1]}")
+    longest = max(lengths, default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"{name} holds a sequence of {longest} tokens, longer than max_seqlen {max_seqlen}")
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    deterministic: bool | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a packed batch of sequences of different lengths (see the module docstring).
+
+    Args:
+        q: ``(total_q, Hq, D)``; k, v: ``(total_k, Hkv, D)``, ``Hq % Hkv == 0``; float16, bfloat16 or float32.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(B + 1,)`` on q's device: sequence ``b`` owns rows
+            ``cu[b] <= t < cu[b + 1]`` of q (resp. k, v).
+        max_seqlen_q, max_seqlen_k: ints at least the longest sequence's query (key) count.
+        causal, dropout_p, softmax_scale, window_size, softcap, sinks, deterministic, backend: as in
+            ``flash_attention``, per sequence.
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        ``(total_q, Hq, D)`` in q's dtype; with ``return_lse`` ``(out, lse)``, lse ``(Hq, total_q)`` float32 with
+        ``flash_attention``'s meaning (natural log, sink excluded, -inf for a row that sees no key).
+    """
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)  # as flash_attention: attention in autocast's precision
+        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
+    check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    window = interface.check_options(causal, softmax_scale, window_size, backend)
+    interface._check_dropout(dropout_p)
+    softcap = interface.check_softcap(softcap)
+    interface.check_sinks(sinks, q.shape[1], q.device)
+    interface.check_flag("return_lse", return_lse)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool or None, got {deterministic!r}")
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    spec = Spec(causal, float(dropout_p), scale, window[0], window[1], deterministic, softcap)
+    path = interface.choose_path(q.transpose(0, 1)[None], backend)
+    if path == "triton":
+        # Not in the Triton kernels yet (issue 26, step 3): the exact per-sequence PyTorch path.
+        if backend == "triton":
+            raise ValueError("the Triton varlen kernels are not written yet; use backend='auto' or 'sdpa'")
+        path = "sdpa"
+    return _varlen_per_sequence(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse, path
+    )
+
+
+def _varlen_per_sequence(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec: Spec, sinks, return_lse: bool, path: str
+):
+    """The PyTorch path: ``flash_attention``'s ``path`` on each sequence as a batch of one. Reads the offsets on
+    the host (free on a CPU; one sync on a device)."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    total_q, H = q.shape[0], q.shape[1]
+    if q.device.type != "cpu" and not CHECK_CU_SEQLENS:  # read anyway: checked for free (on a CPU: done)
+        check_cu_seqlens_values("cu_seqlens_q", starts_q, total_q, max_seqlen_q)
+        check_cu_seqlens_values("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)
+    gen = _generator_of(q.device) if spec.dropout_p > 0.0 else None
+    state = gen.get_state() if gen is not None else None
+    outs, lses = [], []
+    for b in range(len(starts_q) - 1):
+        q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
+        if q1 == q0:
+            continue  # no query: nothing to compute, nothing to draw
+        if state is not None:
+            gen.set_state(state)  # the state a call on this sequence alone would start from
+        # (n, H, D) rows of the packed tensors as (1, H, n, D) views: no copies.
+        qb, kb, vb = (t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        out = interface.flash_attention(
+            qb, kb, vb, causal=spec.causal, dropout_p=spec.dropout_p, softmax_scale=spec.softmax_scale,
+            window_size=(spec.window_left, spec.window_right), deterministic=spec.deterministic, backend=path,
+            softcap=spec.softcap, sinks=sinks, return_lse=return_lse,
+        )  # fmt: skip
+        if return_lse:
+            out, lse = out
+            lses.append(lse[0])  # (Hq, n)
+        outs.append(out[0].transpose(0, 1))  # (n, Hq, D)
+    if not outs:  # no sequence has a query: total_q is 0
+        out = q.mul(0.0)
+        if sinks is not None:
+            out = out + sinks.sum().to(out.dtype) * 0.0  # zero gradients for the sinks, not None
+        lse = q.new_empty((H, total_q), dtype=torch.float32)
+    else:
+        out = torch.cat(outs, dim=0)  # (total_q, Hq, D)
+        lse = torch.cat(lses, dim=1) if return_lse else None  # (Hq, total_q)
+    return (out, lse) if return_lse else out
+
+
+def _generator_of(device: torch.device) -> torch.Generator:
+    """The default generator the eager paths draw their dropout from on ``device``."""
+    if device.type == "cpu":
+        return torch.default_generator
+    return torch.get_device_module(device.type).default_generators[device.index or 0]
