@@ -30,17 +30,24 @@ transformers is an optional dependency (``pip install .[hf]``) imported only whe
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 
 import torch
 import torch.nn.functional as F
-from chapter3_flash.kernels import flash_attention_with_kvcache
+from chapter3_flash.kernels import flash_attention, flash_attention_with_kvcache
 
 from . import fused
 
 DEFAULT_NAME = "chapter3"
 
 _warned: set[str] = set()
+
+# Whether the decode kernel takes cache_leftpad, softcap and sinks (issue 26, step 4). Without them a padded step
+# against a cache runs the varlen kernel, and a softcapped or sinked step flash_attention (bottom-right causal).
+_DECODE_TAKES_ALL = {"cache_leftpad", "softcap", "sinks"} <= set(
+    inspect.signature(flash_attention_with_kvcache).parameters
+)
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -253,7 +260,7 @@ def _padded(causal, window, q_length, kv_used, queries: torch.Tensor, keys: torc
     ).tolist()
     if min_q == q_length and min_k == kv_used:
         return Layout(causal, window, q_length, kv_used)
-    if min_q == q_length and all_suffix and min_k > 0 and q_length <= fused.DECODE_MAX_TOKENS:
+    if _DECODE_TAKES_ALL and min_q == q_length and all_suffix and min_k > 0 and q_length <= fused.DECODE_MAX_TOKENS:
         return Layout(causal, window, q_length, kv_used, leftpad=first_k)
     q_index = queries.nonzero(as_tuple=True)  # host sync
     k_index = keys.nonzero(as_tuple=True)  # host sync
@@ -430,9 +437,20 @@ def attention_forward(
             backend=fused.current_backend_for_decode(),
             **options,
         )
-    else:
+    elif _DECODE_TAKES_ALL or len(options) == 1:  # the decode kernel takes every option given
         out = fused.attend_newest(
             query, k, v, causal=layout.causal, dropout_p=dropout, window_size=layout.window, **options
+        )  # (B, Hq, Nq, D)
+    else:
+        out = flash_attention(
+            query,
+            k,
+            v,
+            causal=layout.causal,
+            dropout_p=dropout,
+            window_size=layout.window,
+            backend=fused.current_backend(),
+            **options,
         )  # (B, Hq, Nq, D)
     return out.transpose(1, 2), None  # (B, Nq, Hq, D)
 
