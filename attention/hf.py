@@ -93,6 +93,7 @@ class Layout:
     kv_used: int
     ragged: Ragged | None = None
     leftpad: torch.Tensor | None = None
+    padding: tuple[torch.Tensor, torch.Tensor] | None = None  # with leftpad: the (B, Nq), (B, kv_used) kept masks
 
     # generate() with a StaticCache builds each step's masks ahead (create_masks_for_generate, through ``_mask``)
     # and passes them to the model, whose mask preprocessing reads ``.ndim`` of any mask to spot a 2-D padding mask.
@@ -207,18 +208,13 @@ def _mask(
 
     if isinstance(attention_mask, Layout):  # prepared by generate() for this very step
         return attention_mask
-    pattern = _Pattern()
-    readable = mask_function is not None and not use_vmap and _read_pattern(mask_function, masking_utils, pattern)
-    readable = readable and pattern.causal is not None and pattern.remapped == (pattern.sequence_ids is not None)
-    if readable:
-        # q_offset is a 0-d tensor on a StaticCache: read once here, not in every layer.
-        q_offset = int(q_offset)
-        readable = _pattern_holds(mask_function, pattern, batch_size, q_length, kv_length, q_offset, kv_offset, device)
-    if not readable:
-        _warn_once(
-            "mask",
-            "attention.hf: this model's attention mask is not one the chapter3 kernels read (a custom 4-D mask, "
-            "an overlay, chunked attention); running PyTorch's SDPA with HF's mask for it",
+
+    def foreign() -> torch.Tensor:
+        """HF's own 4-D SDPA mask, for a mask the kernels do not take: the attention function runs SDPA with it."""
+        _warn_once(  # the key the attention function's warning shares: one warning for one fallback
+            "sdpa",
+            "attention.hf: this model's attention mask is not one the chapter3 kernels take (a custom 4-D mask, an "
+            "overlay, chunked attention, padding inside a sliding window); running PyTorch's SDPA with HF's mask",
         )
         kwargs.pop("allow_is_causal_skip", None)
         return masking_utils.sdpa_mask(
@@ -234,38 +230,70 @@ def _mask(
             allow_is_causal_skip=False,
             **kwargs,
         )
+
+    pattern = _Pattern()
+    readable = mask_function is not None and not use_vmap and _read_pattern(mask_function, masking_utils, pattern)
+    readable = readable and pattern.causal is not None and pattern.remapped == (pattern.sequence_ids is not None)
+    if readable:
+        # q_offset is a 0-d tensor on a StaticCache: read once here, not in every layer.
+        q_offset = int(q_offset)
+        readable = _pattern_holds(mask_function, pattern, batch_size, q_length, kv_length, q_offset, kv_offset, device)
+    if not readable:
+        return foreign()
     window = pattern.window or (-1, -1)
-    # Keys hold positions kv_offset, kv_offset + 1, ...; the filled ones end with the last query's position.
-    kv_used = max(0, min(kv_length, q_offset + q_length - kv_offset))
+    # Keys hold positions kv_offset, kv_offset + 1, ...; under a causal mask the filled ones end with the last
+    # query's position and no query sees past it (a StaticCache's unfilled tail). A bidirectional mask sees all
+    # kv_length keys, as HF's sdpa does (cross-attention's keys are the encoder's, not a cache).
+    kv_used = max(0, min(kv_length, q_offset + q_length - kv_offset)) if pattern.causal else kv_length
     if pattern.sequence_ids is not None:
         return Layout(pattern.causal, window, q_length, kv_used, ragged=_packed(pattern.sequence_ids, batch_size))
     if attention_mask is None:
         return Layout(pattern.causal, window, q_length, kv_used)
     padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
     keys = padding[:, kv_offset : kv_offset + kv_used]  # (B, kv_used): the filled keys' padding
-    queries = padding[:, q_offset : q_offset + q_length]  # (B, Nq): the queries', a slice of the same mask
-    return _padded(pattern.causal, window, q_length, kv_used, queries, keys)
+    if pattern.causal:
+        queries = padding[:, q_offset : q_offset + q_length]  # (B, Nq): the queries', a slice of the same mask
+    else:
+        # A bidirectional mask restricts the keys only (its queries may be another sequence's: cross-attention):
+        # every query sees the kept keys, as in HF's sdpa.
+        queries = torch.ones(batch_size, q_length, dtype=torch.bool, device=padding.device)
+    layout = _padded(pattern.causal, window, q_length, kv_used, queries, keys)
+    if layout is None:
+        return foreign()
+    return layout
 
 
-def _padded(causal, window, q_length, kv_used, queries: torch.Tensor, keys: torch.Tensor) -> Layout:
+def _padded(causal, window, q_length, kv_used, queries: torch.Tensor, keys: torch.Tensor) -> Layout | None:
     """A Layout for a 2-D padding mask: none if nothing is padded, ``leftpad`` for a step whose padding precedes
-    each sequence's keys (the decode kernel's case), else ``Ragged`` for the varlen kernel."""
+    each sequence's keys (the decode kernel's case), else ``Ragged`` for the varlen kernel. None for padding under
+    a sliding window that the packed sequences would not place as HF does: HF's window counts positions, padded
+    ones included; the packed sequences count kept keys, which is the same only where no padding sits between a
+    row's kept keys, and with causal alignment."""
     lens_q = queries.sum(1, dtype=torch.int32)  # (B,)
     lens_k = keys.sum(1, dtype=torch.int32)  # (B,)
     first_k = keys.int().argmax(1).to(torch.int32)  # (B,): the first kept key (0 for a row with none)
+    last_k = kv_used - 1 - keys.flip(1).int().argmax(1).to(torch.int32)  # (B,): the last kept key
     suffix = (first_k + lens_k == kv_used) | (lens_k == 0)  # (B,): the kept keys are the row's last ones
+    gapless = (last_k - first_k + 1 == lens_k) | (lens_k == 0)  # (B,): no padding between kept keys
     # One host sync for all the decisions below.
-    min_q, max_q, min_k, max_k, all_suffix = torch.stack(
-        [lens_q.min(), lens_q.max(), lens_k.min(), lens_k.max(), suffix.all().to(torch.int32)]
+    min_q, max_q, min_k, max_k, all_suffix, all_gapless = torch.stack(
+        [lens_q.min(), lens_q.max(), lens_k.min(), lens_k.max(), suffix.all().int(), gapless.all().int()]
     ).tolist()
     if min_q == q_length and min_k == kv_used:
         return Layout(causal, window, q_length, kv_used)
-    if _DECODE_TAKES_ALL and min_q == q_length and all_suffix and min_k > 0 and q_length <= fused.DECODE_MAX_TOKENS:
-        return Layout(causal, window, q_length, kv_used, leftpad=first_k)
+    if window != (-1, -1) and not (causal and all_gapless):
+        return None
+    step = kv_used > q_length and q_length <= fused.DECODE_MAX_TOKENS  # a few new tokens against a cache
+    if _DECODE_TAKES_ALL and step and min_q == q_length and all_suffix and min_k > 0:
+        return Layout(causal, window, q_length, kv_used, leftpad=first_k, padding=(queries, keys))
+    return Layout(causal, window, q_length, kv_used, ragged=_ragged(queries, keys, lens_q, lens_k, max_q, max_k))
+
+
+def _ragged(queries, keys, lens_q, lens_k, max_q: int, max_k: int) -> Ragged:
+    """The kept tokens of (B, Nq) / (B, Nk) masks whose row sums are lens_q / lens_k, as packed sequences."""
     q_index = queries.nonzero(as_tuple=True)  # host sync
     k_index = keys.nonzero(as_tuple=True)  # host sync
-    ragged = Ragged(q_index, _lengths_to_cu(lens_q), max_q, k_index, _lengths_to_cu(lens_k), max_k)
-    return Layout(causal, window, q_length, kv_used, ragged=ragged)
+    return Ragged(q_index, _lengths_to_cu(lens_q), max_q, k_index, _lengths_to_cu(lens_k), max_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +321,7 @@ def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, 
             "sinks rule out the SDPA fallback; use attn_implementation='eager' for it"
         )
     _warn_once(
-        "fallback",
+        "sdpa",
         f"attention.hf: got a {type(attention_mask).__name__} mask of shape {tuple(attention_mask.shape)} that the "
         "chapter3 kernels do not take; running PyTorch's SDPA with it",
     )
@@ -410,6 +438,13 @@ def attention_forward(
     k = key[:, :, : layout.kv_used]  # (B, Hkv, kv_used, D): a StaticCache's filled part, a view
     v = value[:, :, : layout.kv_used]
     ragged = _from_kwargs(kwargs, query.shape[0]) or layout.ragged
+    if ragged is None and layout.leftpad is not None and (dropout > 0 or fused.needs_grad(query, k, v)):
+        # The decode kernel is forward only, without dropout: this step goes through varlen (rare: a few tokens
+        # trained against a cache), its token indices read here, in each layer.
+        queries, keys = layout.padding
+        lens_q, lens_k = queries.sum(1, dtype=torch.int32), keys.sum(1, dtype=torch.int32)
+        max_q, max_k = torch.stack([lens_q.max(), lens_k.max()]).tolist()
+        ragged = _ragged(queries, keys, lens_q, lens_k, max_q, max_k)
     if ragged is None and layout.leftpad is None and query.shape[2] == layout.kv_used > 1:
         # A whole sequence per row, no past: position_ids restarting inside a row are packed sequences.
         ragged = _packed_from_positions(kwargs.get("position_ids"), query.shape[0])

@@ -202,7 +202,7 @@ def test_custom_4d_mask_runs_sdpa_and_warns():
     net.set_attn_implementation("sdpa")
     expected = net(ids, attention_mask=mask4).logits
     net.set_attn_implementation(NAME)
-    hf._warned.discard("fallback")
+    hf._warned.discard("sdpa")
     with pytest.warns(UserWarning, match="SDPA"):
         got = net(ids, attention_mask=mask4).logits
     torch.testing.assert_close(got, expected)
@@ -341,3 +341,45 @@ def test_padded_batch_is_one_varlen_launch_per_layer(monkeypatch):
         net(torch.randint(1, VOCAB, (3, 16)), attention_mask=mask)
     assert calls == [3, 3]  # two layers, three sequences each
     assert reads == [1]
+
+
+@pytest.mark.parametrize("model", ["llama", "mistral"])
+def test_right_padded_generation(model):
+    """Right-padded prompts leave padding between a sequence's prompt and its new tokens: Llama runs that through
+    varlen (the kept keys in order), Mistral's sliding window counts the padded positions, which the packed
+    sequences cannot, so its masks go to SDPA (with one warning)."""
+    net = build(model)
+    ids = torch.randint(1, VOCAB, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 6:] = 0
+    expected = generate(net, theirs(model), ids, attention_mask=mask)
+    hf._warned.discard("sdpa")
+    with attention.use_backend("sdpa"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = generate(net, NAME, ids, attention_mask=mask)
+    assert torch.equal(got, expected), f"{model}: {got.tolist()} != {expected.tolist()}"
+    fell_back = [w for w in caught if "SDPA" in str(w.message)]
+    assert len(fell_back) == (1 if model == "mistral" else 0), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_bidirectional_model(padded):
+    """A decoder made bidirectional (config.is_causal=False: HF builds bidirectional masks): every token sees every
+    kept key."""
+    net = build("llama")
+    net.config.is_causal = False
+    for layer in net.model.layers:
+        layer.self_attn.is_causal = False
+    ids = torch.randint(1, VOCAB, (2, N))
+    mask = torch.ones(2, N, dtype=torch.long)
+    if padded:
+        mask[0, :6] = 0
+    net64 = copy.deepcopy(net).double()
+    dout = torch.randn(2, N, VOCAB, dtype=torch.float64)
+    valid = mask.bool()
+    ref = logits_and_grads(net64, "sdpa", ids, dout, valid, attention_mask=mask, use_cache=False)
+    hf_own = logits_and_grads(net, "sdpa", ids, dout, valid, attention_mask=mask, use_cache=False)
+    with attention.use_backend("sdpa"):
+        ours = logits_and_grads(net, NAME, ids, dout, valid, attention_mask=mask, use_cache=False)
+    assert_close_to_reference("logits", ours[0], ref[0], hf_own[0])
+    assert_close_to_reference("gradients", ours[1], ref[1], hf_own[1])
