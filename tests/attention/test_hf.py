@@ -178,6 +178,7 @@ def test_register_is_idempotent_and_refuses_flash_names():
     assert hf.register() == NAME == "chapter3"
     assert hf.register("chapter3_other") == "chapter3_other"
     assert transformers.AttentionInterface._global_mapping[NAME] is hf.attention_forward
+    assert transformers.masking_utils.AttentionMaskInterface._global_mapping[NAME] is hf._mask
     with pytest.raises(ValueError, match="flash"):
         hf.register("my_flash_attention")
     with pytest.raises(TypeError):
@@ -383,3 +384,25 @@ def test_bidirectional_model(padded):
         ours = logits_and_grads(net, NAME, ids, dout, valid, attention_mask=mask, use_cache=False)
     assert_close_to_reference("logits", ours[0], ref[0], hf_own[0])
     assert_close_to_reference("gradients", ours[1], ref[1], hf_own[1])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_dropout_one_drops_every_weight(padded):
+    """dropout=1.0 (every attention weight dropped: each layer's attention output is zero) reaches the kernels on
+    the dense and the varlen path alike: the same logits as HF's eager attention with p = 1, unlike p = 0."""
+    net = build("llama").train()
+    ids = torch.randint(1, VOCAB, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    if padded:
+        mask[0, :5] = 0
+    valid = mask.bool()
+
+    def logits(impl, p):
+        for layer in net.model.layers:
+            layer.self_attn.attention_dropout = p
+        net.set_attn_implementation(impl)
+        with attention.use_backend("sdpa"), torch.no_grad():
+            return net(ids, attention_mask=mask).logits[valid]
+
+    torch.testing.assert_close(logits(NAME, 1.0), logits("eager", 1.0))
+    assert not torch.allclose(logits(NAME, 0.0), logits(NAME, 1.0))
