@@ -136,10 +136,16 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _tanh(x):
-    """tanh through one exp2 (the MUFU unit): ``1 - 2 / (e^(2x) + 1)``; exactly +-1 where e^(2x) over- or
-    underflows. Its absolute error (a few float32 ulps of 1) is what the softmax sees: scores are compared by
-    difference, so the relative error near 0 does not matter."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
+    """tanh in float32 to a few ulps, from one exp2 (the MUFU unit) and a short polynomial (Triton's interpreter
+    has no libdevice). ``|x| >= 1/4``: ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` (never overflows), the sign
+    put back. Below, where ``1 - e`` would cancel and leave an absolute error of an ulp of 1 (times the cap: a
+    cap of 10^4 moved scores by 10^-3), Taylor's series to x^9 (the first term left out is below 10^-8 of x)."""
+    a = tl.abs(x)
+    e = tl.math.exp2(a * -2.8853900817779268)  # -2 * log2(e)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(a < 0.25, small, tl.where(x < 0.0, -big, big))
 
 
 @triton.jit
@@ -149,6 +155,14 @@ def _scores(qk, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
     if SOFTCAP:
         return _tanh(qk * qk_scale) * cap_log2
     return qk * qk_scale
+
+
+@triton.jit
+def _sequence(CU_Q, CU_K, seq):
+    """Sequence ``seq`` of a packed (varlen) batch: ``(q_start, k_start, n_q, n_k)`` from ``cu_seqlens``."""
+    q_start = tl.load(CU_Q + seq)
+    k_start = tl.load(CU_K + seq)
+    return q_start, k_start, tl.load(CU_Q + seq + 1) - q_start, tl.load(CU_K + seq + 1) - k_start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +269,8 @@ def _attn_fwd(
     LSE,
     SEED,
     SINKS,
+    CU_Q,
+    CU_K,
     qk_scale,
     cap_log2,
     inv_keep,
@@ -294,6 +310,7 @@ def _attn_fwd(
     ROUND_TF32: tl.constexpr,
     SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
@@ -304,6 +321,7 @@ def _attn_fwd(
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
     first_row = start_m * BLOCK_M
+    lse_row = off_zh.to(tl.int64) * N_Q
     # Tile bases (batch, head, first row) in int64: N * stride passes 2^31 on long sequences. Offsets
     # inside a tile stay int32: the host checks that 256 rows or head dims of any stride fit in 2^31.
     row0 = first_row.to(tl.int64)
@@ -311,6 +329,19 @@ def _attn_fwd(
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
     o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
+    if VARLEN:
+        # off_z is a sequence of a packed batch (the z strides are 0): its rows start at q_start / k_start, the
+        # LSE is (H, total_q) (N_Q came in as total_q), and a tile past the sequence's own rows has no work.
+        lse_row = off_h.to(tl.int64) * N_Q
+        q_start, k_start, N_Q, N_K = _sequence(CU_Q, CU_K, off_z)
+        if first_row >= N_Q:
+            return
+        lse_row += q_start
+        off_zh = off_h  # dropout: positions within the sequence, batch 0 (kernels/varlen.py)
+        q_base += q_start.to(tl.int64) * stride_qm
+        o_base += q_start.to(tl.int64) * stride_om
+        k_base += k_start.to(tl.int64) * stride_kn
+        v_base += k_start.to(tl.int64) * stride_vn
 
     rows = tl.arange(0, BLOCK_M)  # offsets inside the tile; offs_m the absolute query rows
     offs_m = first_row + rows
@@ -373,7 +404,7 @@ def _attn_fwd(
     else:
         acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(LSE + off_zh.to(tl.int64) * N_Q + offs_m, lse, mask=row_mask)
+    tl.store(LSE + lse_row + offs_m, lse, mask=row_mask)
     tl.store(
         o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok,
         _cast(acc, Out.dtype.element_ty, UPCAST),
@@ -473,6 +504,8 @@ def _attn_bwd_dq(
     LSE,
     DELTA,
     SEED,
+    CU_Q,
+    CU_K,
     softmax_scale,
     qk_scale,
     cap_log2,
@@ -519,6 +552,7 @@ def _attn_bwd_dq(
     UPCAST: tl.constexpr,
     ROUND_TF32: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
@@ -528,6 +562,14 @@ def _attn_bwd_dq(
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
     first_row = start_m * BLOCK_M
+    lse_row = off_zh.to(tl.int64) * N_Q
+    if VARLEN:  # as in the forward
+        lse_row = off_h.to(tl.int64) * N_Q
+        q_start, k_start, N_Q, N_K = _sequence(CU_Q, CU_K, off_z)
+        if first_row >= N_Q:
+            return
+        lse_row += q_start
+        off_zh = off_h
     rows = tl.arange(0, BLOCK_M)  # offsets inside the query tile; offs_m the absolute query rows
     offs_m = first_row + rows
     offs_d = tl.arange(0, BLOCK_D)
@@ -538,19 +580,27 @@ def _attn_bwd_dq(
     do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh + row0 * stride_dom
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
+    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
+    dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh + row0 * stride_dqm
+    if VARLEN:
+        q_base += q_start.to(tl.int64) * stride_qm
+        do_base += q_start.to(tl.int64) * stride_dom
+        o_base += q_start.to(tl.int64) * stride_om
+        dq_base += q_start.to(tl.int64) * stride_dqm
+        k_base += k_start.to(tl.int64) * stride_kn
+        v_base += k_start.to(tl.int64) * stride_vn
     q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qo_mask, other=0.0)
     do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=qo_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + off_zh.to(tl.int64) * N_Q + offs_m, mask=row_mask, other=float("inf"))
+    lse = tl.load(LSE + lse_row + offs_m, mask=row_mask, other=float("inf"))
     # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax backward's correction term (O already
     # carries dropout's kept, rescaled weights). Computed here, where dO is loaded anyway, and stored for
     # the dK/dV kernel launched after this one: no separate launch for it.
-    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
     o = tl.load(o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=qo_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, delta, mask=row_mask)
+    tl.store(DELTA + lse_row + offs_m, delta, mask=row_mask)
     q, do = _tf32(q, ROUND_TF32), _tf32(do, ROUND_TF32)  # after delta, which takes dO as it is
     seed = 0
     if DROPOUT:
@@ -581,7 +631,6 @@ def _attn_bwd_dq(
         DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
     dq = dq * softmax_scale
-    dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh + row0 * stride_dqm
     tl.store(
         dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,
         _cast(dq, DQ.dtype.element_ty, UPCAST),
@@ -713,6 +762,8 @@ def _attn_bwd_kv(
     LSE,
     DELTA,
     SEED,
+    CU_Q,
+    CU_K,
     softmax_scale,
     qk_scale,
     cap_log2,
@@ -765,6 +816,7 @@ def _attn_bwd_kv(
     DQ_ATOMIC: tl.constexpr,
     ROUND_TF32: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dK and dV of one key/value tile, summed over the query heads of its group in this program. With
     DQ_ATOMIC (the one-pass backward) it also adds each tile's share of dQ (float32, atomics); without,
@@ -772,6 +824,11 @@ def _attn_bwd_kv(
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1)
     off_z = tl.program_id(2)
+    total_q = N_Q
+    if VARLEN:  # as in the forward: a key tile past the sequence's own keys has no work
+        q_start, k_start, N_Q, N_K = _sequence(CU_Q, CU_K, off_z)
+        if start_n >= N_K:
+            return
     cols = tl.arange(0, BLOCK_N)  # offsets inside the key tile; offs_n the absolute key rows
     offs_n = start_n + cols
     offs_d = tl.arange(0, BLOCK_D)
@@ -781,6 +838,9 @@ def _attn_bwd_kv(
     col0 = tl.program_id(0).to(tl.int64) * BLOCK_N
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh + col0 * stride_kn
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh + col0 * stride_vn
+    if VARLEN:
+        k_base += k_start.to(tl.int64) * stride_kn
+        v_base += k_start.to(tl.int64) * stride_vn
     k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
     if UPCAST:
@@ -804,6 +864,13 @@ def _attn_bwd_kv(
         dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
         lse_base = LSE + off_zh.to(tl.int64) * N_Q
         delta_base = DELTA + off_zh.to(tl.int64) * N_Q
+        if VARLEN:
+            lse_base = LSE + off_h.to(tl.int64) * total_q + q_start
+            delta_base = DELTA + off_h.to(tl.int64) * total_q + q_start
+            off_zh = off_h  # dropout: positions within the sequence, batch 0
+            q_base += q_start.to(tl.int64) * stride_qm
+            do_base += q_start.to(tl.int64) * stride_dom
+            dq_base += q_start.to(tl.int64) * stride_dqm
         if MASK_RIGHT:  # the causal diagonal / the window's right edge: rows that see part of the tile
             dk, dv = _attn_bwd_kv_inner(
                 dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qm, stride_qk,
@@ -837,6 +904,9 @@ def _attn_bwd_kv(
         dv = dv * inv_keep
     dk_base = DK + off_z.to(tl.int64) * stride_dkz + off_hk.to(tl.int64) * stride_dkh + col0 * stride_dkn
     dv_base = DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh + col0 * stride_dvn
+    if VARLEN:
+        dk_base += k_start.to(tl.int64) * stride_dkn
+        dv_base += k_start.to(tl.int64) * stride_dvn
     tl.store(
         dk_base + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
         _cast(dk, DK.dtype.element_ty, UPCAST),
@@ -961,10 +1031,42 @@ def _scales(spec: Spec) -> tuple[float, float]:
     return spec.softmax_scale * _LOG2E, 0.0
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile: dict | None = None, *, sinks=None):
+class Varlen(NamedTuple):
+    """A packed batch (kernels/varlen.py): the launchers then take q, k, v as ``(1, H, total, D)`` views of the
+    ``(total, H, D)`` tensors, run one grid slice per sequence, and lay the log-sum-exp out as ``(1, H, total_q)``
+    (the public ``(H, total_q)``)."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _strides(t: torch.Tensor, varlen: Varlen | None) -> tuple[int, ...]:
+    # A packed batch's programs find their rows through cu_seqlens; the batch stride of the view is never used.
+    return (0, *t.stride()[1:]) if varlen is not None else t.stride()
+
+
+def _grid_batch(B: int, N_Q: int, N_K: int, varlen: Varlen | None) -> tuple[int, int, int]:
+    """(batch programs, query rows, keys) the grids cover: per sequence, up to the longest, with a varlen batch."""
+    if varlen is None:
+        return B, N_Q, N_K
+    return varlen.cu_seqlens_q.shape[0] - 1, varlen.max_seqlen_q, varlen.max_seqlen_k
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: Spec,
+    tile: dict | None = None,
+    *,
+    sinks=None,
+    varlen: Varlen | None = None,
+):
     """The forward launcher: returns ``(out, lse, seed)``, lse base 2, the sink excluded, +inf for a row that sees
-    no key. ``sinks``: ``(Hq,)`` or None. ``tile`` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces the config
-    table's row: for the tuning experiments."""
+    no key. ``sinks``: ``(Hq,)`` or None. ``varlen``: a packed batch (``Varlen``). ``tile`` (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) replaces the config table's row: for the tuning experiments."""
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     # Same memory layout as q: for a (B, N, H, D) projection viewed as (B, H, N, D) the output's
@@ -975,14 +1077,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile:
     kwargs = _launch_kwargs("fwd", q, spec, tile)
     if kwargs["ROUND_TF32"]:
         q, k, v = round_tf32(q), round_tf32(k), round_tf32(v)
-    grid = (configs.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)
+    programs, rows, _ = _grid_batch(B, N_Q, N_K, varlen)
+    grid = (configs.cdiv(rows, kwargs["BLOCK_M"]), H, programs)
+    cu_q, cu_k = (varlen.cu_seqlens_q, varlen.cu_seqlens_k) if varlen is not None else (lse, lse)  # unread: dense
     _attn_fwd_launcher(
         grid,
-        q, k, v, o, lse, seed, sinks if sinks is not None else lse,
+        q, k, v, o, lse, seed, sinks if sinks is not None else lse, cu_q, cu_k,
         *_scales(spec), keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
         H, H // k.shape[1], N_Q, N_K,
-        **kwargs, HAS_SINKS=sinks is not None,
+        **kwargs, HAS_SINKS=sinks is not None, VARLEN=varlen is not None,
     )  # fmt: skip
     return o, lse, seed
 
@@ -1006,18 +1110,21 @@ def backward(
     one_pass=None,
     *,
     sinks=None,
+    varlen: Varlen | None = None,
 ):
-    """The backward launcher: returns ``(dq, dk, dv)``, and ``dsinks`` after them when ``sinks`` is given.
+    """The backward launcher: returns ``(dq, dk, dv)``, and ``dsinks`` after them when ``sinks`` is given. The
+    two-kernel backward, or the one pass with dQ atomics where ``configs.one_pass_backward`` says it is faster and
+    ``spec.deterministic`` does not forbid it. For the experiments: ``one_pass`` forces a path, ``tiles`` replaces
+    the table's rows by kernel name ("bwd", "dq", "dkdv"), ``per_lane_bits`` the table's choice of how dK/dV
+    computes its dropout bits. ``varlen``: a packed batch, as in ``forward``.
 
     Sinks: the kernels take the weights' normalizer with the sink in it, ``lse' = log2(2^lse + 2^sink')``
     (one elementwise op here), and need nothing else: dS = P (dP - delta) holds as it is. The sink's own
     gradient is ``dsink = -sum over rows of P_sink * delta``, ``P_sink = 2^(sink' - lse')`` (its weight, which
-    multiplies every other weight's derivative), summed here from the delta the kernels wrote. The two-kernel backward, or the one pass with dQ atomics
-    where ``configs.one_pass_backward`` says it is faster and ``spec.deterministic`` does not forbid it. For the
-    experiments: ``one_pass`` forces a path, ``tiles`` replaces the table's rows by kernel name ("bwd", "dq",
-    "dkdv"), ``per_lane_bits`` the table's choice of how dK/dV computes its dropout bits."""
+    multiplies every other weight's derivative), summed here from the delta the kernels wrote."""
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
+    programs, rows, keys = _grid_batch(B, N_Q, N_K, varlen)
     block_d = configs.block_d(D)
     if not tile_offsets_fit(do):
         do = do.contiguous()  # a gradient with absurd strides: a copy beats wrong addresses
@@ -1035,35 +1142,39 @@ def backward(
     tiles = tiles or {}
     per_lane = block_d <= configs.PER_LANE_BITS_MAX_BLOCK_D if per_lane_bits is None else per_lane_bits
     if one_pass is None:
-        one_pass = not spec.deterministic and configs.one_pass_backward(spec.dropout_p > 0, N_K, D)
+        one_pass = not spec.deterministic and configs.one_pass_backward(spec.dropout_p > 0, keys, D)
     # Gradients in their inputs' layouts; float32 dQ in q's for the one pass (for float32 inputs, dQ itself).
     dq = torch.empty_like(q) if not one_pass else torch.empty_like(q, dtype=torch.float32)
     kernel = "bwd" if one_pass else "dkdv"
     kwargs = _launch_kwargs(kernel, q, spec, tiles.get(kernel))
     if kwargs["ROUND_TF32"]:
         q, k, v, do = round_tf32(q), round_tf32(k), round_tf32(v), round_tf32(do)  # as the forward's inputs
+    cu_q, cu_k = (varlen.cu_seqlens_q, varlen.cu_seqlens_k) if varlen is not None else (lse, lse)  # unread: dense
     if not one_pass:
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
         dq_kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
         _attn_bwd_dq_launcher(
-            (configs.cdiv(N_Q, dq_kwargs["BLOCK_M"]), H, B),
-            q, k, v, o, do, dq, lse, delta, seed, *scales,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+            (configs.cdiv(rows, dq_kwargs["BLOCK_M"]), H, programs),
+            q, k, v, o, do, dq, lse, delta, seed, cu_q, cu_k, *scales,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+            *_strides(do, varlen), *_strides(dq, varlen),
             H, H // H_KV, N_Q, N_K,
-            **dq_kwargs,
+            **dq_kwargs, VARLEN=varlen is not None,
         )  # fmt: skip
     else:
+        # Row by row over (B, H, N_Q): a packed batch's (1, H, total_q) needs no sequence bounds here.
         _attn_bwd_preprocess_launcher(
             (configs.cdiv(N_Q, 64), H, B),
             o, do, dq, delta, *o.stride(), *do.stride(), *dq.stride(), H, N_Q, D,
             BLOCK_D=block_d, BLOCK_M=64,
         )  # fmt: skip
     _attn_bwd_kv_launcher(
-        (configs.cdiv(N_K, kwargs["BLOCK_N"]), H_KV, B),
-        q, k, v, do, dq, dk, dv, lse, delta, seed, *scales,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        (configs.cdiv(keys, kwargs["BLOCK_N"]), H_KV, programs),
+        q, k, v, do, dq, dk, dv, lse, delta, seed, cu_q, cu_k, *scales,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dq, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
         H, H // H_KV, N_Q, N_K,
-        **kwargs, PER_LANE=per_lane, DQ_ATOMIC=one_pass,
+        **kwargs, PER_LANE=per_lane, DQ_ATOMIC=one_pass, VARLEN=varlen is not None,
     )  # fmt: skip
     dq = dq if dq.dtype == q.dtype else dq.to(q.dtype)
     if sinks is None:

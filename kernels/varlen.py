@@ -33,8 +33,9 @@ import os
 
 import torch
 
+from . import flash_attn as fa
 from . import interface
-from .flash_attn import Spec
+from .flash_attn import Spec, Varlen
 
 CHECK_CU_SEQLENS = os.environ.get("KERNELS_CHECK_CU_SEQLENS", "0") == "1"
 
@@ -140,12 +141,13 @@ def flash_attention_varlen(
         raise TypeError(f"deterministic must be a bool or None, got {deterministic!r}")
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     spec = Spec(causal, float(dropout_p), scale, window[0], window[1], deterministic, softcap)
-    path = interface.choose_path(q.transpose(0, 1)[None], backend)
+    path = interface.choose_path(_view(q), backend)
     if path == "triton":
-        # Not in the Triton kernels yet (issue 26, step 3): the exact per-sequence PyTorch path.
-        if backend == "triton":
-            raise ValueError("the Triton varlen kernels are not written yet; use backend='auto' or 'sdpa'")
-        path = "sdpa"
+        interface._check_triton_limits(_view(q), _view(k), _view(v))
+        n_seq = cu_seqlens_q.shape[0] - 1
+        if n_seq > fa.MAX_GRID_YZ:
+            raise ValueError(f"{n_seq} sequences: the Triton kernels take at most {fa.MAX_GRID_YZ}")
+        return _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse)
     return _varlen_per_sequence(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse, path
     )
@@ -190,6 +192,63 @@ def _varlen_per_sequence(
         out = torch.cat(outs, dim=0)  # (total_q, Hq, D)
         lse = torch.cat(lses, dim=1) if return_lse else None  # (Hq, total_q)
     return (out, lse) if return_lse else out
+
+
+def _view(t: torch.Tensor) -> torch.Tensor:
+    """(total, H, D) as the kernels' (1, H, total, D): a view."""
+    return t.transpose(0, 1)[None]
+
+
+def _unview(t: torch.Tensor) -> torch.Tensor:
+    """(1, H, total, D) back to (total, H, D): a view."""
+    return t[0].transpose(0, 1)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """The Triton kernels on a packed batch; returns ``(out, lse)``, lse (H, total_q) in the kernels' units (base 2,
+    +inf for a row that sees no key; no gradient)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, varlen: Varlen, spec: Spec):
+        o, lse, seed = fa.forward(_view(q), _view(k), _view(v), spec, sinks=sinks, varlen=varlen)
+        out = _unview(o)
+        ctx.save_for_backward(q, k, v, out, lse, seed, sinks)
+        ctx.varlen, ctx.spec = varlen, spec
+        ctx.mark_non_differentiable(lse)
+        return out, lse[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, seed, sinks = ctx.saved_tensors
+        grads = fa.backward(
+            _view(dout), _view(q), _view(k), _view(v), _view(out), lse, seed, ctx.spec, sinks=sinks,
+            varlen=ctx.varlen,
+        )  # fmt: skip
+        dq, dk, dv = (_unview(g) for g in grads[:3])
+        return dq, dk, dv, grads[3] if sinks is not None else None, None, None
+
+
+# Not traced by torch.compile: a graph break there (the dense path's custom ops do not take a packed batch yet).
+@torch.compiler.disable
+def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse):
+    """One launch per kernel for the whole packed batch: programs over (query tiles of the longest sequence, heads,
+    sequences); a program whose tile lies past its sequence's own rows returns at once (kernels/flash_attn.py)."""
+    total_q, H = q.shape[0], q.shape[1]
+    if total_q == 0 or k.shape[0] == 0 or max_seqlen_q == 0:
+        out = q.mul(0.0)  # no query, or no key anywhere: zeros (and zero gradients), lse -inf
+        if sinks is not None:
+            out = out + sinks.sum().to(out.dtype) * 0.0
+        lse = q.new_full((H, total_q), float("-inf"), dtype=torch.float32)
+        return (out, lse) if return_lse else out
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        out, lse = _VarlenAttention.apply(q, k, v, sinks, varlen, spec)
+    else:
+        o, lse, _ = fa.forward(_view(q), _view(k), _view(v), spec, sinks=sinks, varlen=varlen)
+        out, lse = _unview(o), lse[0]
+    return (out, interface.natural_lse(lse)) if return_lse else out
 
 
 def _generator_of(device: torch.device) -> torch.Generator:
