@@ -469,7 +469,7 @@ def attention_forward(
             cache_leftpad=layout.leftpad,
             causal=layout.causal,
             window_size=layout.window,
-            backend=fused.current_backend_for_decode(),
+            backend=fused.current_backend(),  # main: the decode function takes "sdpa" too
             **options,
         )
     elif _DECODE_TAKES_ALL or len(options) == 1:  # the decode kernel takes every option given
