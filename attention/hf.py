@@ -151,6 +151,9 @@ def _read_pattern(fn, masking_utils, pattern: _Pattern) -> bool:
     return False
 
 
+_holds: set[tuple] = set()  # the (causal, window) parses found to agree with HF's own mask functions
+
+
 def _pattern_holds(mask_function, pattern: _Pattern, batch_size, q_length, kv_length, q_offset, kv_offset, device):
     """Verify, don't assume: HF's own mask function and the parsed pattern agree on a few query rows (the
     first, the last and two between), every key, every batch row. Cheap: ``B * 4 * Nk`` booleans."""
@@ -237,7 +240,14 @@ def _mask(
     if readable:
         # q_offset is a 0-d tensor on a StaticCache: read once here, not in every layer.
         q_offset = int(q_offset)
-        readable = _pattern_holds(mask_function, pattern, batch_size, q_length, kv_length, q_offset, kv_offset, device)
+        # A parse without data (causal or not, a window) is checked once per process; a packed one every time.
+        key = (pattern.causal, pattern.window) if pattern.sequence_ids is None else None
+        if key not in _holds:
+            readable = _pattern_holds(
+                mask_function, pattern, batch_size, q_length, kv_length, q_offset, kv_offset, device
+            )
+            if readable and key is not None:
+                _holds.add(key)
     if not readable:
         return foreign()
     window = pattern.window or (-1, -1)

@@ -406,3 +406,22 @@ def test_dropout_one_drops_every_weight(padded):
 
     torch.testing.assert_close(logits(NAME, 1.0), logits("eager", 1.0))
     assert not torch.allclose(logits(NAME, 0.0), logits(NAME, 1.0))
+
+
+def test_mask_recipes_are_read_and_checked_against_hf():
+    """The mask function's reading of HF's recipes, and the check that keeps a wrong reading from running: HF's
+    window w keeps w keys (our (w - 1, 0)), so (w, 0) must fail the check."""
+    mu = transformers.masking_utils
+    sliding = mu.sliding_window_causal_mask_function(8)
+    pattern = hf._Pattern()
+    assert hf._read_pattern(sliding, mu, pattern) and (pattern.causal, pattern.window) == (True, (7, 0))
+    args = dict(batch_size=2, q_length=5, kv_length=30, q_offset=25, kv_offset=0, device="cpu")
+    assert hf._pattern_holds(sliding, pattern, **args)
+    assert not hf._pattern_holds(sliding, hf._Pattern(causal=True, window=(8, 0)), **args)
+    assert not hf._pattern_holds(mu.causal_mask_function, hf._Pattern(causal=False), **args)
+    bidirectional = mu.sliding_window_bidirectional_mask_function(3)
+    pattern = hf._Pattern()
+    assert hf._read_pattern(bidirectional, mu, pattern) and (pattern.causal, pattern.window) == (False, (3, 3))
+    assert hf._pattern_holds(bidirectional, pattern, **{**args, "q_offset": 0, "q_length": 30})
+    chunked = mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))
+    assert not hf._read_pattern(chunked, mu, hf._Pattern())  # chunked attention: not a recipe the kernels take
