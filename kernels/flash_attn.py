@@ -321,7 +321,6 @@ def _attn_fwd(
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
     first_row = start_m * BLOCK_M
-    lse_row = off_zh.to(tl.int64) * N_Q
     # Tile bases (batch, head, first row) in int64: N * stride passes 2^31 on long sequences. Offsets
     # inside a tile stay int32: the host checks that 256 rows or head dims of any stride fit in 2^31.
     row0 = first_row.to(tl.int64)
@@ -404,7 +403,11 @@ def _attn_fwd(
     else:
         acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(LSE + lse_row + offs_m, lse, mask=row_mask)
+    if VARLEN:
+        lse_ptrs = LSE + lse_row + offs_m
+    else:
+        lse_ptrs = LSE + off_zh.to(tl.int64) * N_Q + offs_m
+    tl.store(lse_ptrs, lse, mask=row_mask)
     tl.store(
         o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok,
         _cast(acc, Out.dtype.element_ty, UPCAST),
@@ -562,7 +565,6 @@ def _attn_bwd_dq(
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
     first_row = start_m * BLOCK_M
-    lse_row = off_zh.to(tl.int64) * N_Q
     if VARLEN:  # as in the forward
         lse_row = off_h.to(tl.int64) * N_Q
         q_start, k_start, N_Q, N_K = _sequence(CU_Q, CU_K, off_z)
@@ -580,13 +582,9 @@ def _attn_bwd_dq(
     do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh + row0 * stride_dom
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
-    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
-    dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh + row0 * stride_dqm
     if VARLEN:
         q_base += q_start.to(tl.int64) * stride_qm
         do_base += q_start.to(tl.int64) * stride_dom
-        o_base += q_start.to(tl.int64) * stride_om
-        dq_base += q_start.to(tl.int64) * stride_dqm
         k_base += k_start.to(tl.int64) * stride_kn
         v_base += k_start.to(tl.int64) * stride_vn
     q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qo_mask, other=0.0)
@@ -594,13 +592,23 @@ def _attn_bwd_dq(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + lse_row + offs_m, mask=row_mask, other=float("inf"))
+    if VARLEN:
+        lse_ptrs = LSE + lse_row + offs_m
+    else:
+        lse_ptrs = LSE + off_zh.to(tl.int64) * N_Q + offs_m
+    lse = tl.load(lse_ptrs, mask=row_mask, other=float("inf"))
     # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax backward's correction term (O already
     # carries dropout's kept, rescaled weights). Computed here, where dO is loaded anyway, and stored for
     # the dK/dV kernel launched after this one: no separate launch for it.
+    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
+    if VARLEN:
+        o_base += q_start.to(tl.int64) * stride_om
     o = tl.load(o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=qo_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + lse_row + offs_m, delta, mask=row_mask)
+    if VARLEN:
+        tl.store(DELTA + lse_row + offs_m, delta, mask=row_mask)
+    else:
+        tl.store(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, delta, mask=row_mask)
     q, do = _tf32(q, ROUND_TF32), _tf32(do, ROUND_TF32)  # after delta, which takes dO as it is
     seed = 0
     if DROPOUT:
@@ -631,6 +639,9 @@ def _attn_bwd_dq(
         DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
     dq = dq * softmax_scale
+    dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh + row0 * stride_dqm
+    if VARLEN:
+        dq_base += q_start.to(tl.int64) * stride_dqm
     tl.store(
         dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,
         _cast(dq, DQ.dtype.element_ty, UPCAST),
@@ -1024,11 +1035,13 @@ def _launch_kwargs(kernel: str, q: torch.Tensor, spec: Spec, tile: dict | None) 
 
 
 def _scales(spec: Spec) -> tuple[float, float]:
-    """``(qk_scale, cap_log2)`` for the kernels' ``_scores``: ``softmax_scale * log2(e)`` and an unused 0, or with a
-    softcap the tanh's argument scale ``softmax_scale / softcap`` and ``softcap * log2(e)``."""
+    """``(qk_scale, cap_log2)`` for the kernels' ``_scores``: ``softmax_scale * log2(e)`` and None, or with a
+    softcap the tanh's argument scale ``softmax_scale / softcap`` and ``softcap * log2(e)``. What a call does not
+    use is passed as None: Triton compiles a None argument in as a constant, so the kernels without softcap, sinks
+    or a packed batch have the parameter list, and the code, they had before those existed (bench/sm90.py)."""
     if spec.softcap:
         return spec.softmax_scale / spec.softcap, spec.softcap * _LOG2E
-    return spec.softmax_scale * _LOG2E, 0.0
+    return spec.softmax_scale * _LOG2E, None
 
 
 class Varlen(NamedTuple):
@@ -1079,10 +1092,10 @@ def forward(
         q, k, v = round_tf32(q), round_tf32(k), round_tf32(v)
     programs, rows, _ = _grid_batch(B, N_Q, N_K, varlen)
     grid = (configs.cdiv(rows, kwargs["BLOCK_M"]), H, programs)
-    cu_q, cu_k = (varlen.cu_seqlens_q, varlen.cu_seqlens_k) if varlen is not None else (lse, lse)  # unread: dense
+    cu_q, cu_k = (varlen.cu_seqlens_q, varlen.cu_seqlens_k) if varlen is not None else (None, None)
     _attn_fwd_launcher(
         grid,
-        q, k, v, o, lse, seed, sinks if sinks is not None else lse, cu_q, cu_k,
+        q, k, v, o, lse, seed, sinks, cu_q, cu_k,
         *_scales(spec), keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
         H, H // k.shape[1], N_Q, N_K,
@@ -1149,7 +1162,7 @@ def backward(
     kwargs = _launch_kwargs(kernel, q, spec, tiles.get(kernel))
     if kwargs["ROUND_TF32"]:
         q, k, v, do = round_tf32(q), round_tf32(k), round_tf32(v), round_tf32(do)  # as the forward's inputs
-    cu_q, cu_k = (varlen.cu_seqlens_q, varlen.cu_seqlens_k) if varlen is not None else (lse, lse)  # unread: dense
+    cu_q, cu_k = (varlen.cu_seqlens_q, varlen.cu_seqlens_k) if varlen is not None else (None, None)
     if not one_pass:
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
         dq_kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
