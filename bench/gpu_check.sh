@@ -22,6 +22,9 @@
 #   append    a decode step that appends its token: in the decode kernel (one launch) against its own kernel
 #   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included, and a
 #             host profile of ours through the book's loop
+#   hf        a Llama-3.2-1B-shaped HF model on attention.hf against HF's sdpa and eager: a packed 8x2048 bf16
+#             training step (and the documents padded), generation at batch 1 and 8 (bench/hf.py); not in the
+#             default STAGES, whose limits already fill a 600 s call: a call of its own, STAGES=hf
 #   kernels   the compiler's registers and spills on the real GPU (bench/kernel_report.py)
 #   sanitizer compute-sanitizer memcheck on ragged / grouped / dropout / decode launches
 #
@@ -90,6 +93,7 @@ stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json"
 stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json"
 stage append "${APPEND_LIMIT:-15}" $PY -m bench.decode --append --json "$RES/append.json"
 stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
+stage hf "${HF_LIMIT:-240}" $PY -m bench.hf --json "$RES/hf.json"
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"
