@@ -84,6 +84,8 @@ KERNELS = {
 def report_name(name: str, kwargs: dict) -> str:
     if name == "_attn_bwd_kv":
         return "_attn_bwd" if kwargs.get("DQ_ATOMIC") else "_attn_bwd_dkdv"
+    if name == "_attn_fwd_gluon":  # bench/gluon_attention.py
+        return name + ("_overlap" if kwargs.get("OVERLAP") else "") + ("" if kwargs.get("CAUSAL") else "_noncausal")
     if name == "_attn_fwd_tma":
         return (
             "_attn_fwd_ws"
@@ -117,13 +119,15 @@ class _OfflineDriver:
 
 
 @contextlib.contextmanager
-def compile_only(found: dict[str, list]):
-    """Every launch of the module's kernels compiles for sm_90 and records the kernel; none runs."""
+def compile_only(found: dict[str, list], kernels: dict | None = None):
+    """Every launch of the module's kernels (``kernels``: name -> module, default KERNELS) compiles for sm_90 and
+    records the kernel; none runs."""
+    kernels = KERNELS if kernels is None else kernels
     driver = triton.runtime.driver
     active = driver._active  # reset_active() would look for a real GPU driver, which may not exist
     driver.set_active(_OfflineDriver())
     saved = {}
-    for name, module in KERNELS.items():
+    for name, module in kernels.items():
         jit = getattr(module, name)
         saved[name] = jit.__dict__.get("run")
 
@@ -136,7 +140,7 @@ def compile_only(found: dict[str, list]):
     try:
         yield
     finally:
-        for name, module in KERNELS.items():
+        for name, module in kernels.items():
             jit = getattr(module, name)
             if saved[name] is None:
                 del jit.run
@@ -244,6 +248,28 @@ def reports(head_dims, dtypes, dropouts, causal=True, window=(-1, -1)) -> list[R
     return out
 
 
+def gluon_reports(head_dims, dtypes, causal=True) -> list[Report]:
+    """The Gluon forward (bench/gluon_attention.py), with and without the S/softmax overlap, per head dim and dtype,
+    at a ragged N (bottom-right causal when causal). Raises what the compiler raised."""
+    from bench import gluon_attention as ga
+
+    if ga.GLUON_MISSING is not None:
+        raise RuntimeError(ga.GLUON_MISSING)
+    out = []
+    for D in head_dims:
+        for dname in dtypes:
+            q = torch.zeros(1, 2, 300, D, dtype=DTYPES[dname])
+            kv = torch.zeros(1, 1, 333, D, dtype=DTYPES[dname])  # grouped: two query heads per key/value head
+            found: dict[str, list] = {}
+            with compile_only(found, {"_attn_fwd_gluon": ga}):
+                for overlap in (False, True):
+                    ga.launch(q, kv, kv, causal, D**-0.5, overlap=overlap)
+            for name, compiled in found.items():
+                distinct = list({id(kernel): kernel for kernel in compiled}.values())
+                out += [read_cubin(f"D{D} {dname} gluon", name, kernel) for kernel in distinct]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.sm90", description=__doc__.split("\n")[0])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
@@ -253,12 +279,21 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"), help="sliding window")
     ap.add_argument("--sass", action="store_true", help="print each kernel's SASS histogram too")
     ap.add_argument("--json", help="write the reports to this file")
+    ap.add_argument("--gluon", action="store_true", help="only the Gluon forward (bench/gluon_attention.py)")
     args = ap.parse_args(argv)
     if _MISSING is not None:
         print(f"triton {triton.__version__}: cannot compile offline here, it lacks {_MISSING}")
         return UNSUPPORTED
     print(f"triton {triton.__version__}, target {SM90}")
-    found = reports(args.head_dims, args.dtypes, args.dropout, causal=not args.non_causal, window=tuple(args.window))
+    if args.gluon:
+        from bench import gluon_attention as ga
+
+        if ga.GLUON_MISSING is not None:
+            print(f"cannot compile the Gluon forward here: {ga.GLUON_MISSING}")
+            return UNSUPPORTED
+        found = gluon_reports(args.head_dims, [d for d in args.dtypes if d in ("bf16", "fp16")], not args.non_causal)
+    else:
+        found = reports(args.head_dims, args.dtypes, args.dropout, not args.non_causal, tuple(args.window))
     bad = []
     for r in found:
         print(r.line())
