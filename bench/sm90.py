@@ -163,6 +163,10 @@ class Report:
     setmaxnreg: int  # register reallocation between warp groups (USETMAXREG): warp specialization took effect
     convert_layout: int  # layout conversions in the Triton GPU IR (each one a trip through shared memory or shuffles)
     sass: dict[str, int]
+    # wgmma waits by how many groups they leave in flight ({"0": n, "1": m}: a "1" lets a wgmma run on past the wait,
+    # the async overlap), and the register counts setmaxnreg sets (one per warp-specialized partition).
+    wgmma_waits: dict[str, int] = dataclasses.field(default_factory=dict)
+    maxnreg: list[int] = dataclasses.field(default_factory=list)
 
     def line(self) -> str:
         return (
@@ -188,6 +192,8 @@ def read_cubin(case: str, name: str, kernel) -> Report:
     reg = re.search(r"REG:(\d+)", usage)
     spill = [int(x) for x in re.findall(r"(?:STACK|LOCAL):(\d+)", usage)]
     ops = collections.Counter(m.split(".")[0] for m in _SASS_OP.findall(sass))
+    waits = collections.Counter(str(int(n, 16)) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass))
+    maxnreg = sorted({int(n, 16) for n in re.findall(r"USETMAXREG\.\S+ (?:UP\d, )?(0x[0-9a-f]+)", sass)})
     meta = kernel.metadata
     return Report(
         case=case,
@@ -202,6 +208,8 @@ def read_cubin(case: str, name: str, kernel) -> Report:
         setmaxnreg=ops.get("USETMAXREG", 0),
         convert_layout=kernel.asm["ttgir"].count("ttg.convert_layout"),
         sass=dict(ops.most_common()),
+        wgmma_waits=dict(sorted(waits.items())),
+        maxnreg=maxnreg,
     )
 
 
@@ -299,6 +307,8 @@ def main(argv=None) -> int:
         print(r.line())
         if args.sass:
             print("    " + ", ".join(f"{op} {n}" for op, n in r.sass.items() if n >= 4))
+        if args.gluon:
+            print(f"    wgmma waits (groups left in flight: count) {r.wgmma_waits}, setmaxnreg {r.maxnreg}")
         if r.shared_bytes > SMEM_LIMIT:
             bad.append(f"{r.case} {r.kernel}: {r.shared_bytes} B of shared memory > {SMEM_LIMIT}")
     if args.json:
