@@ -56,13 +56,18 @@ try:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    for _name in ("async_copy_global_to_shared",):
-        if not hasattr(tma, _name):
-            raise ImportError(f"triton.experimental.gluon...hopper.tma.{_name}")
+    # The TMA load: async_copy_global_to_shared in 3.6; async_load later (the old name raises when compiled).
+    _tma_load = getattr(tma, "async_load", None) or getattr(tma, "async_copy_global_to_shared", None)
+    if _tma_load is None:
+        raise ImportError("triton.experimental.gluon.language.nvidia.hopper.tma.async_load")
     for _name in ("warp_specialize", "NVMMASharedLayout", "NVMMADistributedLayout", "DotOperandLayout"):
         if not hasattr(gl, _name):
             raise ImportError(f"triton.experimental.gluon.language.{_name}")
     GLUON_MISSING = None
+    # Triton 3.6 spells a shared-memory view of other shape and layout _reinterpret; later versions reinterpret.
+    _PUBLIC_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+    # A barrier over the partition's warps: thread_barrier in 3.6, barrier later.
+    _sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 except ImportError as e:  # pragma: no cover - depends on the installed Triton
     GLUON_MISSING = f"triton {triton.__version__} lacks Gluon's Hopper API ({e})"
 
@@ -101,7 +106,7 @@ if GLUON_MISSING is None:
     ):
         """One warp: Q once, then block i's K and V into slot i % STAGES once the consumers emptied it."""
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [off_z, off_h, first_row, 0], q_bar, q_smem)
+        _tma_load(q_desc, [off_z, off_h, first_row, 0], q_bar, q_smem)
         for i in range(n_blocks):
             s = i % STAGES
             # A fresh barrier counts as having completed the phase before phase 0: waiting on the opposite phase
@@ -109,10 +114,10 @@ if GLUON_MISSING is None:
             phase = ((i // STAGES) & 1) ^ 1
             mbarrier.wait(k_empty.index(s), phase)
             mbarrier.expect(k_full.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [off_z, off_hk, i * BLOCK_N, 0], k_full.index(s), k_smem.index(s))
+            _tma_load(k_desc, [off_z, off_hk, i * BLOCK_N, 0], k_full.index(s), k_smem.index(s))
             mbarrier.wait(v_empty.index(s), phase)
             mbarrier.expect(v_full.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [off_z, off_hk, i * BLOCK_N, 0], v_full.index(s), v_smem.index(s))
+            _tma_load(v_desc, [off_z, off_hk, i * BLOCK_N, 0], v_full.index(s), v_smem.index(s))
 
     @gluon.jit
     def _softmax_block(
@@ -196,7 +201,7 @@ if GLUON_MISSING is None:
                 mbarrier.wait(k_full.index(0), 0)
                 s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s_acc = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_smem.index(0)))[0]
-                gl.thread_barrier()  # both warpgroups done reading the slot before it is handed back
+                _sync_warps()  # both warpgroups done reading the slot before it is handed back
                 mbarrier.arrive(k_empty.index(0), count=1)
             else:
                 s_acc = s_zero
@@ -218,7 +223,7 @@ if GLUON_MISSING is None:
                 # wgmma groups retire in order: waiting for all but the newest (P.V) retires the next S.
                 s_next = warpgroup_mma_wait(1, deps=(s_tok, q_smem, k_smem.index(nxt)))[0]
                 acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(s)))[0]
-                gl.thread_barrier()
+                _sync_warps()
                 mbarrier.arrive(k_empty.index(nxt), count=1, pred=has_next)
                 mbarrier.arrive(v_empty.index(s), count=1)
                 s_acc = s_next
@@ -229,7 +234,7 @@ if GLUON_MISSING is None:
                 mbarrier.wait(k_full.index(s), phase)
                 s_tok = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s_acc = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_smem.index(s)))[0]
-                gl.thread_barrier()  # both warpgroups done reading the slot before it is handed back
+                _sync_warps()  # both warpgroups done reading the slot before it is handed back
                 mbarrier.arrive(k_empty.index(s), count=1)
                 p_op, acc, m_i, l_i = _softmax_block(
                     s_acc, acc, m_i, l_i, i * BLOCK_N, offs_m, offs_n, qk_scale, N_K, shift,
@@ -238,7 +243,7 @@ if GLUON_MISSING is None:
                 mbarrier.wait(v_full.index(s), phase)
                 o_tok = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(s)))[0]
-                gl.thread_barrier()
+                _sync_warps()
                 mbarrier.arrive(v_empty.index(s), count=1)
         return (acc, m_i, l_i)
 
@@ -305,9 +310,14 @@ if GLUON_MISSING is None:
         mma_layout: gl.constexpr = gl.NVMMASharedLayout(
             swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=q_desc.layout.element_bitwidth
         )
-        q2 = q_smem._reinterpret(dtype, [BLOCK_M, HEAD_DIM], mma_layout)
-        k2 = k_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
-        v2 = v_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+        if _PUBLIC_REINTERPRET:
+            q2 = q_smem.reinterpret(dtype, [BLOCK_M, HEAD_DIM], mma_layout)
+            k2 = k_smem.reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+            v2 = v_smem.reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+        else:
+            q2 = q_smem._reinterpret(dtype, [BLOCK_M, HEAD_DIM], mma_layout)
+            k2 = k_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+            v2 = v_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
         acc, m_i, l_i = gl.warp_specialize(
             [
                 (
