@@ -131,15 +131,16 @@ if GLUON_MISSING is None:
         qk_scale,
         N_K,
         shift,
+        mask_block,
         CAUSAL: gl.constexpr,
-        MASK: gl.constexpr,
         dtype: gl.constexpr,
         p_layout: gl.constexpr,
     ):
         """Online softmax on one block of scores (base 2): returns P as the P.V wgmma's register operand, the
-        output rescaled, and the new row max and sum. MASK: this block holds keys past N_K or past the diagonal."""
+        output rescaled, and the new row max and sum. mask_block (a run-time flag, the same for every warp): this
+        block holds keys past N_K or past some row's diagonal; the blocks before need no mask."""
         qk = s_acc * qk_scale
-        if MASK:
+        if mask_block:
             cols = start_n + offs_n
             seen = cols[None, :] < N_K
             if CAUSAL:
@@ -205,18 +206,16 @@ if GLUON_MISSING is None:
                 mbarrier.arrive(k_empty.index(0), count=1)
             else:
                 s_acc = s_zero
-            for i in range(n_blocks):
+            for i in range(n_blocks - 1):
                 s = i % STAGES
                 phase = (i // STAGES) & 1
                 nxt = (i + 1) % STAGES
-                has_next = i + 1 < n_blocks
-                # The next block's S, issued before this block's softmax (a block past the end issues nothing:
-                # its barrier wait and its wgmma are predicated off by has_next).
-                mbarrier.wait(k_full.index(nxt), ((i + 1) // STAGES) & 1, pred=has_next)
+                # The next block's S, issued before this block's softmax.
+                mbarrier.wait(k_full.index(nxt), ((i + 1) // STAGES) & 1)
                 s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 p_op, acc, m_i, l_i = _softmax_block(
-                    s_acc, acc, m_i, l_i, i * BLOCK_N, offs_m, offs_n, qk_scale, N_K, shift,
-                    CAUSAL, i >= n_full, dtype, p_layout,
+                    s_acc, acc, m_i, l_i, i * BLOCK_N, offs_m, offs_n, qk_scale, N_K, shift, i >= n_full,
+                    CAUSAL, dtype, p_layout,
                 )  # fmt: skip
                 mbarrier.wait(v_full.index(s), phase)
                 o_tok = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
@@ -224,9 +223,20 @@ if GLUON_MISSING is None:
                 s_next = warpgroup_mma_wait(1, deps=(s_tok, q_smem, k_smem.index(nxt)))[0]
                 acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(s)))[0]
                 _sync_warps()
-                mbarrier.arrive(k_empty.index(nxt), count=1, pred=has_next)
+                mbarrier.arrive(k_empty.index(nxt), count=1)
                 mbarrier.arrive(v_empty.index(s), count=1)
                 s_acc = s_next
+            if n_blocks > 0:  # the last block: no next S to issue
+                last = n_blocks - 1
+                p_op, acc, m_i, l_i = _softmax_block(
+                    s_acc, acc, m_i, l_i, last * BLOCK_N, offs_m, offs_n, qk_scale, N_K, shift, last >= n_full,
+                    CAUSAL, dtype, p_layout,
+                )  # fmt: skip
+                mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
+                o_tok = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(last % STAGES)))[0]
+                _sync_warps()
+                mbarrier.arrive(v_empty.index(last % STAGES), count=1)
         else:
             for i in range(n_blocks):
                 s = i % STAGES
@@ -237,8 +247,8 @@ if GLUON_MISSING is None:
                 _sync_warps()  # both warpgroups done reading the slot before it is handed back
                 mbarrier.arrive(k_empty.index(s), count=1)
                 p_op, acc, m_i, l_i = _softmax_block(
-                    s_acc, acc, m_i, l_i, i * BLOCK_N, offs_m, offs_n, qk_scale, N_K, shift,
-                    CAUSAL, i >= n_full, dtype, p_layout,
+                    s_acc, acc, m_i, l_i, i * BLOCK_N, offs_m, offs_n, qk_scale, N_K, shift, i >= n_full,
+                    CAUSAL, dtype, p_layout,
                 )  # fmt: skip
                 mbarrier.wait(v_full.index(s), phase)
                 o_tok = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
