@@ -10,11 +10,15 @@ fast it runs is known only after a GPU run, ``bench/gpu_check.sh`` stage ``gluon
 - the **consumers** (``_consumer``, the default partition: 8 warps, two warpgroups of 64 query rows each)
   run asynchronous wgmma for ``S = Q K^T``, the online softmax in base 2, and ``O += P V`` with P taken
   from registers (no shared-memory round trip);
-- with ``OVERLAP`` the next block's ``S`` wgmma is issued before this block's softmax (FA3's intra-warpgroup
-  overlap: the tensor cores work on the next ``Q K^T`` while the warps compute exponentials).
+- variant ``"overlap"``: the next block's ``S`` wgmma is issued before this block's softmax (FA3's
+  intra-warpgroup overlap: the tensor cores work on the next ``Q K^T`` while the warps compute exponentials);
+- variant ``"pingpong"`` (``_attn_fwd_gluon_pingpong``): the two consumer warpgroups in partitions of their own
+  (64 query rows each) take turns at the tensor cores, handing the turn over by mbarrier, so one's softmax runs
+  while the other's wgmma do (FA3's inter-warpgroup ping-pong); in its turn a warpgroup issues this block's ``S``
+  and the previous block's ``P V`` together;
+- variant ``"plain"``: neither (each ``S`` waited for before its softmax), the baseline of the two.
 
-Not done (see bench/NOTES.md, session 9): ping-pong between the two consumer warpgroups (named barriers that
-order their softmax and their wgmma), and a persistent grid.
+Not done (bench/NOTES.md, session 9): a persistent grid; ping-pong and the intra-warpgroup overlap together.
 
 The result follows ``kernels/flash_attn.py``'s forward: ``(out, lse)`` with ``lse`` the base-2 log-sum-exp of
 the scaled scores (``softmax_scale * log2(e)`` folded into one multiplier), ``+inf`` for a query row that sees
@@ -40,6 +44,9 @@ import triton
 
 _LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
+# plain: the 8-warp consumer partition, each S waited for before its softmax; overlap: plus the next block's S in
+# flight during this block's softmax; pingpong: two 4-warp consumer partitions taking turns at the tensor cores.
+VARIANTS = ("plain", "overlap", "pingpong")
 DTYPES = (torch.bfloat16, torch.float16)
 
 # Gluon's Hopper spellings as Triton 3.6 (the GPU image's) names them; Triton 3.9 keeps these names as aliases.
@@ -103,10 +110,14 @@ if GLUON_MISSING is None:
         n_blocks,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
+        Q_PARTS: gl.constexpr,
     ):
-        """One warp: Q once, then block i's K and V into slot i % STAGES once the consumers emptied it."""
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [off_z, off_h, first_row, 0], q_bar, q_smem)
+        """One warp: Q once (in Q_PARTS boxes of rows, one per consumer partition), then block i's K and V into
+        slot i % STAGES once the consumers emptied it."""
+        Q_ROWS: gl.constexpr = q_desc.block_type.shape[2]
+        mbarrier.expect(q_bar, Q_PARTS * q_desc.block_type.nbytes)
+        for part in gl.static_range(Q_PARTS):
+            _tma_load(q_desc, [off_z, off_h, first_row + part * Q_ROWS, 0], q_bar, q_smem.index(part))
         for i in range(n_blocks):
             s = i % STAGES
             # A fresh barrier counts as having completed the phase before phase 0: waiting on the opposite phase
@@ -298,7 +309,7 @@ if GLUON_MISSING is None:
         n_full = gl.maximum(full_hi, 0) // BLOCK_N  # blocks that need no mask; the rest are masked
 
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [1] + q_desc.block_type.shape, q_desc.layout)
         # The ring: a leading slot dimension over the descriptors' tiles (a layout may be one rank short of its shape).
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
@@ -321,7 +332,7 @@ if GLUON_MISSING is None:
             swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=q_desc.layout.element_bitwidth
         )
         if _PUBLIC_REINTERPRET:
-            q2 = q_smem.reinterpret(dtype, [BLOCK_M, HEAD_DIM], mma_layout)
+            q2 = q_smem.reinterpret(dtype, [BLOCK_M, HEAD_DIM], mma_layout)  # the one Q box
             k2 = k_smem.reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
             v2 = v_smem.reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
         else:
@@ -338,28 +349,235 @@ if GLUON_MISSING is None:
                 (
                     _producer,
                     (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                     off_z, off_h, off_h // GROUP, first_row, n_blocks, BLOCK_N, STAGES),
+                     off_z, off_h, off_h // GROUP, first_row, n_blocks, BLOCK_N, STAGES, 1),
                 ),
             ],
             [1],
             [24],
         )  # fmt: skip
 
-        # Normalize; a row that saw no key: output 0, lse +inf (as the pointer kernel).
+        _store_tile(acc, m_i, l_i, Out, LSE, off_z, off_h, first_row, stride_oz, stride_oh, stride_om, H, N_Q,
+                    BLOCK_M, HEAD_DIM)  # fmt: skip
+
+    @gluon.jit
+    def _store_tile(
+        acc, m_i, l_i, Out, LSE, off_z, off_h, first_row, stride_oz, stride_oh, stride_om, H, N_Q,
+        ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+    ):  # fmt: skip
+        """Normalize and store rows first_row + [0, ROWS) of (off_z, off_h): a row that saw no key gets output 0
+        and lse +inf (as the pointer kernel). Stored through pointers, not TMA: a TMA store of a (1, 1, ROWS, D) box
+        would clip at N_Q as well, but needs the tile in shared memory; this writes from the wgmma's registers."""
         o_layout: gl.constexpr = acc.type.layout
         empty = l_i == 0.0
         lse = gl.where(empty, float("inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i)))
         inv = gl.convert_layout(1.0 / gl.where(empty, 1.0, l_i), gl.SliceLayout(1, o_layout))
         out = (acc * inv[:, None]).to(Out.dtype.element_ty)
-        # Stored through pointers, not TMA: a TMA store of a (1, 1, BLOCK_M, D) box clips at N_Q as well, but needs
-        # the tile in shared memory; the pointer store writes from the wgmma's registers.
-        rows = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        rows = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         base = Out + off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
         ptrs = base + rows.to(gl.int64)[:, None] * stride_om + cols[None, :]
         gl.store(ptrs, out, mask=rows[:, None] < N_Q)
-        lse_rows = first_row + gl.arange(0, BLOCK_M, layout=lse.type.layout)
+        lse_rows = first_row + gl.arange(0, ROWS, layout=lse.type.layout)
         gl.store(LSE + (off_z * H + off_h).to(gl.int64) * N_Q + lse_rows, lse, mask=lse_rows < N_Q)
+
+    @gluon.jit
+    def _consumer_pingpong(
+        WG: gl.constexpr,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_bar,
+        k_full,
+        k_empty,
+        v_full,
+        v_empty,
+        turn,
+        Out,
+        LSE,
+        off_z,
+        off_h,
+        first_row,
+        n_full,
+        n_blocks,
+        qk_scale,
+        stride_oz,
+        stride_oh,
+        stride_om,
+        H,
+        N_Q,
+        N_K,
+        shift,
+        ROWS: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        HEAD_DIM: gl.constexpr,
+        STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr,
+    ):
+        """Consumer warpgroup WG (0 or 1) of the ping-pong: rows first_row + WG * ROWS + [0, ROWS) of the tile.
+
+        FA3's inter-warpgroup ping-pong: the two warpgroups take turns at the tensor cores. In its turn a warpgroup
+        issues this block's S and the previous block's P.V together, then hands the turn over (an mbarrier each,
+        ``turn``) and waits for them while the other warpgroup's matrix products run; its softmax then overlaps
+        the other's wgmma. Turns alternate strictly (0, 1, 0, 1, ...), n_blocks + 1 per warpgroup."""
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row0 = first_row + WG * ROWS
+        offs_m = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.full([ROWS], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        q = q_smem.index(WG)
+        my_turn = turn.index(WG)
+        their_turn = turn.index(1 - WG)
+        # Turn t of this warpgroup waits for the other's t-th hand-over; warpgroup 0's first turn is free (a fresh
+        # barrier counts as having completed the phase before phase 0, so it waits on parity 1).
+        first_parity: gl.constexpr = 1 if WG == 0 else 0
+        mbarrier.wait(q_bar, 0)
+        if n_blocks > 0:
+            mbarrier.wait(k_full.index(0), 0)
+            mbarrier.wait(my_turn, first_parity)
+            s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.arrive(their_turn, count=1)
+            s_acc = warpgroup_mma_wait(0, deps=(s_tok, q, k_smem.index(0)))[0]
+            _sync_warps()
+            mbarrier.arrive(k_empty.index(0), count=1)
+            p_op, acc, m_i, l_i = _softmax_block(
+                s_acc, acc, m_i, l_i, 0, offs_m, offs_n, qk_scale, N_K, shift, 0 >= n_full, CAUSAL, dtype, p_layout
+            )
+            for i in range(1, n_blocks):
+                s = i % STAGES
+                prev = (i - 1) % STAGES
+                mbarrier.wait(k_full.index(s), (i // STAGES) & 1)
+                mbarrier.wait(v_full.index(prev), ((i - 1) // STAGES) & 1)
+                mbarrier.wait(my_turn, (i & 1) ^ first_parity)
+                s_tok = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                mbarrier.arrive(their_turn, count=1)
+                s_acc = warpgroup_mma_wait(1, deps=(s_tok, q, k_smem.index(s)))[0]
+                acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(prev)))[0]
+                _sync_warps()
+                mbarrier.arrive(k_empty.index(s), count=1)
+                mbarrier.arrive(v_empty.index(prev), count=1)
+                p_op, acc, m_i, l_i = _softmax_block(
+                    s_acc, acc, m_i, l_i, i * BLOCK_N, offs_m, offs_n, qk_scale, N_K, shift, i >= n_full,
+                    CAUSAL, dtype, p_layout,
+                )  # fmt: skip
+            last = (n_blocks - 1) % STAGES
+            mbarrier.wait(v_full.index(last), ((n_blocks - 1) // STAGES) & 1)
+            mbarrier.wait(my_turn, (n_blocks & 1) ^ first_parity)
+            o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+            mbarrier.arrive(their_turn, count=1)
+            acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(last)))[0]
+            _sync_warps()
+            mbarrier.arrive(v_empty.index(last), count=1)
+        _store_tile(acc, m_i, l_i, Out, LSE, off_z, off_h, row0, stride_oz, stride_oh, stride_om, H, N_Q,
+                    ROWS, HEAD_DIM)  # fmt: skip
+
+    @gluon.jit
+    def _attn_fwd_gluon_pingpong(
+        q_desc,
+        k_desc,
+        v_desc,
+        Out,
+        LSE,
+        qk_scale,
+        stride_oz,
+        stride_oh,
+        stride_om,
+        H,
+        GROUP,
+        N_Q,
+        N_K,
+        BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        HEAD_DIM: gl.constexpr,
+        STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """The forward with two consumer warpgroups in separate partitions (4 warps each, BLOCK_M // 2 rows each)
+        that ping-pong on the tensor cores (``_consumer_pingpong``), and the 1-warp producer. num_warps is 4: the
+        default partition is consumer warpgroup 0."""
+        ROWS: gl.constexpr = BLOCK_M // 2
+        num_m = gl.cdiv(N_Q, BLOCK_M)
+        start_m = gl.program_id(0)
+        if CAUSAL:
+            start_m = num_m - 1 - start_m
+        off_h = gl.program_id(1)
+        off_z = gl.program_id(2)
+        first_row = start_m * BLOCK_M
+        shift = N_K - N_Q
+        if CAUSAL:
+            hi = gl.minimum(N_K, first_row + BLOCK_M + shift)
+            full_hi = gl.minimum(N_K, first_row + 1 + shift)
+        else:
+            hi = N_K
+            full_hi = N_K
+        n_blocks = gl.cdiv(gl.maximum(hi, 0), BLOCK_N)  # the same for both warpgroups: their turns pair up
+        n_full = gl.maximum(full_hi, 0) // BLOCK_N
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(k_full.index(s), count=1)
+            mbarrier.init(k_empty.index(s), count=2)  # both consumer warpgroups hand each slot back
+            mbarrier.init(v_full.index(s), count=1)
+            mbarrier.init(v_empty.index(s), count=2)
+        fence_async_shared()
+
+        mma_layout: gl.constexpr = gl.NVMMASharedLayout(
+            swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=q_desc.layout.element_bitwidth
+        )
+        if _PUBLIC_REINTERPRET:
+            q2 = q_smem.reinterpret(dtype, [2, ROWS, HEAD_DIM], mma_layout)
+            k2 = k_smem.reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+            v2 = v_smem.reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+        else:
+            q2 = q_smem._reinterpret(dtype, [2, ROWS, HEAD_DIM], mma_layout)
+            k2 = k_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+            v2 = v_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+        gl.warp_specialize(
+            [
+                (
+                    _consumer_pingpong,
+                    (0, q2, k2, v2, q_bar, k_full, k_empty, v_full, v_empty, turn, Out, LSE, off_z, off_h, first_row,
+                     n_full, n_blocks, qk_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_K, shift,
+                     ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL),
+                ),
+                (
+                    _consumer_pingpong,
+                    (1, q2, k2, v2, q_bar, k_full, k_empty, v_full, v_empty, turn, Out, LSE, off_z, off_h, first_row,
+                     n_full, n_blocks, qk_scale, stride_oz, stride_oh, stride_om, H, N_Q, N_K, shift,
+                     ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL),
+                ),
+                (
+                    _producer,
+                    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                     off_z, off_h, off_h // GROUP, first_row, n_blocks, BLOCK_N, STAGES, 2),
+                ),
+            ],
+            [4, 1],
+            [240, 24],
+        )  # fmt: skip
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_cuda: bool = True) -> str | None:
@@ -403,33 +621,47 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def launch(q, k, v, causal: bool, softmax_scale: float, overlap: bool = True, tile: dict | None = None):
+def launch(q, k, v, causal: bool, softmax_scale: float, variant: str = "overlap", tile: dict | None = None):
     """Allocate the outputs and launch (no checks: ``forward`` checks; bench/sm90.py calls this on CPU tensors)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     B, H, N_Q, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, H, N_Q), dtype=torch.float32, device=q.device)
     cfg = dict(tile or config(D))
     grid = (triton.cdiv(N_Q, cfg["BLOCK_M"]), H, B)
-    _attn_fwd_gluon[grid](
-        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
+    common = (
+        _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
         o, lse, softmax_scale * _LOG2E, o.stride(0), o.stride(1), o.stride(2),
         H, H // k.shape[1], N_Q, k.shape[2],
-        HEAD_DIM=D, CAUSAL=bool(causal), OVERLAP=bool(overlap), **cfg,
     )  # fmt: skip
+    if variant == "pingpong":  # two 4-warp consumer partitions, each with its own half of the query rows
+        cfg["num_warps"] = 4
+        _attn_fwd_gluon_pingpong[grid](
+            _descriptor(q, cfg["BLOCK_M"] // 2), *common, HEAD_DIM=D, CAUSAL=bool(causal), **cfg
+        )
+    else:
+        _attn_fwd_gluon[grid](
+            _descriptor(q, cfg["BLOCK_M"]), *common, HEAD_DIM=D, CAUSAL=bool(causal), OVERLAP=variant == "overlap",
+            **cfg,
+        )  # fmt: skip
     return o, lse
 
 
-def forward(q, k, v, causal: bool = True, softmax_scale: float | None = None, overlap: bool = True):
+def forward(q, k, v, causal: bool = True, softmax_scale: float | None = None, variant: str = "overlap"):
     """``(out, lse)`` as ``kernels.flash_attn.forward``'s first two results (base-2 lse); ValueError naming the
-    reason where ``supports`` is False (the caller falls back to ``kernels.flash_attention``)."""
+    reason where ``supports`` is False (the caller falls back to ``kernels.flash_attention``). ``variant``: one of
+    ``VARIANTS`` (module docstring)."""
     reason = unsupported(q, k, v)
     if reason is not None:
         raise ValueError(f"the Gluon forward cannot run this: {reason}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     if not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    return launch(q, k, v, causal, float(softmax_scale), overlap)
+    return launch(q, k, v, causal, float(softmax_scale), variant)
 
 
 def _flops(B: int, H: int, N: int, D: int, causal: bool) -> float:
@@ -454,10 +686,10 @@ def bench_rows(head_dims, seq_lens, dtype=torch.bfloat16, causal: bool = True, t
             spec = fa.Spec(causal, 0.0, D**-0.5)
             ref_o, ref_lse, _ = fa.forward(q, k, v, spec)
             candidates = {
-                "gluon": lambda: forward(q, k, v, causal, overlap=False),
-                "gluon_overlap": lambda: forward(q, k, v, causal, overlap=True),
-                "pointer": lambda: fa.forward(q, k, v, spec),
+                f"gluon_{variant}": lambda variant=variant: forward(q, k, v, causal, variant=variant)
+                for variant in VARIANTS
             }
+            candidates["pointer"] = lambda: fa.forward(q, k, v, spec)
             for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
                 run = providers.sdpa(name)
                 candidates[f"sdpa_{name.split('_')[0].lower()}"] = lambda run=run: run(q, k, v, 0.0)
@@ -477,7 +709,7 @@ def bench_rows(head_dims, seq_lens, dtype=torch.bfloat16, causal: bool = True, t
                     row[f"{name}_tflops"] = _flops(B, H, N, D, causal) / t.median / 1e9
                 except providers.Unavailable as e:
                     row[f"{name}_failed"] = str(e)
-            for name in ("gluon", "gluon_overlap"):
+            for name in (f"gluon_{variant}" for variant in VARIANTS):
                 for base in ("pointer", "sdpa_cudnn"):
                     if f"{name}_ms" in row and f"{base}_ms" in row:
                         row[f"{name}_vs_{base}"] = row[f"{base}_ms"] / row[f"{name}_ms"]  # > 1: Gluon faster

@@ -84,7 +84,7 @@ KERNELS = {
 def report_name(name: str, kwargs: dict) -> str:
     if name == "_attn_bwd_kv":
         return "_attn_bwd" if kwargs.get("DQ_ATOMIC") else "_attn_bwd_dkdv"
-    if name == "_attn_fwd_gluon":  # bench/gluon_attention.py
+    if name.startswith("_attn_fwd_gluon"):  # bench/gluon_attention.py
         return name + ("_overlap" if kwargs.get("OVERLAP") else "") + ("" if kwargs.get("CAUSAL") else "_noncausal")
     if name == "_attn_fwd_tma":
         return (
@@ -257,7 +257,7 @@ def reports(head_dims, dtypes, dropouts, causal=True, window=(-1, -1)) -> list[R
 
 
 def gluon_reports(head_dims, dtypes, causal=True) -> list[Report]:
-    """The Gluon forward (bench/gluon_attention.py), with and without the S/softmax overlap, per head dim and dtype,
+    """The Gluon forward (bench/gluon_attention.py), each of its variants, per head dim and dtype,
     at a ragged N (bottom-right causal when causal). Raises what the compiler raised."""
     from bench import gluon_attention as ga
 
@@ -269,9 +269,9 @@ def gluon_reports(head_dims, dtypes, causal=True) -> list[Report]:
             q = torch.zeros(1, 2, 300, D, dtype=DTYPES[dname])
             kv = torch.zeros(1, 1, 333, D, dtype=DTYPES[dname])  # grouped: two query heads per key/value head
             found: dict[str, list] = {}
-            with compile_only(found, {"_attn_fwd_gluon": ga}):
-                for overlap in (False, True):
-                    ga.launch(q, kv, kv, causal, D**-0.5, overlap=overlap)
+            with compile_only(found, {"_attn_fwd_gluon": ga, "_attn_fwd_gluon_pingpong": ga}):
+                for variant in ga.VARIANTS:
+                    ga.launch(q, kv, kv, causal, D**-0.5, variant)
             for name, compiled in found.items():
                 distinct = list({id(kernel): kernel for kernel in compiled}.values())
                 out += [read_cubin(f"D{D} {dname} gluon", name, kernel) for kernel in distinct]
