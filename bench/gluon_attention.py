@@ -108,6 +108,7 @@ if GLUON_MISSING is None:
         off_hk,
         first_row,
         n_blocks,
+        base,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
         Q_PARTS: gl.constexpr,
@@ -119,10 +120,10 @@ if GLUON_MISSING is None:
         for part in gl.static_range(Q_PARTS):
             _tma_load(q_desc, [off_z, off_h, first_row + part * Q_ROWS, 0], q_bar, q_smem.index(part))
         for i in range(n_blocks):
-            s = i % STAGES
+            s = (base + i) % STAGES  # the ring's base + i-th load (base: earlier tiles' blocks, when persistent)
             # A fresh barrier counts as having completed the phase before phase 0: waiting on the opposite phase
             # lets the first round of slots through.
-            phase = ((i // STAGES) & 1) ^ 1
+            phase = (((base + i) // STAGES) & 1) ^ 1
             mbarrier.wait(k_empty.index(s), phase)
             mbarrier.expect(k_full.index(s), k_desc.block_type.nbytes)
             _tma_load(k_desc, [off_z, off_hk, i * BLOCK_N, 0], k_full.index(s), k_smem.index(s))
@@ -182,6 +183,8 @@ if GLUON_MISSING is None:
         qk_scale,
         N_K,
         shift,
+        base,
+        q_phase,
         BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr,
         HEAD_DIM: gl.constexpr,
@@ -190,7 +193,9 @@ if GLUON_MISSING is None:
         OVERLAP: gl.constexpr,
         num_warps: gl.constexpr,
     ):
-        """The default partition: S = Q K^T, softmax, O += P V per block; returns (acc, m_i, l_i)."""
+        """The consumers' work on one query tile: S = Q K^T, softmax, O += P V per block; returns (acc, m_i, l_i).
+        Block i of the tile is the ring's base + i-th load (base: the blocks of this program's earlier tiles, in
+        the persistent kernel); the tile's Q is the q_phase-th (0 or 1 by parity) load into q_smem."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
@@ -205,24 +210,25 @@ if GLUON_MISSING is None:
         l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(q_bar, q_phase)
         if OVERLAP:
             # FA3's intra-warpgroup overlap: block i + 1's S wgmma is in flight while block i's softmax runs. The
             # S of block 0 first; each iteration then issues the next S, waits for this one, and so on.
             if n_blocks > 0:
-                mbarrier.wait(k_full.index(0), 0)
-                s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                s_acc = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_smem.index(0)))[0]
+                first = base % STAGES
+                mbarrier.wait(k_full.index(first), (base // STAGES) & 1)
+                s_tok = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s_acc = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_smem.index(first)))[0]
                 _sync_warps()  # both warpgroups done reading the slot before it is handed back
-                mbarrier.arrive(k_empty.index(0), count=1)
+                mbarrier.arrive(k_empty.index(first), count=1)
             else:
                 s_acc = s_zero
             for i in range(n_blocks - 1):
-                s = i % STAGES
-                phase = (i // STAGES) & 1
-                nxt = (i + 1) % STAGES
+                s = (base + i) % STAGES
+                phase = ((base + i) // STAGES) & 1
+                nxt = (base + i + 1) % STAGES
                 # The next block's S, issued before this block's softmax.
-                mbarrier.wait(k_full.index(nxt), ((i + 1) // STAGES) & 1)
+                mbarrier.wait(k_full.index(nxt), ((base + i + 1) // STAGES) & 1)
                 s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 p_op, acc, m_i, l_i = _softmax_block(
                     s_acc, acc, m_i, l_i, i * BLOCK_N, offs_m, offs_n, qk_scale, N_K, shift, i >= n_full,
@@ -243,15 +249,16 @@ if GLUON_MISSING is None:
                     s_acc, acc, m_i, l_i, last * BLOCK_N, offs_m, offs_n, qk_scale, N_K, shift, last >= n_full,
                     CAUSAL, dtype, p_layout,
                 )  # fmt: skip
-                mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
-                o_tok = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(last % STAGES)))[0]
+                s = (base + last) % STAGES
+                mbarrier.wait(v_full.index(s), ((base + last) // STAGES) & 1)
+                o_tok = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(s)))[0]
                 _sync_warps()
-                mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+                mbarrier.arrive(v_empty.index(s), count=1)
         else:
             for i in range(n_blocks):
-                s = i % STAGES
-                phase = (i // STAGES) & 1
+                s = (base + i) % STAGES
+                phase = ((base + i) // STAGES) & 1
                 mbarrier.wait(k_full.index(s), phase)
                 s_tok = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s_acc = warpgroup_mma_wait(0, deps=(s_tok, q_smem, k_smem.index(s)))[0]
@@ -344,12 +351,12 @@ if GLUON_MISSING is None:
                 (
                     _consumer,
                     (q2, k2, v2, q_bar, k_full, k_empty, v_full, v_empty, first_row, n_full, n_blocks, qk_scale,
-                     N_K, shift, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, num_warps),
+                     N_K, shift, 0, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, num_warps),
                 ),
                 (
                     _producer,
                     (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                     off_z, off_h, off_h // GROUP, first_row, n_blocks, BLOCK_N, STAGES, 1),
+                     off_z, off_h, off_h // GROUP, first_row, n_blocks, 0, BLOCK_N, STAGES, 1),
                 ),
             ],
             [1],
@@ -572,7 +579,7 @@ if GLUON_MISSING is None:
                 (
                     _producer,
                     (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                     off_z, off_h, off_h // GROUP, first_row, n_blocks, BLOCK_N, STAGES, 2),
+                     off_z, off_h, off_h // GROUP, first_row, n_blocks, 0, BLOCK_N, STAGES, 2),
                 ),
             ],
             [4, 1],
