@@ -45,8 +45,9 @@ import triton
 _LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
 # plain: the 8-warp consumer partition, each S waited for before its softmax; overlap: plus the next block's S in
-# flight during this block's softmax; pingpong: two 4-warp consumer partitions taking turns at the tensor cores.
-VARIANTS = ("plain", "overlap", "pingpong")
+# flight during this block's softmax; pingpong: two 4-warp consumer partitions taking turns at the tensor cores;
+# persistent: overlap's partitions looping over tiles, one program per SM.
+VARIANTS = ("plain", "overlap", "pingpong", "persistent")
 DTYPES = (torch.bfloat16, torch.float16)
 
 # Gluon's Hopper spellings as Triton 3.6 (the GPU image's) names them; Triton 3.9 keeps these names as aliases.
@@ -586,6 +587,132 @@ if GLUON_MISSING is None:
             [240, 24],
         )  # fmt: skip
 
+    @gluon.jit
+    def _tile_of(t, num_m, B, H, CAUSAL: gl.constexpr):
+        """The persistent kernel's t-th tile: query tile, then (batch, head); causal tiles that see the most keys
+        first (a greedy longest-first order that evens out the causal tail across programs)."""
+        bh = t % (B * H)
+        start_m = t // (B * H)
+        if CAUSAL:
+            start_m = num_m - 1 - start_m
+        return start_m, bh % H, bh // H
+
+    @gluon.jit
+    def _producer_persistent(
+        q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
+        B, H, GROUP, N_Q, N_K,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+    ):  # fmt: skip
+        """The producer over this program's tiles: the ring runs on across tiles (base), so the next tile's first
+        K/V loads start while the consumers finish this one; Q waits until the consumers' last S of the previous
+        tile retired (q_empty)."""
+        num_m = gl.cdiv(N_Q, BLOCK_M)
+        base = 0
+        j = 0
+        for t in range(gl.program_id(0), num_m * B * H, gl.num_programs(0)):
+            start_m, off_h, off_z = _tile_of(t, num_m, B, H, CAUSAL)
+            first_row = start_m * BLOCK_M
+            n_blocks, n_full = _block_counts(first_row, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+            mbarrier.wait(q_empty, (j & 1) ^ 1)
+            _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                      off_z, off_h, off_h // GROUP, first_row, n_blocks, base, BLOCK_N, STAGES, 1)  # fmt: skip
+            base += n_blocks
+            j += 1
+
+    @gluon.jit
+    def _consumer_persistent(
+        q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, Out, LSE, qk_scale,
+        stride_oz, stride_oh, stride_om, B, H, N_Q, N_K,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+    ):  # fmt: skip
+        """The consumers over this program's tiles, in the producer's order: each tile as the one-tile kernel's,
+        then Q handed back before the tile's output is stored (the next Q loads during the store)."""
+        num_m = gl.cdiv(N_Q, BLOCK_M)
+        base = 0
+        j = 0
+        for t in range(gl.program_id(0), num_m * B * H, gl.num_programs(0)):
+            start_m, off_h, off_z = _tile_of(t, num_m, B, H, CAUSAL)
+            first_row = start_m * BLOCK_M
+            n_blocks, n_full = _block_counts(first_row, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+            acc, m_i, l_i = _consumer(
+                q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, first_row, n_full, n_blocks,
+                qk_scale, N_K, N_K - N_Q, base, j & 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, num_warps,
+            )  # fmt: skip
+            _sync_warps()  # every warp's last wgmma on this Q retired
+            mbarrier.arrive(q_empty, count=1)
+            _store_tile(acc, m_i, l_i, Out, LSE, off_z, off_h, first_row, stride_oz, stride_oh, stride_om, H, N_Q,
+                        BLOCK_M, HEAD_DIM)  # fmt: skip
+            base += n_blocks
+            j += 1
+
+    @gluon.jit
+    def _attn_fwd_gluon_persistent(
+        q_desc, k_desc, v_desc, Out, LSE, qk_scale, stride_oz, stride_oh, stride_om, B, H, GROUP, N_Q, N_K,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+    ):  # fmt: skip
+        """The one-tile kernel's partitions, looping over tiles t = program, program + programs, ... (one program
+        per SM): the launch and the ring's fill are paid once per SM, not once per tile."""
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [1] + q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_empty, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(k_full.index(s), count=1)
+            mbarrier.init(k_empty.index(s), count=1)
+            mbarrier.init(v_full.index(s), count=1)
+            mbarrier.init(v_empty.index(s), count=1)
+        fence_async_shared()
+        mma_layout: gl.constexpr = gl.NVMMASharedLayout(
+            swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=q_desc.layout.element_bitwidth
+        )
+        if _PUBLIC_REINTERPRET:
+            q2 = q_smem.reinterpret(dtype, [BLOCK_M, HEAD_DIM], mma_layout)
+            k2 = k_smem.reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+            v2 = v_smem.reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+        else:
+            q2 = q_smem._reinterpret(dtype, [BLOCK_M, HEAD_DIM], mma_layout)
+            k2 = k_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+            v2 = v_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DIM], mma_layout)
+        gl.warp_specialize(
+            [
+                (
+                    _consumer_persistent,
+                    (q2, k2, v2, q_bar, q_empty, k_full, k_empty, v_full, v_empty, Out, LSE, qk_scale,
+                     stride_oz, stride_oh, stride_om, B, H, N_Q, N_K,
+                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, num_warps),
+                ),
+                (
+                    _producer_persistent,
+                    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full,
+                     v_empty, B, H, GROUP, N_Q, N_K, BLOCK_M, BLOCK_N, STAGES, CAUSAL),
+                ),
+            ],
+            [1],
+            [24],
+        )  # fmt: skip
+
+    @gluon.jit
+    def _block_counts(first_row, N_Q, N_K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """(key blocks the query tile starting at first_row visits, how many of them need no mask)."""
+        shift = N_K - N_Q  # bottom-right causal: query row r sees keys up to r + shift
+        if CAUSAL:
+            hi = gl.minimum(N_K, first_row + BLOCK_M + shift)  # past the tile's last row's diagonal
+            full_hi = gl.minimum(N_K, first_row + 1 + shift)  # every row of the tile sees keys below this
+        else:
+            hi = N_K
+            full_hi = N_K
+        return gl.cdiv(gl.maximum(hi, 0), BLOCK_N), gl.maximum(full_hi, 0) // BLOCK_N
+
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_cuda: bool = True) -> str | None:
     """Why this forward cannot take these tensors, or None: Gluon's Hopper API present, a Hopper GPU (unless
@@ -642,7 +769,14 @@ def launch(q, k, v, causal: bool, softmax_scale: float, variant: str = "overlap"
         o, lse, softmax_scale * _LOG2E, o.stride(0), o.stride(1), o.stride(2),
         H, H // k.shape[1], N_Q, k.shape[2],
     )  # fmt: skip
-    if variant == "pingpong":  # two 4-warp consumer partitions, each with its own half of the query rows
+    if variant == "persistent":
+        # One program per SM; an offline compile (bench/sm90.py, CPU tensors) takes an H100's 132.
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        _attn_fwd_gluon_persistent[(min(grid[0] * H * B, sms),)](
+            _descriptor(q, cfg["BLOCK_M"]), *common[:-4], B, *common[-4:],
+            HEAD_DIM=D, CAUSAL=bool(causal), OVERLAP=True, **cfg,
+        )  # fmt: skip
+    elif variant == "pingpong":  # two 4-warp consumer partitions, each with its own half of the query rows
         cfg["num_warps"] = 4
         _attn_fwd_gluon_pingpong[grid](
             _descriptor(q, cfg["BLOCK_M"] // 2), *common, HEAD_DIM=D, CAUSAL=bool(causal), **cfg

@@ -85,7 +85,8 @@ def report_name(name: str, kwargs: dict) -> str:
     if name == "_attn_bwd_kv":
         return "_attn_bwd" if kwargs.get("DQ_ATOMIC") else "_attn_bwd_dkdv"
     if name.startswith("_attn_fwd_gluon"):  # bench/gluon_attention.py
-        return name + ("_overlap" if kwargs.get("OVERLAP") else "") + ("" if kwargs.get("CAUSAL") else "_noncausal")
+        overlap = kwargs.get("OVERLAP") and name == "_attn_fwd_gluon"  # the persistent kernel always overlaps
+        return name + ("_overlap" if overlap else "") + ("" if kwargs.get("CAUSAL") else "_noncausal")
     if name == "_attn_fwd_tma":
         return (
             "_attn_fwd_ws"
@@ -269,7 +270,7 @@ def gluon_reports(head_dims, dtypes, causal=True) -> list[Report]:
             q = torch.zeros(1, 2, 300, D, dtype=DTYPES[dname])
             kv = torch.zeros(1, 1, 333, D, dtype=DTYPES[dname])  # grouped: two query heads per key/value head
             found: dict[str, list] = {}
-            with compile_only(found, {"_attn_fwd_gluon": ga, "_attn_fwd_gluon_pingpong": ga}):
+            with compile_only(found, {f"_attn_fwd_gluon{k}": ga for k in ("", "_pingpong", "_persistent")}):
                 for variant in ga.VARIANTS:
                     ga.launch(q, kv, kv, causal, D**-0.5, variant)
             for name, compiled in found.items():
