@@ -16,9 +16,11 @@ fast it runs is known only after a GPU run, ``bench/gpu_check.sh`` stage ``gluon
   (64 query rows each) take turns at the tensor cores, handing the turn over by mbarrier, so one's softmax runs
   while the other's wgmma do (FA3's inter-warpgroup ping-pong); in its turn a warpgroup issues this block's ``S``
   and the previous block's ``P V`` together;
-- variant ``"plain"``: neither (each ``S`` waited for before its softmax), the baseline of the two.
+- variant ``"persistent"`` (``_attn_fwd_gluon_persistent``): ``"overlap"``'s partitions looping over tiles, one
+  program per SM, longest causal tiles first; the K/V ring runs on from one tile into the next;
+- variant ``"plain"``: none of these (each ``S`` waited for before its softmax), the baseline.
 
-Not done (bench/NOTES.md, session 9): a persistent grid; ping-pong and the intra-warpgroup overlap together.
+Not done (bench/NOTES.md, session 9): ping-pong together with the intra-warpgroup overlap or the persistent loop.
 
 The result follows ``kernels/flash_attn.py``'s forward: ``(out, lse)`` with ``lse`` the base-2 log-sum-exp of
 the scaled scores (``softmax_scale * log2(e)`` folded into one multiplier), ``+inf`` for a query row that sees

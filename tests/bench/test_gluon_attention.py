@@ -115,6 +115,19 @@ def test_gluon_forward_matches_float64_and_pointer_kernel(shape, causal, dtype, 
 
 
 @requires_hopper
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_persistent_forward_runs_several_tiles_per_program(causal):
+    # 8 query tiles x 64 heads = 512 tiles on at most 132 SMs: each program walks several tiles, so the K/V ring's
+    # phases carry from one tile into the next and Q is handed back between tiles.
+    q, k, v = make_qkv(4, 16, 4, 1000, 1000, 64, torch.bfloat16)
+    out, lse = ga.forward(q, k, v, causal=causal, variant="persistent")
+    ref64 = attention_eager(q.double(), k.double(), v.double(), causal)
+    assert_close_to_reference("out", out, ref64, attention_eager(q, k, v, causal))
+    _, lse_pointer, _ = fa.forward(q, k, v, fa.Spec(causal, 0.0, 64**-0.5))
+    torch.testing.assert_close(lse, lse_pointer, atol=1e-4, rtol=1e-5)
+
+
+@requires_hopper
 @pytest.mark.parametrize("variant", ga.VARIANTS)
 def test_gluon_forward_reads_strided_views_and_no_neighbouring_head(variant):
     # (B, N, H, D) projections viewed as (B, H, N, D); NaN in the second head's keys and values must not reach the
