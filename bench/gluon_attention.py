@@ -868,8 +868,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--non-causal", action="store_true")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or GLUON_MISSING is not None:
-        print(f"needs a Hopper GPU and Gluon's Hopper API: cuda {torch.cuda.is_available()}, {GLUON_MISSING}")
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    if not hopper or GLUON_MISSING is not None:
+        print(f"needs a Hopper GPU and Gluon's Hopper API: {GLUON_MISSING or 'no Hopper (sm_90) device here'}")
         return 3
     from bench.common import metadata, save_json
 
