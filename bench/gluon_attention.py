@@ -241,7 +241,7 @@ if GLUON_MISSING is None:
                 o_tok = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
                 # wgmma groups retire in order: waiting for all but the newest (P.V) retires the next S.
                 s_next = warpgroup_mma_wait(1, deps=(s_tok, q_smem, k_smem.index(nxt)))[0]
-                acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(s)))[0]
+                acc = warpgroup_mma_wait(0, deps=(o_tok, p_op, v_smem.index(s)))[0]
                 _sync_warps()
                 mbarrier.arrive(k_empty.index(nxt), count=1)
                 mbarrier.arrive(v_empty.index(s), count=1)
@@ -255,7 +255,7 @@ if GLUON_MISSING is None:
                 s = (base + last) % STAGES
                 mbarrier.wait(v_full.index(s), ((base + last) // STAGES) & 1)
                 o_tok = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(s)))[0]
+                acc = warpgroup_mma_wait(0, deps=(o_tok, p_op, v_smem.index(s)))[0]
                 _sync_warps()
                 mbarrier.arrive(v_empty.index(s), count=1)
         else:
@@ -273,7 +273,7 @@ if GLUON_MISSING is None:
                 )  # fmt: skip
                 mbarrier.wait(v_full.index(s), phase)
                 o_tok = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(s)))[0]
+                acc = warpgroup_mma_wait(0, deps=(o_tok, p_op, v_smem.index(s)))[0]
                 _sync_warps()
                 mbarrier.arrive(v_empty.index(s), count=1)
         return (acc, m_i, l_i)
@@ -472,7 +472,7 @@ if GLUON_MISSING is None:
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 mbarrier.arrive(their_turn, count=1)
                 s_acc = warpgroup_mma_wait(1, deps=(s_tok, q, k_smem.index(s)))[0]
-                acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(prev)))[0]
+                acc = warpgroup_mma_wait(0, deps=(o_tok, p_op, v_smem.index(prev)))[0]
                 _sync_warps()
                 mbarrier.arrive(k_empty.index(s), count=1)
                 mbarrier.arrive(v_empty.index(prev), count=1)
@@ -485,7 +485,7 @@ if GLUON_MISSING is None:
             mbarrier.wait(my_turn, (n_blocks & 1) ^ first_parity)
             o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
             mbarrier.arrive(their_turn, count=1)
-            acc = warpgroup_mma_wait(0, deps=(o_tok, v_smem.index(last)))[0]
+            acc = warpgroup_mma_wait(0, deps=(o_tok, p_op, v_smem.index(last)))[0]
             _sync_warps()
             mbarrier.arrive(v_empty.index(last), count=1)
         _store_tile(acc, m_i, l_i, Out, LSE, off_z, off_h, row0, stride_oz, stride_oh, stride_om, H, N_Q,
