@@ -168,6 +168,9 @@ class Report:
     # the async overlap), and the register counts setmaxnreg sets (one per warp-specialized partition).
     wgmma_waits: dict[str, int] = dataclasses.field(default_factory=dict)
     maxnreg: list[int] = dataclasses.field(default_factory=list)
+    # Exponentials (MUFU.EX2) placed while a wgmma group is in flight, reading the SASS in address order (after an
+    # HGMMA that closes a group, before the wait for none): the softmax overlapping a matrix product, as scheduled.
+    exp_under_wgmma: int = 0
 
     def line(self) -> str:
         return (
@@ -195,6 +198,14 @@ def read_cubin(case: str, name: str, kernel) -> Report:
     ops = collections.Counter(m.split(".")[0] for m in _SASS_OP.findall(sass))
     waits = collections.Counter(str(int(n, 16)) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass))
     maxnreg = sorted({int(n, 16) for n in re.findall(r"USETMAXREG\.\S+ (?:UP\d, )?(0x[0-9a-f]+)", sass)})
+    in_flight, exp_under_wgmma = False, 0
+    for line in sass.splitlines():
+        if "HGMMA" in line and "gsb0" in line:
+            in_flight = True
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            in_flight = False
+        elif "MUFU.EX2" in line and in_flight:
+            exp_under_wgmma += 1
     meta = kernel.metadata
     return Report(
         case=case,
@@ -211,6 +222,7 @@ def read_cubin(case: str, name: str, kernel) -> Report:
         sass=dict(ops.most_common()),
         wgmma_waits=dict(sorted(waits.items())),
         maxnreg=maxnreg,
+        exp_under_wgmma=exp_under_wgmma,
     )
 
 
@@ -309,7 +321,10 @@ def main(argv=None) -> int:
         if args.sass:
             print("    " + ", ".join(f"{op} {n}" for op, n in r.sass.items() if n >= 4))
         if args.gluon:
-            print(f"    wgmma waits (groups left in flight: count) {r.wgmma_waits}, setmaxnreg {r.maxnreg}")
+            print(
+                f"    wgmma waits (groups left in flight: count) {r.wgmma_waits}, setmaxnreg {r.maxnreg}, "
+                f"exp2 under an in-flight wgmma {r.exp_under_wgmma}"
+            )
         if r.shared_bytes > SMEM_LIMIT:
             bad.append(f"{r.case} {r.kernel}: {r.shared_bytes} B of shared memory > {SMEM_LIMIT}")
     if args.json:

@@ -63,6 +63,9 @@ def test_gluon_forward_compiles_for_hopper_with_fa3_structure(tmp_path):
             # The next S wgmma (overlap, persistent) or this S with the previous P.V (ping-pong) in flight across a
             # wait.
             assert r["wgmma_waits"].get("1", 0) > 0, f"{what}: no wgmma wait leaving one group in flight"
+        if r["kernel"] in ("_attn_fwd_gluon_overlap", "_attn_fwd_gluon_persistent"):
+            # ... and the softmax's exponentials scheduled while it runs (ptxas may move a wait above them).
+            assert r["exp_under_wgmma"] >= 64, f"{what}: {r['exp_under_wgmma']} exp2 beside an in-flight wgmma"
 
 
 def test_unsupported_inputs_name_the_reason():
