@@ -1,7 +1,7 @@
 """A warp-specialized attention forward for Hopper in Gluon (Triton's tile-level dialect): an experiment.
 
 FlashAttention-3's structure as far as it goes here, prepared without a GPU (compile-time evidence only:
-``bench/results/sm90-static/gluon-attention.txt``; Gluon has no interpreter, so whether it is exact and how
+``bench/results/sm90-static/2026-12-06-gluon-triton3.6.txt``; Gluon has no interpreter, so whether it is exact and how
 fast it runs is known only after a GPU run, ``bench/gpu_check.sh`` stage ``gluon``):
 
 - one **producer warp** (``_producer``, 24 registers after ``setmaxnreg``) issues the TMA loads: the query
@@ -20,7 +20,8 @@ fast it runs is known only after a GPU run, ``bench/gpu_check.sh`` stage ``gluon
   program per SM, longest causal tiles first; the K/V ring runs on from one tile into the next;
 - variant ``"plain"``: none of these (each ``S`` waited for before its softmax), the baseline.
 
-Not done (bench/NOTES.md, session 9): ping-pong together with the intra-warpgroup overlap or the persistent loop.
+Not done (bench/NOTES.md, session 9): ping-pong together with the intra-warpgroup overlap (tried: ptxas put the
+P V wait above the exponentials, so it was the ping-pong again) or with the persistent loop.
 
 The result follows ``kernels/flash_attn.py``'s forward: ``(out, lse)`` with ``lse`` the base-2 log-sum-exp of
 the scaled scores (``softmax_scale * log2(e)`` folded into one multiplier), ``+inf`` for a query row that sees
@@ -52,8 +53,9 @@ HEAD_DIMS = (64, 128)
 VARIANTS = ("plain", "overlap", "pingpong", "persistent")
 DTYPES = (torch.bfloat16, torch.float16)
 
-# Gluon's Hopper spellings as Triton 3.6 (the GPU image's) names them; Triton 3.9 keeps these names as aliases.
-# A Triton without them (older, or a later rename) leaves GLUON_MISSING set and supports() False with its reason.
+# Gluon's Hopper API as Triton 3.6 (the GPU image's) spells it, with the three names Triton 3.9 (the CI's) changed
+# picked below. A Triton without them (older, or a later rename) leaves GLUON_MISSING set and supports() False with
+# its reason.
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -78,7 +80,7 @@ try:
     _PUBLIC_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
     # A barrier over the partition's warps: thread_barrier in 3.6, barrier later.
     _sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
-except ImportError as e:  # pragma: no cover - depends on the installed Triton
+except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the installed Triton
     GLUON_MISSING = f"triton {triton.__version__} lacks Gluon's Hopper API ({e})"
 
 
@@ -738,6 +740,8 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_cuda: bo
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
             return f"{name} is not TMA-addressable (rows must be contiguous, base and strides 16-byte aligned)"
+        if 0 in t.stride()[:-1]:  # an expanded tensor: a TMA descriptor's strides must be positive
+            return f"{name} has a stride of 0 (expanded): strides {tuple(t.stride())}; pass it materialized"
     if need_cuda:
         if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
             return f"needs a Hopper (sm_90) GPU, got {q.device}"

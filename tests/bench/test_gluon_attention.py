@@ -83,6 +83,8 @@ def test_unsupported_inputs_name_the_reason():
     assert ga.unsupported(wide, k, v, need_cuda=False) is None  # rows 256 B apart: TMA can address them
     strided = torch.zeros(1, 4, 40, 64, 2, dtype=torch.bfloat16, device=q.device)[..., 0]  # elements 4 B apart
     assert "TMA-addressable" in ga.unsupported(strided, k, v, need_cuda=False)
+    expanded = k[:, :1].expand(1, 2, 40, 64)  # one key/value head shared by stride 0
+    assert "stride of 0" in ga.unsupported(q, expanded, expanded, need_cuda=False)
     if not HOPPER:
         assert not ga.supports(q, k, v)
         with pytest.raises(ValueError, match="Hopper"):
