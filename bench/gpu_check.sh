@@ -96,9 +96,9 @@ stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/spl
 stage append "${APPEND_LIMIT:-15}" $PY -m bench.decode --append --json "$RES/append.json"
 stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
 # The Gluon forward: a wrong result (barrier phases, TMA boxes: nothing an offline compile can check) stops the stage
-# before any timing.
+# before any timing. A hung kernel never returns to Python, so the per-test timeout uses a thread, not a signal.
 stage gluon "${GLUON_LIMIT:-240}" bash -c "$PY -m pytest tests/bench/test_gluon_attention.py -n 8 -p no:cacheprovider \
-  --timeout 120 -rfE --tb=short -p no:benchmark && $PY -m bench.gluon_attention --json '$RES/gluon.json'"
+  --timeout 120 --timeout-method thread -rfE --tb=short -p no:benchmark && $PY -m bench.gluon_attention --json '$RES/gluon.json'"
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"
