@@ -24,7 +24,11 @@
 #             host profile of ours through the book's loop
 #   gluon     the Gluon forward (bench/gluon_attention.py, opt-in, never run on hardware): its exactness tests first,
 #             and only if they pass, its timings against our pointer forward and SDPA cuDNN / flash (bf16 causal,
-#             D 64 / 128, N 1k-16k)
+#             D 64 / 128, N 1k-16k); last of the default STAGES, after limits that already fill a 600 s call, so
+#             in practice a call of its own: STAGES=gluon
+#   hf        a Llama-3.2-1B-shaped HF model on attention.hf against HF's sdpa and eager: a packed 8x2048 bf16
+#             training step (and the documents padded), generation at batch 1 and 8 (bench/hf.py); not in the
+#             default STAGES, whose limits already fill a 600 s call: a call of its own, STAGES=hf
 #   kernels   the compiler's registers and spills on the real GPU (bench/kernel_report.py)
 #   sanitizer compute-sanitizer memcheck on ragged / grouped / dropout / decode launches
 #
@@ -99,6 +103,7 @@ stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/genera
 # before any timing. A hung kernel never returns to Python, so the per-test timeout uses a thread, not a signal.
 stage gluon "${GLUON_LIMIT:-240}" bash -c "$PY -m pytest tests/bench/test_gluon_attention.py -n 8 -p no:cacheprovider \
   --timeout 120 --timeout-method thread -rfE --tb=short -p no:benchmark && $PY -m bench.gluon_attention --json '$RES/gluon.json'"
+stage hf "${HF_LIMIT:-240}" $PY -m bench.hf --json "$RES/hf.json"
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"

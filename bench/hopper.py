@@ -200,8 +200,8 @@ def _attn_fwd_tma(
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, variant: str) -> bool:
     """Whether TMA can address these tensors: rows contiguous, every other stride and every (batch, head)
-    plane 16-byte aligned; no dropout."""
-    if spec.dropout_p > 0 or q.shape[-1] > 256:
+    plane 16-byte aligned; no dropout, no softcap."""
+    if spec.dropout_p > 0 or spec.softcap or q.shape[-1] > 256:
         return False
     o_like = q  # the output is allocated in q's layout
     for t in (q, k, v, o_like):
@@ -234,6 +234,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, variant: st
     lse = torch.empty((B, H, N_Q), dtype=torch.float32, device=q.device)
     flags = _flags(q, spec)
     flags.pop("DROPOUT")
+    if flags.pop("SOFTCAP"):
+        raise ValueError("the TMA forwards take no softcap (kernels/flash_attn.py's forward does)")
     left, right = flags.pop("left"), flags.pop("right")
     cfg = tile or configs.select("fwd_tma", D, _precision(q), dropout=False, interpret=INTERPRET)
     if INTERPRET:

@@ -1,12 +1,23 @@
 """Triton kernels and the autograd functions that launch them.
 
 ``flash_attention`` (training and prefill: forward, backward, dropout, causal, sliding windows, grouped
-heads), ``flash_attention_with_kvcache`` (generation: a KV cache appended in place, a split-KV decode
-kernel) and ``MAX_HEAD_DIM``, the largest head dim the Triton kernels take.
+heads, softcap, sinks, the log-sum-exp), ``flash_attention_varlen`` (packed batches of sequences of different
+lengths, FlashAttention-2's layout) with ``unpad_input`` / ``pad_input`` (a padded batch to a packed one and
+back), ``flash_attention_with_kvcache`` (generation: a KV cache appended in place, a split-KV decode kernel)
+and ``MAX_HEAD_DIM``, the largest head dim the Triton kernels take.
 """
 
 from .decode import flash_attention_with_kvcache
 from .flash_attn import MAX_HEAD_DIM
 from .interface import flash_attention
+from .padding import pad_input, unpad_input
+from .varlen import flash_attention_varlen
 
-__all__ = ["MAX_HEAD_DIM", "flash_attention", "flash_attention_with_kvcache"]
+__all__ = [
+    "MAX_HEAD_DIM",
+    "flash_attention",
+    "flash_attention_varlen",
+    "flash_attention_with_kvcache",
+    "pad_input",
+    "unpad_input",
+]

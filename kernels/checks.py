@@ -335,3 +335,113 @@ def check_cache_lengths(cache_seqlens, n_new: int, t_max: int) -> int:
             f"writing {n_new} new key(s) after cache_seqlens {lengths_max} runs past the cache's {t_max} positions"
         )
     return lengths_max + n_new
+
+
+# ----------------------------------------------------------------------------------------------
+# Softcap, sinks, the lse flag; packed (varlen) batches; left-padded caches (issue 26)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_softcap(softcap) -> float:
+    """softcap: a finite float >= 0 (0: no cap); returns it as a float."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0.0: no cap), got {softcap!r}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0: no cap), got {softcap}")
+    return float(softcap)
+
+
+def check_sinks(sinks, q_heads: int, device) -> None:
+    """sinks: None or a floating tensor (Hq,) on the inputs' device, one logit per query head."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor of shape ({q_heads},) or None, got {type(sinks).__name__}")
+    if sinks.dtype not in DTYPES:
+        raise TypeError(f"sinks has dtype {sinks.dtype}; supported: {_DTYPE_NAMES}")
+    if sinks.shape != (q_heads,):
+        raise ValueError(
+            f"sinks must have shape (Hq,) = ({q_heads},), one logit per query head, got {tuple(sinks.shape)}"
+        )
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device}, q on {device}")
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check_values: bool) -> None:
+    """flash_attention_varlen's tensors: everything that costs no device sync (kernels/varlen.py says what is
+    trusted), and the values of ``cu_seqlens`` when ``check_values`` (on the host: free for CPU tensors)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have rank 3 (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    # The dense checks on (1, H, total, D) views: dtypes, devices, head counts and head dims, same words.
+    check_qkv(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be an int32 torch.Tensor of shape (B + 1,), got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must have dtype torch.int32 (FlashAttention's), got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must have shape (B + 1,) with B >= 0, got {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device}, q on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} must describe "
+            "the same number of sequences"
+        )
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise TypeError(f"{name} must be an int, got {m!r}")
+        if not 0 <= m <= MAX_INT:
+            raise ValueError(f"{name} must be >= 0 (and at most {MAX_INT}), got {m}")
+    if check_values:
+        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], max_seqlen_q)
+        check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k.tolist(), k.shape[0], max_seqlen_k)
+
+
+def check_cu_seqlens_values(name: str, values: list[int], total: int, max_seqlen: int) -> None:
+    """A ValueError naming the values unless ``values`` (a ``cu_seqlens`` read on the host) starts at 0, never
+    decreases, ends at ``total`` and holds no sequence longer than ``max_seqlen``."""
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]} ({name} = {values})")
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if any(n < 0 for n in lengths):
+        i = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(f"{name} must not decrease: {values[i]} then {values[i + 1]} at sequence {i}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the token count {total}, got {values[-1]}")
+    longest = max(lengths, default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"{name} holds a sequence of {longest} tokens, longer than max_seqlen {max_seqlen}")
+
+
+def check_leftpad(cache_leftpad, cache_seqlens, n_new: int, q) -> None:
+    """flash_attention_with_kvcache's ``cache_leftpad``: type, shape and device; its values against the lengths
+    where both are on the host (on CUDA they are trusted, as FlashAttention-2 trusts them)."""
+    if cache_leftpad is None:
+        return
+    B = q.shape[0]
+    if not isinstance(cache_leftpad, torch.Tensor):
+        raise TypeError(f"cache_leftpad must be an int32/int64 tensor of shape ({B},) or None, got {cache_leftpad!r}")
+    if cache_leftpad.dtype not in (torch.int32, torch.int64) or cache_leftpad.shape != (B,):
+        raise TypeError(
+            f"cache_leftpad must be an int32/int64 tensor of shape ({B},), got {cache_leftpad.dtype} "
+            f"{tuple(cache_leftpad.shape)}"
+        )
+    if cache_leftpad.device != q.device:
+        raise ValueError(f"cache_leftpad is on {cache_leftpad.device}, q on {q.device}")
+    if cache_leftpad.device.type == "cpu" and (isinstance(cache_seqlens, int) or cache_seqlens.device.type == "cpu"):
+        pads = cache_leftpad.tolist()
+        lengths = [cache_seqlens] * B if isinstance(cache_seqlens, int) else cache_seqlens.tolist()
+        for b, (pad, n) in enumerate(zip(pads, lengths)):
+            if not 0 <= pad <= n + n_new:
+                raise ValueError(f"cache_leftpad[{b}] = {pad} must be in [0, cache_seqlens[{b}] + N_new = {n + n_new}]")

@@ -38,8 +38,16 @@ import triton.language as tl
 
 from . import configs, eager, settings
 from . import flash_attn as fa
-from .checks import MAX_GRID_YZ, check_cache_lengths, check_kvcache, check_options
-from .flash_attn import _LOG2E, _cast, _tf32
+from .checks import (
+    MAX_GRID_YZ,
+    check_cache_lengths,
+    check_kvcache,
+    check_leftpad,
+    check_options,
+    check_sinks,
+    check_softcap,
+)
+from .flash_attn import _cast, _scores, _tf32
 from .interface import choose_path
 from .launch import Launcher
 from .masks import _visible, visible_mask, window_flags
@@ -116,9 +124,9 @@ def _append_kv(
 
 @triton.jit
 def _decode_tile(
-    q, k, v, qi, cols, row_valid, hi, diag, left, right, qk_scale, m_i, l_i, acc,
+    q, k, v, qi, cols, row_valid, hi, diag, left, right, qk_scale, cap_log2, leftpad, m_i, l_i, acc,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
+    ROUND_TF32: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
 ):  # fmt: skip
     """One key/value tile (``cols``: their positions; those from ``hi`` on were not loaded) into the rows' online
     softmax; returns m_i, l_i, acc."""
@@ -128,7 +136,9 @@ def _decode_tile(
     k, v = _tf32(k, ROUND_TF32), _tf32(v, ROUND_TF32)
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
     seen = _visible(qi[:, None], cols[None, :], hi, diag, left, right, MASK_LEFT, MASK_RIGHT, True)
-    qk = tl.where(seen & row_valid[:, None], qk * qk_scale, float("-inf"))
+    if HAS_LEFTPAD:
+        seen = seen & (cols[None, :] >= leftpad)  # the left padding before the sequence's first key
+    qk = tl.where(seen & row_valid[:, None], _scores(qk, qk_scale, cap_log2, SOFTCAP), float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1))
     m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row with no key yet: exp2(-inf - 0) = 0
     p = tl.math.exp2(qk - m_sub[:, None])
@@ -149,8 +159,11 @@ def _decode_fwd(
     O_PART,
     LSE_PART,
     SEQLENS,
+    LEFTPAD,
+    SINKS,
     seqlen,
     qk_scale,
+    cap_log2,
     stride_qz,
     stride_qh,
     stride_qm,
@@ -196,6 +209,9 @@ def _decode_fwd(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     """One program: split ``program_id(0)`` of the keys, tile ``program_id(1)`` of the packed rows, and
     (batch, key/value head) ``program_id(2)``. Row r of the packed rows is query ``r % N_Q`` of query head
@@ -233,6 +249,10 @@ def _decode_fwd(
     hi = tl.minimum(lo + keys_per_split, n_k)
     if MASK_LEFT:
         lo = tl.maximum(lo, tl.maximum(diag - left, 0) // BLOCK_N * BLOCK_N)
+    leftpad = 0
+    if HAS_LEFTPAD:  # keys before leftpad[b] are padding: no block wholly inside it is read
+        leftpad = tl.load(LEFTPAD + off_z).to(tl.int32)
+        lo = tl.maximum(lo, leftpad // BLOCK_N * BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -243,6 +263,8 @@ def _decode_fwd(
     for start_n in range(lo, cached_hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols < cached_hi)[:, None] & mask_d[None, :]
+        if HAS_LEFTPAD:  # the padding may hold anything (NaN): 0 * NaN would reach the output through P V
+            kv_mask = kv_mask & (cols >= leftpad)[:, None]
         k = tl.load(
             k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0
         )
@@ -250,8 +272,8 @@ def _decode_fwd(
             v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0
         )
         m_i, l_i, acc = _decode_tile(
-            q, k, v, qi, cols, row_valid, cached_hi, diag, left, right, qk_scale, m_i, l_i, acc,
-            MASK_LEFT, MASK_RIGHT, INPUT_PRECISION, UPCAST, ROUND_TF32,
+            q, k, v, qi, cols, row_valid, cached_hi, diag, left, right, qk_scale, cap_log2, leftpad, m_i, l_i, acc,
+            MASK_LEFT, MASK_RIGHT, INPUT_PRECISION, UPCAST, ROUND_TF32, SOFTCAP, HAS_LEFTPAD,
         )  # fmt: skip
     if APPEND:
         kn_base = K_NEW + z * stride_knz + off_hk.to(tl.int64) * stride_knh
@@ -260,6 +282,8 @@ def _decode_fwd(
             cols = start_n + offs_n
             new_rows = (cols - seqlen).to(tl.int64)
             kv_mask = (cols < hi)[:, None] & mask_d[None, :]
+            if HAS_LEFTPAD:
+                kv_mask = kv_mask & (cols >= leftpad)[:, None]
             k = tl.load(
                 kn_base + new_rows[:, None] * stride_knn + offs_d[None, :] * stride_knk, mask=kv_mask, other=0.0
             )
@@ -267,8 +291,8 @@ def _decode_fwd(
                 vn_base + new_rows[:, None] * stride_vnn + offs_d[None, :] * stride_vnk, mask=kv_mask, other=0.0
             )
             m_i, l_i, acc = _decode_tile(
-                q, k, v, qi, cols, row_valid, hi, diag, left, right, qk_scale, m_i, l_i, acc,
-                MASK_LEFT, MASK_RIGHT, INPUT_PRECISION, UPCAST, ROUND_TF32,
+                q, k, v, qi, cols, row_valid, hi, diag, left, right, qk_scale, cap_log2, leftpad, m_i, l_i, acc,
+                MASK_LEFT, MASK_RIGHT, INPUT_PRECISION, UPCAST, ROUND_TF32, SOFTCAP, HAS_LEFTPAD,
             )  # fmt: skip
         if (split == 0) & (tl.program_id(1) == 0):  # one program per (batch, key/value head) appends
             for start_a in range(0, N_NEW, BLOCK_N):
@@ -282,7 +306,11 @@ def _decode_fwd(
                 tl.store(v_base + dst * stride_vn + offs_d[None, :] * stride_vk, v_app, mask=app_mask)
 
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_SINKS and not SPLIT:  # the sink joins the denominator once: here, or in _decode_combine after a split
+        sink = tl.load(SINKS + off_h).to(tl.float32) * 1.4426950408889634  # (BLOCK_M,) in log2 units
+        out = acc / tl.where(empty, 1.0, l_i + tl.math.exp2(sink - m_i))[:, None]
+    else:
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out_mask = row_valid[:, None] & mask_d[None, :]
     if SPLIT:
         # Partial results, (split, B, H, N_Q, BLOCK_D) float32 and (split, B, H, N_Q): merged by _decode_combine.
@@ -299,6 +327,7 @@ def _decode_combine(
     Out,
     O_PART,
     LSE_PART,
+    SINKS,
     stride_oz,
     stride_oh,
     stride_om,
@@ -311,6 +340,7 @@ def _decode_combine(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     """Merge the splits' partial outputs of BLOCK_R rows of (B, H, N_Q): out = sum_s w_s o_s / sum_s w_s with
     w_s = 2^(lse_s - max lse). Rows that no split saw a key for get zeros."""
@@ -330,9 +360,13 @@ def _decode_combine(
         )
         total += w
         acc += w[:, None] * o
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     qi = rows % N_Q
     off_h = (rows // N_Q) % H
+    if HAS_SINKS:
+        # The sink once, in the merged max's units; a row that no split saw a key for stays 0 (acc is 0).
+        sink = tl.load(SINKS + off_h, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+        total = tl.where(total == 0.0, 0.0, total + tl.math.exp2(sink - m_sub))
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     off_z = rows // (N_Q * H)
     ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + qi.to(tl.int64) * stride_om
     mask = valid[:, None] & (offs_d < head_dim)[None, :]
@@ -407,6 +441,9 @@ def flash_attention_with_kvcache(
     window_size: tuple[int, int] = (-1, -1),
     num_splits: int = 0,
     backend: str = "auto",
+    cache_leftpad: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of new queries to a KV cache, appending the step's keys and values in place.
 
@@ -425,6 +462,12 @@ def flash_attention_with_kvcache(
         num_splits: how many programs share one sequence's keys; 0 chooses by FlashAttention's heuristic.
         backend: ``"triton"``, ``"sdpa"`` or ``"torch"`` (both: PyTorch's fused attention with a per-batch mask) or
             ``"auto"``.
+        cache_leftpad: None or an int32/int64 tensor ``(B,)`` (FlashAttention-2's): sequence ``b``'s keys are
+            ``cache_leftpad[b] <= j < cache_seqlens[b] (+ N_new)``, the positions before it padding (a left-padded
+            batch generates in one launch). Alignment as for the keys ``[leftpad, length)`` alone: the newest query
+            sits at the last key. Values trusted on CUDA, as FlashAttention-2 does (``0 <= leftpad <= length`` is
+            checked where the tensors are on the CPU).
+        softcap, sinks: as in ``flash_attention``.
 
     Returns:
         ``(B, Hq, Nq, D)`` in q's dtype and memory layout. Forward only: inputs that require grad under grad
@@ -432,23 +475,48 @@ def flash_attention_with_kvcache(
     """
     check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, num_splits, backend)
     window = check_options(causal, softmax_scale, window_size, backend)
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, q.shape[1], q.device)
     n_new = 0 if k is None else k.shape[2]
+    check_leftpad(cache_leftpad, cache_seqlens, n_new, q)
     max_len = check_cache_lengths(cache_seqlens, n_new, k_cache.shape[2])
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    spec = fa.Spec(causal, 0.0, scale, window[0], window[1])
+    spec = fa.Spec(causal, 0.0, scale, window[0], window[1], softcap=softcap)
     if q.device.type == "meta":
         return torch.empty_like(q)  # shape inference; a meta cache holds nothing to write
     if choose_path(q, backend) != "triton":  # "sdpa" and "torch" are one path here: PyTorch's fused attention
         if k is not None:
             _append_torch(k_cache, v_cache, k, v, cache_seqlens)
-        return q.mul(0.0) if q.numel() == 0 else _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec)
+        if q.numel() == 0:
+            return q.mul(0.0)
+        if cache_leftpad is not None or softcap or sinks is not None:
+            return _decode_torch_each(q, k_cache, v_cache, cache_seqlens, n_new, cache_leftpad, spec, sinks)
+        return _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec)
     B, H_KV = k_cache.shape[:2]
     if B * H_KV > MAX_GRID_YZ:  # the decode grid's z dimension, checked before the append writes anything
         raise ValueError(f"batch {B} x key/value heads {H_KV} must be at most {MAX_GRID_YZ} on the Triton path")
-    return launch(q, k_cache, v_cache, k, v, cache_seqlens, max_len, spec, num_splits)
+    return launch(q, k_cache, v_cache, k, v, cache_seqlens, max_len, spec, num_splits, cache_leftpad, sinks)
 
 
-def launch(q, k_cache, v_cache, k, v, cache_seqlens, max_len: int, spec, num_splits: int = 0) -> torch.Tensor:
+def _decode_torch_each(q, k_cache, v_cache, cache_seqlens, n_new: int, cache_leftpad, spec, sinks):
+    """Left padding, softcap or sinks on the PyTorch path: each sequence's keys ``[leftpad, length)`` through
+    ``eager.attention_sdpa`` (the chunked path where SDPA cannot cap or sink). Reads the lengths on the host: free
+    on a CPU, one sync on a device."""
+    B = q.shape[0]
+    lengths = [cache_seqlens] * B if isinstance(cache_seqlens, int) else cache_seqlens.tolist()
+    pads = [0] * B if cache_leftpad is None else cache_leftpad.tolist()
+    out = torch.empty_like(q)
+    for b in range(B):
+        lo, hi = pads[b], lengths[b] + n_new
+        out[b : b + 1] = eager.attention_sdpa(
+            q[b : b + 1], k_cache[b : b + 1, :, lo:hi], v_cache[b : b + 1, :, lo:hi], spec, sinks
+        )
+    return out
+
+
+def launch(
+    q, k_cache, v_cache, k, v, cache_seqlens, max_len: int, spec, num_splits: int = 0, cache_leftpad=None, sinks=None
+) -> torch.Tensor:
     """The Triton launchers after the checks: decode (appending k, v in the same launch), merge the splits.
     ``max_len`` bounds the keys any sequence sees (it sizes the splits)."""
     appends = k is not None and k.shape[2] > 0 and k.shape[0] > 0
@@ -459,7 +527,9 @@ def launch(q, k_cache, v_cache, k, v, cache_seqlens, max_len: int, spec, num_spl
         return q.mul(0.0)
     n_new = 0 if k is None else k.shape[2]
     new = (k, v) if appends and fused else None
-    return _decode_triton(q, k_cache, v_cache, new, n_new, cache_seqlens, max_len, spec, num_splits)
+    return _decode_triton(
+        q, k_cache, v_cache, new, n_new, cache_seqlens, max_len, spec, num_splits, cache_leftpad, sinks
+    )
 
 
 def _append_torch(k_cache, v_cache, k, v, cache_seqlens) -> None:
@@ -517,7 +587,9 @@ def plan(B: int, H_KV: int, rows: int, max_len: int, D: int, precision: str, num
     return Plan(tile, block_m, row_tiles, num_splits, keys_per_split)
 
 
-def _decode_triton(q, k_cache, v_cache, new, n_new: int, cache_seqlens, max_len: int, spec, num_splits: int):
+def _decode_triton(
+    q, k_cache, v_cache, new, n_new: int, cache_seqlens, max_len: int, spec, num_splits: int, leftpad=None, sinks=None
+):
     """``new``: the step's (k, v) to append and attend, or None when the cache holds them already (``n_new``
     of them past ``cache_seqlens``)."""
     B, H, N_Q, D = q.shape
@@ -540,20 +612,23 @@ def _decode_triton(q, k_cache, v_cache, new, n_new: int, cache_seqlens, max_len:
     _decode_fwd_launcher(
         (num_splits, row_tiles, B * H_KV),
         q, k_cache, v_cache, k_new, v_new, out, o_part, lse_part, cache_seqlens if tensor else q,
-        0 if tensor else cache_seqlens, spec.softmax_scale * _LOG2E,
+        leftpad, sinks,
+        0 if tensor else cache_seqlens, *fa._scales(spec),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
         B, H, H_KV, group, N_Q, n_new, keys_per_split, flags["left"], flags["right"], D,
         BLOCK_M=block_m, BLOCK_N=tile["BLOCK_N"], BLOCK_D=block_d, MASK_LEFT=flags["MASK_LEFT"], MASK_RIGHT=flags["MASK_RIGHT"],
         SPLIT=split, SEQLENS_TENSOR=tensor, APPEND=new is not None, INPUT_PRECISION=flags["INPUT_PRECISION"], UPCAST=flags["UPCAST"],
-        ROUND_TF32=flags["ROUND_TF32"],
+        ROUND_TF32=flags["ROUND_TF32"], SOFTCAP=flags["SOFTCAP"], HAS_LEFTPAD=leftpad is not None,
+        HAS_SINKS=sinks is not None,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip
     if split:
         block_r = 16
         _decode_combine_launcher(
             (configs.cdiv(B * H * N_Q, block_r),),
-            out, o_part, lse_part, *out.stride(), B * H * N_Q, H, N_Q, num_splits, D,
-            BLOCK_R=block_r, BLOCK_D=block_d, UPCAST=flags["UPCAST"],
+            out, o_part, lse_part, sinks, *out.stride(),
+            B * H * N_Q, H, N_Q, num_splits, D,
+            BLOCK_R=block_r, BLOCK_D=block_d, UPCAST=flags["UPCAST"], HAS_SINKS=sinks is not None,
         )  # fmt: skip
     return out
 

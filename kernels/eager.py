@@ -17,6 +17,14 @@
 
 On CUDA ``attention_sdpa`` also serves head dims above the Triton kernel's 256 (SDPA's own dropout
 works there).
+
+Softcap, sinks and the log-sum-exp (what SDPA cannot do): ``attention_sdpa`` takes ``_ChunkedAttention`` for
+any call with ``spec.softcap`` or ``sinks``, with or without dropout: the same query chunks,
+the capped scores ``softcap * tanh(s / softcap)`` (backward: ``dS *= 1 - tanh^2``), the sink's
+``exp(sink - lse)`` added to each row's denominator (backward: ``dsink = -sum_rows P_sink * delta``), and the
+log-sum-exp returned. ``return_lse`` alone changes nothing of the output (the same kernels, the same dropout
+draws): the log-sum-exp comes from one more chunked pass of ``q k^T``. The semantics of all three:
+``kernels.interface.flash_attention``.
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ CHUNK_ROWS = 128
 SMALL_DROPOUT_ELEMENTS = 1 << 19
 
 
-def attention_reference(q, k, v, spec) -> torch.Tensor:
-    """Readable eager attention with the kernels' semantics. Materializes (B, Hq, Nq, Nk)."""
+def attention_reference(q, k, v, spec, sinks=None, return_lse: bool = False):
+    """Readable eager attention with the kernels' semantics. Materializes (B, Hq, Nq, Nk). Returns the output,
+    or ``(out, lse)`` with ``return_lse`` (lse (B, Hq, Nq) float32, the sink excluded, no gradient)."""
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
@@ -48,15 +57,27 @@ def attention_reference(q, k, v, spec) -> torch.Tensor:
         k = k.repeat_interleave(H // H_KV, dim=1)  # (B, Hq, Nk, D)
         v = v.repeat_interleave(H // H_KV, dim=1)  # (B, Hq, Nk, D)
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * spec.softmax_scale  # (B, Hq, Nq, Nk)
+    if spec.softcap:
+        scores = spec.softcap * torch.tanh(scores / spec.softcap)  # Gemma 2: capped before the mask
     seen = visible_mask(N_Q, N_K, causal=spec.causal, window=_window(spec), device=q.device)
     scores = scores.masked_fill(~seen, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    # Rows that see no key: softmax gives NaN; the kernel's answer is zeros. Only those rows: a NaN or Inf in the
-    # inputs propagates as it does through the chapter's layer.
-    weights = weights.masked_fill(~seen.any(-1, keepdim=True), 0.0)
+    if sinks is not None:
+        # One more logit per query head that takes part in the normalizer only: softmax over [scores, sink],
+        # the sink's own weight dropped. A row that sees no key puts all its weight there: output zeros.
+        sink = sinks.to(compute)[None, :, None, None].expand(B, H, N_Q, 1)  # (B, Hq, Nq, 1)
+        weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :N_K]  # (B, Hq, Nq, Nk)
+    else:
+        weights = torch.softmax(scores, dim=-1)
+        # Rows that see no key: softmax gives NaN; the kernel's answer is zeros. Only those rows: a NaN or Inf in
+        # the inputs propagates as it does through the chapter's layer.
+        weights = weights.masked_fill(~seen.any(-1, keepdim=True), 0.0)
     if spec.dropout_p > 0.0:
         weights = F.dropout(weights, p=spec.dropout_p, training=True)
-    return torch.matmul(weights, v.to(compute)).to(q.dtype)  # (B, Hq, Nq, D)
+    out = torch.matmul(weights, v.to(compute)).to(q.dtype)  # (B, Hq, Nq, D)
+    if not return_lse:
+        return out
+    # Over the visible keys only, -inf for a row that sees none (logsumexp of an empty row).
+    return out, torch.logsumexp(scores.detach(), dim=-1).float()  # (B, Hq, Nq)
 
 
 def _window(spec) -> tuple[int, int]:
@@ -71,28 +92,28 @@ def _first_seeing_row(n_q: int, n_k: int, spec) -> int:
 
 
 class _Zeros(torch.autograd.Function):
-    """Zeros shaped like q, with zero (not None) gradients for q, k and v."""
+    """Zeros shaped like q, with zero (not None) gradients for q, k, v and the sinks (when given)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
-        ctx.shapes = [(t.shape, t.dtype, t.device) for t in (k, v)]
+    def forward(ctx, q, k, v, sinks=None):
+        ctx.shapes = [(t.shape, t.dtype, t.device) if t is not None else None for t in (k, v, sinks)]
         return torch.zeros_like(q)
 
     @staticmethod
     def backward(ctx, dout):
-        (k_shape, k_dtype, device), (v_shape, v_dtype, _) = ctx.shapes
         return (
             torch.zeros_like(dout),
-            torch.zeros(k_shape, dtype=k_dtype, device=device),
-            torch.zeros(v_shape, dtype=v_dtype, device=device),
+            *(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2]) for s in ctx.shapes),
         )
 
 
-def zeros_attention(q, k, v) -> torch.Tensor:
+def zeros_attention(q, k, v, sinks=None) -> torch.Tensor:
     """The answer when no weight survives (no query, no key, dropout_p 1): zeros, and zero gradients for all three
-    inputs (an optimizer skips a parameter whose gradient is None, where the book's layer gives zeros)."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _Zeros.apply(q, k, v)
+    inputs and the sinks (an optimizer skips a parameter whose gradient is None, where the book's layer gives
+    zeros)."""
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        return _Zeros.apply(q, k, v, sinks)
     return torch.zeros_like(q)
 
 
@@ -121,10 +142,16 @@ def may_hide_nonfinite(q, k, spec) -> bool:
     return not torch.isfinite(firsts.sum(dtype=torch.float32))
 
 
-def attention_sdpa(q, k, v, spec) -> torch.Tensor:
-    """PyTorch's fused attention with our semantics (see the module docstring)."""
+def attention_sdpa(q, k, v, spec, sinks=None, return_lse: bool = False):
+    """PyTorch's fused attention with our semantics (see the module docstring); ``(out, lse)`` with
+    ``return_lse``."""
     N_Q, N_K = q.shape[2], k.shape[2]
     first = _first_seeing_row(N_Q, N_K, spec) if N_K else N_Q
+    if spec.softcap or sinks is not None:
+        return _attention_chunked(q, k, v, spec, sinks, return_lse, first)
+    if return_lse:
+        # The output as without it (the same kernels, the same dropout draws), the log-sum-exp on the side.
+        return attention_sdpa(q, k, v, spec), _lse_only(q, k, spec, first)
     if first == N_Q or q.numel() == 0 or spec.dropout_p == 1.0:
         # No row sees a key, nothing to compute, or every weight dropped (nn.Dropout(1.0); SDPA's own dropout
         # would scale by 1 / 0): zeros, and zero gradients.
@@ -134,12 +161,13 @@ def attention_sdpa(q, k, v, spec) -> torch.Tensor:
     if q.device.type != "cuda" and may_hide_nonfinite(q_seen, k, spec):
         # A NaN or Inf where the fused kernel would return zeros: the exact chunked path, whose arithmetic is the
         # chapter's (a row that sees a NaN is NaN).
-        out = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device) if spec.dropout_p > 0 else 0)
+        seed = _draw_seed(q.device) if spec.dropout_p > 0 else 0
+        out, _ = _ChunkedAttention.apply(q_seen, k, v, spec, seed, None)
     elif spec.dropout_p > 0.0 and q.device.type != "cuda":
         if q_seen.shape[0] * q_seen.shape[1] * q_seen.shape[2] * N_K <= SMALL_DROPOUT_ELEMENTS:
             out = _math_dropout(q_seen, k, v, spec, first, masked=mask_left or mask_right)
         else:
-            out = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device))
+            out, _ = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device), None)
     elif mask_left or (mask_right and right > 0):
         out = _sdpa_window_chunks(q_seen, k, v, spec)
     else:
@@ -217,6 +245,34 @@ def _sdpa_window_chunks(q, k, v, spec) -> torch.Tensor:
     return torch.cat(outs, dim=2)  # (B, Hq, Nq, D)
 
 
+def _attention_chunked(q, k, v, spec, sinks, return_lse: bool, first: int):
+    """Softcap, sinks or the log-sum-exp: ``_ChunkedAttention`` on the rows from ``first`` on (each sees a key);
+    the rows before it return zeros and a log-sum-exp of -inf."""
+    B, H, N_Q, _ = q.shape
+    if first == N_Q or q.numel() == 0:
+        out = zeros_attention(q, k, v, sinks)  # zero gradients, the sinks' too
+        lse = q.new_full((B, H, N_Q), float("-inf"), dtype=torch.float32)
+    else:
+        seed = _draw_seed(q.device) if spec.dropout_p > 0.0 else 0
+        out, lse = _ChunkedAttention.apply(q[:, :, first:], k, v, spec, seed, sinks)
+        if first:
+            out = F.pad(out, (0, 0, first, 0))  # (B, Hq, Nq, D)
+            lse = F.pad(lse, (first, 0), value=float("-inf"))  # (B, Hq, Nq)
+    return (out, lse) if return_lse else out
+
+
+@torch.no_grad()
+def _lse_only(q, k, spec, first: int) -> torch.Tensor:
+    """(B, Hq, Nq) float32 log-sum-exp of the visible scores, chunk by chunk (-inf for the rows before
+    ``first``, which see no key): one more pass of q k^T, for a call that asks for it without softcap or sinks."""
+    lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+    q_seen = q[:, :, first:]
+    if q_seen.shape[2] and k.shape[2]:
+        for r0, r1, lo, hi, mask in _chunks(q_seen, k, spec):
+            lse[:, :, first + r0 : first + r1] = torch.logsumexp(_scores(q_seen, k, r0, r1, lo, hi, spec, mask), dim=-1)
+    return lse
+
+
 def _draw_seed(device) -> int:
     # From the default generator of the input's device: manual_seed reproduces a run.
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
@@ -233,29 +289,37 @@ def _keep(shape, p: float, gen: torch.Generator, device) -> torch.Tensor:
 
 
 class _ChunkedAttention(torch.autograd.Function):
-    """Exact attention with dropout in query chunks (rows here all see at least one key). Saves q, k, v,
-    the output and a float32 log-sum-exp per row; the backward regenerates each chunk's mask from the
-    same generator seed and recomputes its weights."""
+    """Exact attention in query chunks (rows here all see at least one key), with dropout, softcap and sinks as
+    the spec and ``sinks`` ask. Returns ``(out, lse)``, lse (B, Hq, C) float32 over the keys (the sink excluded;
+    no gradient). Saves q, k, v, the output and the log-sum-exp with the sink; the backward regenerates each
+    chunk's dropout mask from the same generator seed and recomputes its weights."""
 
     @staticmethod
-    def forward(ctx, q, k, v, spec, seed):
+    def forward(ctx, q, k, v, spec, seed, sinks):
         out, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+        lse_all = lse  # with a sink: the normalizer's log, sink included (what the weights divide by)
+        if sinks is not None:
+            lse_all = q.new_empty(q.shape[:3], dtype=torch.float32)
+            sink = sinks.float()[None, :, None]  # (1, Hq, 1)
         scale = keep_scale(spec.dropout_p)
         for c, (r0, r1, lo, hi, mask) in enumerate(_chunks(q, k, spec)):
             p = _scores(q, k, r0, r1, lo, hi, spec, mask)  # (B, Hq, C, W) float32, one buffer reused below
             lse[:, :, r0:r1] = torch.logsumexp(p, dim=-1)
-            p.sub_(lse[:, :, r0:r1, None]).exp_()
+            if sinks is not None:
+                lse_all[:, :, r0:r1] = torch.logaddexp(lse[:, :, r0:r1], sink)
+            p.sub_(lse_all[:, :, r0:r1, None]).exp_()
             if spec.dropout_p > 0.0:
                 p.mul_(_keep(p.shape, spec.dropout_p, _generator(q.device, seed, c), q.device)).mul_(scale)
             out[:, :, r0:r1] = _grouped(p, v[:, :, lo:hi], lambda w, x: w @ x.float()).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse_all, sinks)
         ctx.spec, ctx.seed = spec, seed
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         spec, scale = ctx.spec, ctx.spec.softmax_scale
         kept_scale = keep_scale(spec.dropout_p)
         dq = torch.zeros_like(q, dtype=torch.float32)
@@ -263,7 +327,12 @@ class _ChunkedAttention(torch.autograd.Function):
         dv = torch.zeros_like(v, dtype=torch.float32)
         delta = (dout.float() * out.float()).sum(-1)  # (B, Hq, Nq): rowsum(dO * O)
         for c, (r0, r1, lo, hi, mask) in enumerate(_chunks(q, k, spec)):
-            p = _scores(q, k, r0, r1, lo, hi, spec, mask).sub_(lse[:, :, r0:r1, None]).exp_()  # (B, Hq, C, W)
+            s = _scores(q, k, r0, r1, lo, hi, spec, mask)  # (B, Hq, C, W): the capped scores
+            cap_grad = None
+            if spec.softcap:
+                # d(capped)/d(scaled) = 1 - tanh^2; hidden keys (-inf) clamp to the cap and get 0.
+                cap_grad = 1.0 - (s.clamp(-spec.softcap, spec.softcap) / spec.softcap).square()
+            p = s.sub_(lse[:, :, r0:r1, None]).exp_()  # (B, Hq, C, W)
             do = dout[:, :, r0:r1].float()
             ds = _grouped(do, v[:, :, lo:hi], lambda x, y: x @ y.float().transpose(-2, -1))  # dP, then dS in place
             if spec.dropout_p > 0.0:
@@ -275,9 +344,17 @@ class _ChunkedAttention(torch.autograd.Function):
                 dv[:, :, lo:hi] += _grouped_t(p, do, k.shape[1])
             ds.sub_(delta[:, :, r0:r1, None]).mul_(p)
             del p
+            if cap_grad is not None:
+                ds.mul_(cap_grad)
+                del cap_grad
             dq[:, :, r0:r1] = _grouped(ds, k[:, :, lo:hi], lambda w, x: w @ x.float()) * scale
             dk[:, :, lo:hi] += _grouped_t(ds, q[:, :, r0:r1].float(), k.shape[1]) * scale
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        dsinks = None
+        if sinks is not None:
+            # P_sink = exp(sink - lse) per row; dL/dsink = -sum over rows of P_sink * delta (module docstring).
+            p_sink = torch.exp(sinks.float()[None, :, None] - lse)  # (B, Hq, Nq)
+            dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)  # (Hq,)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, dsinks
 
 
 def _chunks(q, k, spec):
@@ -290,7 +367,10 @@ def _chunks(q, k, spec):
 
 def _scores(q, k, r0, r1, lo, hi, spec, mask) -> torch.Tensor:
     s = _grouped(q[:, :, r0:r1], k[:, :, lo:hi], lambda x, y: x.float() @ y.float().transpose(-2, -1))
-    return (s * spec.softmax_scale).masked_fill_(~mask, float("-inf"))  # (B, Hq, C, W)
+    s = s * spec.softmax_scale
+    if spec.softcap:
+        s = s.div_(spec.softcap).tanh_().mul_(spec.softcap)
+    return s.masked_fill_(~mask, float("-inf"))  # (B, Hq, C, W)
 
 
 def _grouped(a, kv, op) -> torch.Tensor:

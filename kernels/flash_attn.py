@@ -71,6 +71,7 @@ class Spec(NamedTuple):
     window_left: int = -1  # -1: unbounded
     window_right: int = -1
     deterministic: bool = False
+    softcap: float = 0.0  # 0: no cap; else scores = softcap * tanh(scores / softcap) (Gemma 2)
 
 
 @triton.jit
@@ -132,6 +133,37 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _tanh(x):
+    """tanh in float32 to a few ulps, from one exp2 (the MUFU unit) and a short polynomial (Triton's interpreter
+    has no libdevice). ``|x| >= 1/4``: ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` (never overflows), the sign
+    put back. Below, where ``1 - e`` would cancel and leave an absolute error of an ulp of 1 (times the cap: a
+    cap of 10^4 moved scores by 10^-3), Taylor's series to x^9 (the first term left out is below 10^-8 of x)."""
+    a = tl.abs(x)
+    e = tl.math.exp2(a * -2.8853900817779268)  # -2 * log2(e)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(a < 0.25, small, tl.where(x < 0.0, -big, big))
+
+
+@triton.jit
+def _scores(qk, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
+    """The scores in the exp2 domain: ``qk * softmax_scale * log2(e)``, or with SOFTCAP (``qk_scale`` then
+    ``softmax_scale / softcap``, ``cap_log2`` ``softcap * log2(e)``) Gemma 2's ``softcap * tanh(s / softcap)``."""
+    if SOFTCAP:
+        return _tanh(qk * qk_scale) * cap_log2
+    return qk * qk_scale
+
+
+@triton.jit
+def _sequence(CU_Q, CU_K, seq):
+    """Sequence ``seq`` of a packed (varlen) batch: ``(q_start, k_start, n_q, n_k)`` from ``cu_seqlens``."""
+    q_start = tl.load(CU_Q + seq)
+    k_start = tl.load(CU_K + seq)
+    return q_start, k_start, tl.load(CU_Q + seq + 1) - q_start, tl.load(CU_K + seq + 1) - k_start
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -154,6 +186,7 @@ def _attn_fwd_inner(
     lo,
     hi,
     qk_scale,
+    cap_log2,
     seed,
     off_zh,
     drop_threshold,
@@ -171,6 +204,7 @@ def _attn_fwd_inner(
     UPCAST: tl.constexpr,
     POS_SCALE: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
     offs_m = row0 + tl.arange(0, BLOCK_M)  # the tile's query rows
@@ -192,7 +226,7 @@ def _attn_fwd_inner(
         if MASKED:
             # Only the blocks on the window's edges, the causal diagonal or past N_K pay for the mask.
             visible = _visible(offs_m[:, None], cols[None, :], N_K, diag, left, right, MASK_LEFT, MASK_RIGHT, True)
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            qk = tl.where(visible, _scores(qk, qk_scale, cap_log2, SOFTCAP), float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
             m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -203,7 +237,7 @@ def _attn_fwd_inner(
             m_sub = m_ij
             qk = qk * qk_scale
         else:
-            qk = qk * qk_scale
+            qk = _scores(qk, qk_scale, cap_log2, SOFTCAP)
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             m_sub = m_ij
         p = tl.math.exp2(qk - m_sub[:, None])
@@ -233,7 +267,11 @@ def _attn_fwd(
     Out,
     LSE,
     SEED,
+    SINKS,
+    CU_Q,
+    CU_K,
     qk_scale,
+    cap_log2,
     inv_keep,
     drop_threshold,
     stride_qz,
@@ -269,6 +307,9 @@ def _attn_fwd(
     UPCAST: tl.constexpr,
     POS_SCALE: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
@@ -286,6 +327,19 @@ def _attn_fwd(
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
     o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
+    if VARLEN:
+        # off_z is a sequence of a packed batch (the z strides are 0): its rows start at q_start / k_start, the
+        # LSE is (H, total_q) (N_Q came in as total_q), and a tile past the sequence's own rows has no work.
+        lse_row = off_h.to(tl.int64) * N_Q
+        q_start, k_start, N_Q, N_K = _sequence(CU_Q, CU_K, off_z)
+        if first_row >= N_Q:
+            return
+        lse_row += q_start
+        off_zh = off_h  # dropout: positions within the sequence, batch 0 (kernels/varlen.py)
+        q_base += q_start.to(tl.int64) * stride_qm
+        o_base += q_start.to(tl.int64) * stride_om
+        k_base += k_start.to(tl.int64) * stride_kn
+        v_base += k_start.to(tl.int64) * stride_vn
 
     rows = tl.arange(0, BLOCK_M)  # offsets inside the tile; offs_m the absolute query rows
     offs_m = first_row + rows
@@ -314,25 +368,25 @@ def _attn_fwd(
     if MASK_LEFT:  # the window's left edge: blocks that some rows of the tile no longer see
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-            lo, full_lo, qk_scale, seed, off_zh, drop_threshold, N_K, diag, left, right,
+            lo, full_lo, qk_scale, cap_log2, seed, off_zh, drop_threshold, N_K, diag, left, right,
             head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
             DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
-            ROUND_TF32=ROUND_TF32,
+            ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
         )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-        full_lo, full_hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag, left, right,
+        full_lo, full_hi, qk_scale, cap_log2, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
         DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
-        ROUND_TF32=ROUND_TF32,
+        ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
     # The causal diagonal, the window's right edge and the ragged end.
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-        full_hi, hi, qk_scale, seed, off_zh, drop_threshold, N_K, diag, left, right,
+        full_hi, hi, qk_scale, cap_log2, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
         DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, POS_SCALE=POS_SCALE,
-        ROUND_TF32=ROUND_TF32,
+        ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
 
     # Rows that saw no key: output 0 and lse = +inf, so the backward's exp2(s - lse) is 0 there.
@@ -340,9 +394,19 @@ def _attn_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     if DROPOUT:
         acc = acc * inv_keep
-    acc = acc / l_safe[:, None]
+    if HAS_SINKS:
+        # GPT-OSS's sink joins the denominator only: + 2^(sink - m) in the running max's units. The stored
+        # log-sum-exp below leaves it out (the public convention); the backward adds it back on the host.
+        sink = tl.load(SINKS + off_h).to(tl.float32) * 1.4426950408889634
+        acc = acc / tl.where(empty, 1.0, l_i + tl.math.exp2(sink - m_i))[:, None]
+    else:
+        acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(LSE + off_zh.to(tl.int64) * N_Q + offs_m, lse, mask=row_mask)
+    if VARLEN:
+        lse_ptrs = LSE + lse_row + offs_m
+    else:
+        lse_ptrs = LSE + off_zh.to(tl.int64) * N_Q + offs_m
+    tl.store(lse_ptrs, lse, mask=row_mask)
     tl.store(
         o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok,
         _cast(acc, Out.dtype.element_ty, UPCAST),
@@ -373,6 +437,7 @@ def _attn_bwd_dq_inner(
     lo,
     hi,
     qk_scale,
+    cap_log2,
     inv_keep,
     seed,
     off_zh,
@@ -390,6 +455,7 @@ def _attn_bwd_dq_inner(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = q.shape[0]
     offs_m = row0 + tl.arange(0, BLOCK_M)  # the tile's query rows
@@ -410,7 +476,11 @@ def _attn_bwd_dq_inner(
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
         qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if SOFTCAP:
+            t = _tanh(qk * qk_scale)
+            p = tl.math.exp2(t * cap_log2 - lse[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
             visible = _visible(offs_m[:, None], cols[None, :], N_K, diag, left, right, MASK_LEFT, MASK_RIGHT, True)
             p = tl.where(visible, p, 0.0)
@@ -419,6 +489,8 @@ def _attn_bwd_dq_inner(
             keep = _dropout_keep(seed, off_zh, row0, start_n, drop_threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)  # through the cap: d(softcap * tanh(s / softcap)) / ds
         dq = tl.dot(_tf32(ds.to(kT.dtype), ROUND_TF32), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
     return dq
 
@@ -434,8 +506,11 @@ def _attn_bwd_dq(
     LSE,
     DELTA,
     SEED,
+    CU_Q,
+    CU_K,
     softmax_scale,
     qk_scale,
+    cap_log2,
     inv_keep,
     drop_threshold,
     stride_qz,
@@ -478,6 +553,8 @@ def _attn_bwd_dq(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
@@ -487,6 +564,13 @@ def _attn_bwd_dq(
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
     first_row = start_m * BLOCK_M
+    if VARLEN:  # as in the forward
+        lse_row = off_h.to(tl.int64) * N_Q
+        q_start, k_start, N_Q, N_K = _sequence(CU_Q, CU_K, off_z)
+        if first_row >= N_Q:
+            return
+        lse_row += q_start
+        off_zh = off_h
     rows = tl.arange(0, BLOCK_M)  # offsets inside the query tile; offs_m the absolute query rows
     offs_m = first_row + rows
     offs_d = tl.arange(0, BLOCK_D)
@@ -497,19 +581,33 @@ def _attn_bwd_dq(
     do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh + row0 * stride_dom
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
+    if VARLEN:
+        q_base += q_start.to(tl.int64) * stride_qm
+        do_base += q_start.to(tl.int64) * stride_dom
+        k_base += k_start.to(tl.int64) * stride_kn
+        v_base += k_start.to(tl.int64) * stride_vn
     q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qo_mask, other=0.0)
     do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=qo_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + off_zh.to(tl.int64) * N_Q + offs_m, mask=row_mask, other=float("inf"))
+    if VARLEN:
+        lse_ptrs = LSE + lse_row + offs_m
+    else:
+        lse_ptrs = LSE + off_zh.to(tl.int64) * N_Q + offs_m
+    lse = tl.load(lse_ptrs, mask=row_mask, other=float("inf"))
     # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax backward's correction term (O already
     # carries dropout's kept, rescaled weights). Computed here, where dO is loaded anyway, and stored for
     # the dK/dV kernel launched after this one: no separate launch for it.
     o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + row0 * stride_om
+    if VARLEN:
+        o_base += q_start.to(tl.int64) * stride_om
     o = tl.load(o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_ok, mask=qo_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, delta, mask=row_mask)
+    if VARLEN:
+        tl.store(DELTA + lse_row + offs_m, delta, mask=row_mask)
+    else:
+        tl.store(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, delta, mask=row_mask)
     q, do = _tf32(q, ROUND_TF32), _tf32(do, ROUND_TF32)  # after delta, which takes dO as it is
     seed = 0
     if DROPOUT:
@@ -523,24 +621,26 @@ def _attn_bwd_dq(
     if MASK_LEFT:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-            lo, full_lo, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
+            lo, full_lo, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
             head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-            DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32,
+            DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
         )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-        full_lo, full_hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
+        full_lo, full_hi, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=False, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32,
+        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk, first_row, offs_d,
-        full_hi, hi, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
+        full_hi, hi, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_K, diag, left, right,
         head_dim=head_dim, BLOCK_N=BLOCK_N, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32,
+        DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
     )  # fmt: skip
     dq = dq * softmax_scale
     dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh + row0 * stride_dqm
+    if VARLEN:
+        dq_base += q_start.to(tl.int64) * stride_dqm
     tl.store(
         dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,
         _cast(dq, DQ.dtype.element_ty, UPCAST),
@@ -572,6 +672,7 @@ def _attn_bwd_kv_inner(
     hi,
     softmax_scale,
     qk_scale,
+    cap_log2,
     inv_keep,
     seed,
     off_zh,
@@ -592,6 +693,7 @@ def _attn_bwd_kv_inner(
     PER_LANE: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [lo, hi), in the transposed (keys, queries)
     orientation so that dV += P^T dO and dK += dS^T Q need no transposed accumulator. DQ_ATOMIC (the
@@ -616,7 +718,11 @@ def _attn_bwd_kv_inner(
         if UPCAST:
             qT = qT.to(tl.float32)
         qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if SOFTCAP:
+            tT = _tanh(qkT * qk_scale)
+            pT = tl.math.exp2(tT * cap_log2 - lse[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASKED:
             visible = _visible(offs_m[None, :], offs_n[:, None], N_K, diag, left, right, MASK_LEFT, MASK_RIGHT, False)
             pT = tl.where(visible, pT, 0.0)
@@ -640,7 +746,10 @@ def _attn_bwd_kv_inner(
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
             dpT = tl.where(keepT, dpT * inv_keep, 0.0)
-        dsT = _tf32((pT * (dpT - delta[None, :])).to(qT.dtype), ROUND_TF32)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)  # through the cap
+        dsT = _tf32(dsT.to(qT.dtype), ROUND_TF32)
         dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=INPUT_PRECISION)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, D)
@@ -663,8 +772,11 @@ def _attn_bwd_kv(
     LSE,
     DELTA,
     SEED,
+    CU_Q,
+    CU_K,
     softmax_scale,
     qk_scale,
+    cap_log2,
     inv_keep,
     drop_threshold,
     stride_qz,
@@ -713,6 +825,8 @@ def _attn_bwd_kv(
     PER_LANE: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
     ROUND_TF32: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dK and dV of one key/value tile, summed over the query heads of its group in this program. With
     DQ_ATOMIC (the one-pass backward) it also adds each tile's share of dQ (float32, atomics); without,
@@ -720,6 +834,11 @@ def _attn_bwd_kv(
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1)
     off_z = tl.program_id(2)
+    total_q = N_Q
+    if VARLEN:  # as in the forward: a key tile past the sequence's own keys has no work
+        q_start, k_start, N_Q, N_K = _sequence(CU_Q, CU_K, off_z)
+        if start_n >= N_K:
+            return
     cols = tl.arange(0, BLOCK_N)  # offsets inside the key tile; offs_n the absolute key rows
     offs_n = start_n + cols
     offs_d = tl.arange(0, BLOCK_D)
@@ -729,6 +848,9 @@ def _attn_bwd_kv(
     col0 = tl.program_id(0).to(tl.int64) * BLOCK_N
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh + col0 * stride_kn
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh + col0 * stride_vn
+    if VARLEN:
+        k_base += k_start.to(tl.int64) * stride_kn
+        v_base += k_start.to(tl.int64) * stride_vn
     k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
     if UPCAST:
@@ -752,31 +874,38 @@ def _attn_bwd_kv(
         dq_base = DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
         lse_base = LSE + off_zh.to(tl.int64) * N_Q
         delta_base = DELTA + off_zh.to(tl.int64) * N_Q
+        if VARLEN:
+            lse_base = LSE + off_h.to(tl.int64) * total_q + q_start
+            delta_base = DELTA + off_h.to(tl.int64) * total_q + q_start
+            off_zh = off_h  # dropout: positions within the sequence, batch 0
+            q_base += q_start.to(tl.int64) * stride_qm
+            do_base += q_start.to(tl.int64) * stride_dom
+            dq_base += q_start.to(tl.int64) * stride_dqm
         if MASK_RIGHT:  # the causal diagonal / the window's right edge: rows that see part of the tile
             dk, dv = _attn_bwd_kv_inner(
                 dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qm, stride_qk,
                 stride_dom, stride_dok, stride_dqm, stride_dqk, start_n, offs_n, offs_d, lo, full_lo,
-                softmax_scale, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
+                softmax_scale, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
                 head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
                 DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, PER_LANE=PER_LANE,
-                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32,
+                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
             )  # fmt: skip
         dk, dv = _attn_bwd_kv_inner(
             dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qm, stride_qk,
             stride_dom, stride_dok, stride_dqm, stride_dqk, start_n, offs_n, offs_d, full_lo, full_hi,
-            softmax_scale, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
+            softmax_scale, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
             head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=False, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
             DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, PER_LANE=PER_LANE,
-            DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32,
+            DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
         )  # fmt: skip
         if MASK_LEFT:  # the window's left edge: rows that no longer see all of the tile
             dk, dv = _attn_bwd_kv_inner(
                 dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qm, stride_qk,
                 stride_dom, stride_dok, stride_dqm, stride_dqk, start_n, offs_n, offs_d, full_hi, hi,
-                softmax_scale, qk_scale, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
+                softmax_scale, qk_scale, cap_log2, inv_keep, seed, off_zh, drop_threshold, N_Q, N_K, diag, left, right,
                 head_dim=head_dim, BLOCK_M=BLOCK_M, MASKED=True, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
                 DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION, UPCAST=UPCAST, PER_LANE=PER_LANE,
-                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32,
+                DQ_ATOMIC=DQ_ATOMIC, ROUND_TF32=ROUND_TF32, SOFTCAP=SOFTCAP,
             )  # fmt: skip
 
     # dS was taken w.r.t. the scaled scores s = softmax_scale * q.k, hence one more factor here.
@@ -785,6 +914,9 @@ def _attn_bwd_kv(
         dv = dv * inv_keep
     dk_base = DK + off_z.to(tl.int64) * stride_dkz + off_hk.to(tl.int64) * stride_dkh + col0 * stride_dkn
     dv_base = DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh + col0 * stride_dvn
+    if VARLEN:
+        dk_base += k_start.to(tl.int64) * stride_dkn
+        dv_base += k_start.to(tl.int64) * stride_dvn
     tl.store(
         dk_base + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
         _cast(dk, DK.dtype.element_ty, UPCAST),
@@ -856,7 +988,7 @@ _attn_bwd_kv_launcher = Launcher(_attn_bwd_kv)
 
 def _flags(q: torch.Tensor, spec: Spec) -> dict:
     """Run-time window bounds and the constexprs every kernel of one call shares (a fresh dict)."""
-    return dict(_plan(None, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5]))
+    return dict(_plan(None, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5], spec.softcap))
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -865,7 +997,9 @@ def _precision(q: torch.Tensor) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale, window_left, window_right) -> dict:
+def _plan(
+    kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale, window_left, window_right, softcap=0.0
+) -> dict:
     """Everything a launch passes by keyword besides tensors, strides and sizes: the window, the constexprs
     and (for ``kernel``) the config table's tile. Cached: a training step launches the same few kernels with
     the same settings every time, and the host path is what a small call costs (bench/NOTES.md)."""
@@ -885,23 +1019,67 @@ def _plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale,
         # TF32 operands rounded as cuBLAS rounds them (_tf32). On the interpreter too: its dots are exact float32
         # products, which on rounded operands are what the GPU's TF32 tensor cores compute.
         ROUND_TF32=prec == "tf32",
+        SOFTCAP=softcap > 0.0,
     )
     if kernel is not None:
         narrow = mask_left and mask_right and configs.narrow_window(left, right)
         kwargs.update(configs.select(kernel, head_dim, prec, dropout=dropout_p > 0, interpret=INTERPRET, narrow=narrow))
     if kernel == "fwd":
-        kwargs["POS_SCALE"] = softmax_scale > 0
+        kwargs["POS_SCALE"] = softmax_scale > 0 and not softcap  # the cap's tanh does not fold into one FFMA
     return kwargs
 
 
 def _launch_kwargs(kernel: str, q: torch.Tensor, spec: Spec, tile: dict | None) -> dict:
-    kwargs = _plan(kernel, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5])
+    kwargs = _plan(kernel, q.shape[-1], q.dtype, torch.backends.cuda.matmul.allow_tf32, *spec[:5], spec.softcap)
     return {**kwargs, **tile} if tile else kwargs
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile: dict | None = None):
-    """The forward launcher: returns ``(out, lse, seed)``. ``tile`` (BLOCK_M, BLOCK_N, num_warps,
-    num_stages) replaces the config table's row: for the tuning experiments."""
+def _scales(spec: Spec) -> tuple[float, float]:
+    """``(qk_scale, cap_log2)`` for the kernels' ``_scores``: ``softmax_scale * log2(e)`` and None, or with a
+    softcap the tanh's argument scale ``softmax_scale / softcap`` and ``softcap * log2(e)``. What a call does not
+    use is passed as None: Triton compiles a None argument in as a constant, so the kernels without softcap, sinks
+    or a packed batch have the parameter list, and the code, they had before those existed (bench/sm90.py)."""
+    if spec.softcap:
+        return spec.softmax_scale / spec.softcap, spec.softcap * _LOG2E
+    return spec.softmax_scale * _LOG2E, None
+
+
+class Varlen(NamedTuple):
+    """A packed batch (kernels/varlen.py): the launchers then take q, k, v as ``(1, H, total, D)`` views of the
+    ``(total, H, D)`` tensors, run one grid slice per sequence, and lay the log-sum-exp out as ``(1, H, total_q)``
+    (the public ``(H, total_q)``)."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _strides(t: torch.Tensor, varlen: Varlen | None) -> tuple[int, ...]:
+    # A packed batch's programs find their rows through cu_seqlens; the batch stride of the view is never used.
+    return (0, *t.stride()[1:]) if varlen is not None else t.stride()
+
+
+def _grid_batch(B: int, N_Q: int, N_K: int, varlen: Varlen | None) -> tuple[int, int, int]:
+    """(batch programs, query rows, keys) the grids cover: per sequence, up to the longest, with a varlen batch."""
+    if varlen is None:
+        return B, N_Q, N_K
+    return varlen.cu_seqlens_q.shape[0] - 1, varlen.max_seqlen_q, varlen.max_seqlen_k
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: Spec,
+    tile: dict | None = None,
+    *,
+    sinks=None,
+    varlen: Varlen | None = None,
+):
+    """The forward launcher: returns ``(out, lse, seed)``, lse base 2, the sink excluded, +inf for a row that sees
+    no key. ``sinks``: ``(Hq,)`` or None. ``varlen``: a packed batch (``Varlen``). ``tile`` (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) replaces the config table's row: for the tuning experiments."""
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     # Same memory layout as q: for a (B, N, H, D) projection viewed as (B, H, N, D) the output's
@@ -912,14 +1090,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, tile:
     kwargs = _launch_kwargs("fwd", q, spec, tile)
     if kwargs["ROUND_TF32"]:
         q, k, v = round_tf32(q), round_tf32(k), round_tf32(v)
-    grid = (configs.cdiv(N_Q, kwargs["BLOCK_M"]), H, B)
+    programs, rows, _ = _grid_batch(B, N_Q, N_K, varlen)
+    grid = (configs.cdiv(rows, kwargs["BLOCK_M"]), H, programs)
+    cu_q, cu_k = (varlen.cu_seqlens_q, varlen.cu_seqlens_k) if varlen is not None else (None, None)
     _attn_fwd_launcher(
         grid,
-        q, k, v, o, lse, seed,
-        spec.softmax_scale * _LOG2E, keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, o, lse, seed, sinks, cu_q, cu_k,
+        *_scales(spec), keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
         H, H // k.shape[1], N_Q, N_K,
-        **kwargs,
+        **kwargs, HAS_SINKS=sinks is not None, VARLEN=varlen is not None,
     )  # fmt: skip
     return o, lse, seed
 
@@ -930,57 +1110,87 @@ def tile_offsets_fit(t: torch.Tensor) -> bool:
 
 
 def backward(
-    do, q, k, v, o, lse, seed, spec: Spec, tiles: dict | None = None, per_lane_bits: bool | None = None, one_pass=None
+    do,
+    q,
+    k,
+    v,
+    o,
+    lse,
+    seed,
+    spec: Spec,
+    tiles: dict | None = None,
+    per_lane_bits: bool | None = None,
+    one_pass=None,
+    *,
+    sinks=None,
+    varlen: Varlen | None = None,
 ):
-    """The backward launcher: returns ``(dq, dk, dv)``. The two-kernel backward, or the one pass with dQ atomics
-    where ``configs.one_pass_backward`` says it is faster and ``spec.deterministic`` does not forbid it. For the
-    experiments: ``one_pass`` forces a path, ``tiles`` replaces the table's rows by kernel name ("bwd", "dq",
-    "dkdv"), ``per_lane_bits`` the table's choice of how dK/dV computes its dropout bits."""
+    """The backward launcher: returns ``(dq, dk, dv)``, and ``dsinks`` after them when ``sinks`` is given. The
+    two-kernel backward, or the one pass with dQ atomics where ``configs.one_pass_backward`` says it is faster and
+    ``spec.deterministic`` does not forbid it. For the experiments: ``one_pass`` forces a path, ``tiles`` replaces
+    the table's rows by kernel name ("bwd", "dq", "dkdv"), ``per_lane_bits`` the table's choice of how dK/dV
+    computes its dropout bits. ``varlen``: a packed batch, as in ``forward``.
+
+    Sinks: the kernels take the weights' normalizer with the sink in it, ``lse' = log2(2^lse + 2^sink')``
+    (one elementwise op here), and need nothing else: dS = P (dP - delta) holds as it is. The sink's own
+    gradient is ``dsink = -sum over rows of P_sink * delta``, ``P_sink = 2^(sink' - lse')`` (its weight, which
+    multiplies every other weight's derivative), summed here from the delta the kernels wrote."""
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
+    programs, rows, keys = _grid_batch(B, N_Q, N_K, varlen)
     block_d = configs.block_d(D)
     if not tile_offsets_fit(do):
         do = do.contiguous()  # a gradient with absurd strides: a copy beats wrong addresses
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty_like(lse)
+    if sinks is not None:
+        lse = torch.logaddexp2(lse, sinks.float()[None, :, None] * _LOG2E)  # (B, Hq, Nq); +inf stays +inf
     scales = (
         spec.softmax_scale,
-        spec.softmax_scale * _LOG2E,
+        *_scales(spec),
         keep_scale(spec.dropout_p),
         keep_threshold(spec.dropout_p),
     )
     tiles = tiles or {}
     per_lane = block_d <= configs.PER_LANE_BITS_MAX_BLOCK_D if per_lane_bits is None else per_lane_bits
     if one_pass is None:
-        one_pass = not spec.deterministic and configs.one_pass_backward(spec.dropout_p > 0, N_K, D)
+        one_pass = not spec.deterministic and configs.one_pass_backward(spec.dropout_p > 0, keys, D)
     # Gradients in their inputs' layouts; float32 dQ in q's for the one pass (for float32 inputs, dQ itself).
     dq = torch.empty_like(q) if not one_pass else torch.empty_like(q, dtype=torch.float32)
     kernel = "bwd" if one_pass else "dkdv"
     kwargs = _launch_kwargs(kernel, q, spec, tiles.get(kernel))
     if kwargs["ROUND_TF32"]:
         q, k, v, do = round_tf32(q), round_tf32(k), round_tf32(v), round_tf32(do)  # as the forward's inputs
+    cu_q, cu_k = (varlen.cu_seqlens_q, varlen.cu_seqlens_k) if varlen is not None else (None, None)
     if not one_pass:
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
         dq_kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
         _attn_bwd_dq_launcher(
-            (configs.cdiv(N_Q, dq_kwargs["BLOCK_M"]), H, B),
-            q, k, v, o, do, dq, lse, delta, seed, *scales,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+            (configs.cdiv(rows, dq_kwargs["BLOCK_M"]), H, programs),
+            q, k, v, o, do, dq, lse, delta, seed, cu_q, cu_k, *scales,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+            *_strides(do, varlen), *_strides(dq, varlen),
             H, H // H_KV, N_Q, N_K,
-            **dq_kwargs,
+            **dq_kwargs, VARLEN=varlen is not None,
         )  # fmt: skip
     else:
+        # Row by row over (B, H, N_Q): a packed batch's (1, H, total_q) needs no sequence bounds here.
         _attn_bwd_preprocess_launcher(
             (configs.cdiv(N_Q, 64), H, B),
             o, do, dq, delta, *o.stride(), *do.stride(), *dq.stride(), H, N_Q, D,
             BLOCK_D=block_d, BLOCK_M=64,
         )  # fmt: skip
     _attn_bwd_kv_launcher(
-        (configs.cdiv(N_K, kwargs["BLOCK_N"]), H_KV, B),
-        q, k, v, do, dq, dk, dv, lse, delta, seed, *scales,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        (configs.cdiv(keys, kwargs["BLOCK_N"]), H_KV, programs),
+        q, k, v, do, dq, dk, dv, lse, delta, seed, cu_q, cu_k, *scales,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dq, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
         H, H // H_KV, N_Q, N_K,
-        **kwargs, PER_LANE=per_lane, DQ_ATOMIC=one_pass,
+        **kwargs, PER_LANE=per_lane, DQ_ATOMIC=one_pass, VARLEN=varlen is not None,
     )  # fmt: skip
-    return (dq if dq.dtype == q.dtype else dq.to(q.dtype)), dk, dv
+    dq = dq if dq.dtype == q.dtype else dq.to(q.dtype)
+    if sinks is None:
+        return dq, dk, dv
+    p_sink = torch.exp2(sinks.float()[None, :, None] * _LOG2E - lse)  # (B, Hq, Nq); 0 where lse is +inf
+    return dq, dk, dv, (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)

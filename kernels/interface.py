@@ -11,13 +11,24 @@ Everything a call computes besides its tensors travels as one ``Spec``.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
 from . import eager
 from . import flash_attn as fa
-from .checks import MAX_GRID_YZ, autocast_dtype, check_deterministic, check_dropout, check_options, check_qkv
+from .checks import (
+    MAX_GRID_YZ,
+    autocast_dtype,
+    check_deterministic,
+    check_dropout,
+    check_flag,
+    check_options,
+    check_qkv,
+    check_sinks,
+    check_softcap,
+)
 from .flash_attn import Spec
 
 _warned_head_dims: set[int] = set()
@@ -27,18 +38,22 @@ _OPS = "chapter3_flash" if __name__.startswith("chapter3_flash.") else "chapter3
 
 
 class _FlashAttention(torch.autograd.Function):
+    """Returns ``(out, lse)``, lse the kernel's own (base 2, +inf for rows that see no key; no gradient)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, spec: Spec):
-        o, lse, seed = fa.forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, o, lse, seed)
+    def forward(ctx, q, k, v, sinks, spec: Spec):
+        o, lse, seed = fa.forward(q, k, v, spec, sinks=sinks)
+        ctx.save_for_backward(q, k, v, o, lse, seed, sinks)
         ctx.spec = spec
-        return o
+        ctx.mark_non_differentiable(lse)
+        return o, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the backward kernels have no backward: say so, loudly
-    def backward(ctx, do):
-        dq, dk, dv = fa.backward(do, *ctx.saved_tensors, ctx.spec)
-        return dq, dk, dv, None
+    def backward(ctx, do, _dlse):
+        *saved, sinks = ctx.saved_tensors
+        grads = fa.backward(do, *saved, ctx.spec, sinks=sinks)
+        return *grads, *((None,) if sinks is None else ()), None
 
 
 @torch.library.custom_op(f"{_OPS}::attn_fwd", mutates_args=())
@@ -46,18 +61,21 @@ def _attn_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    sinks: torch.Tensor | None,
     causal: bool,
     dropout_p: float,
     softmax_scale: float,
     window_left: int,
     window_right: int,
     deterministic: bool,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fa.forward(q, k, v, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic))
+    spec = Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
+    return fa.forward(q, k, v, spec, sinks=sinks)
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, *spec):
+def _(q, k, v, sinks, *spec):
     B, H, N_Q, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, N_Q), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
 
@@ -71,45 +89,61 @@ def _attn_bwd_op(
     o: torch.Tensor,
     lse: torch.Tensor,
     seed: torch.Tensor,
+    sinks: torch.Tensor | None,
     causal: bool,
     dropout_p: float,
     softmax_scale: float,
     window_left: int,
     window_right: int,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fa.backward(
-        do, q, k, v, o, lse, seed, Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic)
-    )
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and dsinks (an empty tensor without sinks: a custom op returns tensors only)."""
+    spec = Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
+    grads = fa.backward(do, q, k, v, o, lse, seed, spec, sinks=sinks)
+    return grads if sinks is not None else (*grads, q.new_empty(0))
 
 
 @_attn_bwd_op.register_fake
-def _(do, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, o, lse, seed, sinks, *rest):
+    dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *spec = inputs
+    q, k, v, sinks, *spec = inputs
     o, lse, seed = output
-    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.save_for_backward(q, k, v, o, lse, seed, sinks)
     ctx.spec = Spec(*spec)
     ctx.mark_non_differentiable(lse, seed)
 
 
 def _backward(ctx, do, _dlse, _dseed):
-    dq, dk, dv = _attn_bwd_op(do, *ctx.saved_tensors, *ctx.spec)
-    return (dq, dk, dv) + (None,) * len(ctx.spec)
+    q, k, v, o, lse, seed, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = _attn_bwd_op(do, q, k, v, o, lse, seed, sinks, *ctx.spec)
+    return (dq, dk, dv, dsinks if sinks is not None else None) + (None,) * len(ctx.spec)
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention_triton(q, k, v, spec: Spec) -> torch.Tensor:
+def _attention_triton(q, k, v, spec: Spec, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``, lse in the kernel's units (base 2, +inf for rows that see no key)."""
     if torch.compiler.is_compiling():
-        return _attn_fwd_op(q, k, v, *spec)[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FlashAttention.apply(q, k, v, spec)
-    return fa.forward(q, k, v, spec)[0]
+        return _attn_fwd_op(q, k, v, sinks, *spec)[:2]
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        return _FlashAttention.apply(q, k, v, sinks, spec)
+    return fa.forward(q, k, v, spec, sinks=sinks)[:2]
+
+
+_LN2 = math.log(2.0)
+
+
+def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' log-sum-exp (base 2, +inf for a row that sees no key, so that the backward's
+    ``exp2(s - lse)`` is 0 there) as the public one: natural log, -inf for such a row."""
+    return torch.where(lse2 == float("inf"), float("-inf"), lse2 * _LN2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +204,10 @@ def flash_attention(
     window_size: tuple[int, int] = (-1, -1),
     deterministic: bool | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention ``dropout(softmax(q k^T * softmax_scale + mask)) v`` without the N x N matrix.
 
     Args:
@@ -189,9 +226,21 @@ def flash_attention(
             two-kernel one too, except with dropout on short sequences: ``kernels.configs``).
         backend: ``"triton"``, ``"sdpa"`` (PyTorch's fused kernels, any device), ``"torch"`` (the readable
             eager reference) or ``"auto"`` (Triton where it can run, else ``"sdpa"``).
+        softcap: Gemma 2's logit cap: the scaled scores become ``softcap * tanh(scores / softcap)`` before
+            the mask; ``0.0`` (default) caps nothing. Gradients flow through the tanh.
+        sinks: ``(Hq,)`` float tensor or None: GPT-OSS's attention sinks, one learned logit per query head
+            that joins each row's softmax denominator only, ``weights = exp(s - m) / (exp(sink - m) +
+            sum_j exp(s_j - m))``; the weights no longer sum to 1 and a row that sees no key returns zeros.
+            ``sinks`` gets a gradient, ``-sum over rows of P_sink * rowsum(dO * O)``.
+        return_lse: also return the log-sum-exp (below).
 
     Returns:
-        ``(B, Hq, Nq, D)`` in q's dtype (and, on the Triton path, q's memory layout).
+        ``(B, Hq, Nq, D)`` in q's dtype (and, on the Triton path, q's memory layout). With ``return_lse``
+        ``(out, lse)``: lse ``(B, Hq, Nq)`` float32, the natural log of ``sum_j exp(s_j)`` over the keys the row
+        sees, ``s`` the scaled (and capped) scores; ``-inf`` for a row that sees no key; no gradient (as
+        FlashAttention's). The sink is NOT in it (FlashAttention's convention): the lse of a call with sinks is
+        the lse of the same call without, so partial results merge as usual, and the sink is applied once
+        after merging, ``out_with_sink = out * sigmoid(lse - sink)``.
     """
     # Checked as given (an int64 q is refused), then cast: like scaled_dot_product_attention, attention runs in
     # autocast's lower precision.
@@ -199,22 +248,37 @@ def flash_attention(
     window = check_options(causal, softmax_scale, window_size, backend)
     dropout_p = check_dropout(dropout_p)
     deterministic = check_deterministic(deterministic)
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, q.shape[1], q.device)
+    check_flag("return_lse", return_lse)
     dtype = autocast_dtype(q)
     if dtype is not None:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    spec = Spec(causal, dropout_p, scale, window[0], window[1], deterministic)
+    spec = Spec(causal, dropout_p, scale, window[0], window[1], deterministic, softcap)
     if q.device.type == "meta":
-        return eager.shape_only(q, k, v)  # shape inference, as scaled_dot_product_attention gives on meta
+        out = eager.shape_only(q, k, v)  # shape inference, as scaled_dot_product_attention gives on meta
+        return (out, q.new_empty(q.shape[:3], dtype=torch.float32)) if return_lse else out
     path = choose_path(q, backend)
     if path == "triton":
         _check_triton_limits(q, k, v)
     if q.numel() == 0 or k.shape[2] == 0 or spec.dropout_p == 1.0:
         # No query, no key, or every weight dropped (nn.Dropout(1.0)): zeros, with zero gradients for q, k and v
-        # (not None: an optimizer skips a parameter whose gradient is None), on every path.
-        return eager.zeros_attention(q, k, v)
+        # (not None: an optimizer skips a parameter whose gradient is None), on every path; the sinks' too.
+        out = eager.zeros_attention(q, k, v, sinks)
+        if not return_lse:
+            return out
+        if q.numel() == 0 or k.shape[2] == 0:
+            return out, q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)  # no key (or query): -inf
+        with torch.no_grad():  # dropout 1: the lse does not depend on dropout (and carries no gradient)
+            lse = flash_attention(
+                q, k, v, causal=causal, softmax_scale=scale, window_size=window, backend=path, softcap=softcap,
+                return_lse=True,
+            )[1]  # fmt: skip
+        return out, lse
     if path == "torch":
-        return eager.attention_reference(q, k, v, spec)
+        return eager.attention_reference(q, k, v, spec, sinks, return_lse)
     if path == "sdpa":
-        return eager.attention_sdpa(q, k, v, spec)
-    return _attention_triton(q, k, v, spec)
+        return eager.attention_sdpa(q, k, v, spec, sinks, return_lse)
+    out, lse = _attention_triton(q, k, v, spec, sinks)
+    return (out, natural_lse(lse)) if return_lse else out

@@ -322,3 +322,67 @@ def assert_same_outputs_and_grads(ours, theirs, *inputs, tol: dict) -> None:
     torch.testing.assert_close(xa.grad, xb.grad, **tol)
     for (name, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Softcap, sinks, the log-sum-exp and packed (varlen) batches: a reference of its own
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_ref(q, k, v, *, causal, scale=None, window=(-1, -1), softcap=0.0, sinks=None):
+    """One problem (B, H, N, D), written out from the definitions, apart from kernels/: grouped heads by
+    repetition, bottom-right alignment (query i at position i + Nk - Nq), the window, Gemma 2's cap, GPT-OSS's
+    sink in the denominator. Computes in the inputs' dtype (softmax in float32 for half inputs, as PyTorch
+    users write it; float64 in, float64 throughout). Returns (out, lse): lse the natural log-sum-exp of the
+    visible capped scores (sink excluded), -inf for a row that sees no key."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, Nk, D)
+    v = v.repeat_interleave(H // Hkv, dim=1)
+    s = (q @ k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq)  # (Nq, 1)
+    key = torch.arange(Nk, device=q.device)[None, :]  # (1, Nk)
+    left, right = window
+    right = 0 if causal else right
+    seen = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
+    if right >= 0:
+        seen &= key <= pos + right
+    if left >= 0:
+        seen &= key >= pos - left
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = s.to(work).masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, Nq)
+    m = torch.maximum(lse, sinks.to(work)[None, :, None]) if sinks is not None else lse
+    m = torch.where(torch.isinf(m), 0.0, m).detach()  # a row with no key and no sink: weights 0 below
+    num = torch.exp(s - m[..., None])  # (B, H, Nq, Nk)
+    den = num.sum(-1, keepdim=True)
+    if sinks is not None:
+        den = den + torch.exp(sinks.to(work)[None, :, None, None] - m[..., None])
+    w = num / torch.where(den == 0, 1.0, den)
+    return (w.to(q.dtype) @ v), lse.detach().float()
+
+
+def varlen_ref(q, k, v, cu_q, cu_k, **kw):
+    """The packed call sequence by sequence through ``attention_ref``: q (total_q, Hq, D), k, v (total_k, Hkv,
+    D); returns (out (total_q, Hq, D), lse (Hq, total_q))."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        qb = q[cq[b] : cq[b + 1]].transpose(0, 1)[None]  # (1, Hq, n, D)
+        kb = k[ck[b] : ck[b + 1]].transpose(0, 1)[None]
+        vb = v[ck[b] : ck[b + 1]].transpose(0, 1)[None]
+        o, lse = attention_ref(qb, kb, vb, **kw)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:
+    """int32 (B + 1,) running sums of ``lengths`` from 0."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=device)
