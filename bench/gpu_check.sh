@@ -22,6 +22,10 @@
 #   append    a decode step that appends its token: in the decode kernel (one launch) against its own kernel
 #   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included, and a
 #             host profile of ours through the book's loop
+#   gluon     the Gluon forward (bench/gluon_attention.py, opt-in, never run on hardware): its exactness tests first,
+#             and only if they pass, its timings against our pointer forward and SDPA cuDNN / flash (bf16 causal,
+#             D 64 / 128, N 1k-16k); last of the default STAGES, after limits that already fill a 600 s call, so
+#             in practice a call of its own: STAGES=gluon
 #   hf        a Llama-3.2-1B-shaped HF model on attention.hf against HF's sdpa and eager: a packed 8x2048 bf16
 #             training step (and the documents padded), generation at batch 1 and 8 (bench/hf.py); not in the
 #             default STAGES, whose limits already fill a 600 s call: a call of its own, STAGES=hf
@@ -36,7 +40,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-"launch tests host sweep window tune e2e dropout decode splits append generate"}
+STAGES=${STAGES:-"launch tests host sweep window tune e2e dropout decode splits append generate gluon"}
 RES="$OUT/results"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -76,8 +80,10 @@ else
   echo "== launch failed: the defaults (JIT dispatch, separate append) for every stage below" | tee -a "$OUT/summary.log"
 fi
 
+# The Gluon forward's tests run in their own stage (gluon, below): a hang there (a wrong barrier phase) must not
+# cost this stage its time.
 # shellcheck disable=SC2086
-stage tests "${TESTS_LIMIT:-105}" $PY -m pytest ${TESTS:-tests} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
+stage tests "${TESTS_LIMIT:-105}" $PY -m pytest ${TESTS:-tests --ignore=tests/bench/test_gluon_attention.py} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
   -p no:benchmark
 grep -E "(FAILED|ERROR) " "$RES/tests.log" | head -20 | tee -a "$OUT/summary.log"
 stage host "${HOST_LIMIT:-40}" $PY -m bench.host --parts "${HOST_PARTS:-host}" --json "$RES/host.json"
@@ -93,6 +99,10 @@ stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json"
 stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json"
 stage append "${APPEND_LIMIT:-15}" $PY -m bench.decode --append --json "$RES/append.json"
 stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
+# The Gluon forward: a wrong result (barrier phases, TMA boxes: nothing an offline compile can check) stops the stage
+# before any timing. A hung kernel never returns to Python, so the per-test timeout uses a thread, not a signal.
+stage gluon "${GLUON_LIMIT:-240}" bash -c "$PY -m pytest tests/bench/test_gluon_attention.py -n 8 -p no:cacheprovider \
+  --timeout 120 --timeout-method thread -rfE --tb=short -p no:benchmark && $PY -m bench.gluon_attention --json '$RES/gluon.json'"
 stage hf "${HF_LIMIT:-240}" $PY -m bench.hf --json "$RES/hf.json"
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
