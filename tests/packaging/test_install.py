@@ -9,6 +9,7 @@ orders, and both must import and work afterwards. Needs the package index (PyPI)
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 import venv
 from pathlib import Path
@@ -81,3 +82,28 @@ def test_installs_beside_hugging_face_kernels(tmp_path, ours_first):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().startswith(site), proc.stdout
+
+
+def test_the_bare_name_in_a_checkout_serves_hugging_face_and_us():
+    # From a checkout's root the folder kernels/ is importable by its bare name, which is Hugging Face's package's
+    # too (transformers imports it): the name goes to Hugging Face's package where installed, our names added.
+    code = (
+        "import kernels\n"
+        "from kernels import flash_attention\n"
+        "import chapter3_flash.kernels as ours\n"
+        "assert flash_attention is ours.flash_attention\n"
+        "print(kernels.__file__, hasattr(kernels, 'get_kernel'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path, has_hub_api = proc.stdout.split()
+    try:
+        import importlib.metadata
+
+        importlib.metadata.version("kernels")
+        hub_installed = True
+    except importlib.metadata.PackageNotFoundError:
+        hub_installed = False
+    assert (has_hub_api == "True") == hub_installed, proc.stdout
+    assert (path != str(ROOT / "kernels" / "__init__.py")) == hub_installed, proc.stdout
