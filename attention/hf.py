@@ -311,6 +311,12 @@ def _ragged(queries, keys, lens_q, lens_k, max_q: int, max_k: int) -> Ragged:
 # ----------------------------------------------------------------------------------------------
 
 
+def _decode_backend() -> str:
+    """The layers' backend for the decode function, whose PyTorch path is named "torch" ("sdpa" too on main)."""
+    backend = fused.current_backend()
+    return "torch" if backend == "sdpa" else backend
+
+
 def _kernel_options(scaling, softcap, sinks) -> dict:
     """softcap and sinks only when set, so a model without them runs on any kernel version."""
     options = {"softmax_scale": None if scaling is None else float(scaling)}
@@ -479,7 +485,7 @@ def attention_forward(
             cache_leftpad=layout.leftpad,
             causal=layout.causal,
             window_size=layout.window,
-            backend=fused.current_backend(),  # main: the decode function takes "sdpa" too
+            backend=_decode_backend(),
             **options,
         )
     elif _DECODE_TAKES_ALL or len(options) == 1:  # the decode kernel takes every option given
