@@ -22,6 +22,8 @@
 #   append    a decode step that appends its token: in the decode kernel (one launch) against its own kernel
 #   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included, and a
 #             host profile of ours through the book's loop
+#   varlen    packed batches (issue 26): flash_attention_varlen against the padded batch, each sequence alone,
+#             SDPA with the mask and FlexAttention's document mask; softcap and lse costs (bench/varlen.py)
 #   kernels   the compiler's registers and spills on the real GPU (bench/kernel_report.py)
 #   sanitizer compute-sanitizer memcheck on ragged / grouped / dropout / decode launches
 #
@@ -90,6 +92,8 @@ stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json"
 stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json"
 stage append "${APPEND_LIMIT:-15}" $PY -m bench.decode --append --json "$RES/append.json"
 stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
+# Not in the default STAGES (their limits already fill the call): STAGES="varlen" for issue 26's packed batches.
+stage varlen "${VARLEN_LIMIT:-90}" $PY -m bench.varlen --json "$RES/varlen.json"
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"
