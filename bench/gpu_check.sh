@@ -2,8 +2,9 @@
 # Everything pending on a GPU, in one call on a GPU machine (the device tool), in order of importance, each
 # stage under its own time limit and its results saved as it goes (a stage cut short keeps what it measured):
 #
-#   launch    direct launches against the JIT's, bit for bit, and the decode kernel's append (if they disagree,
-#             every later stage runs with KERNELS_DIRECT_LAUNCH=0)
+#   launch    direct launches against the JIT's, bit for bit, and the decode kernel's append (both off by default
+#             until a run passes this stage; if it passes, every later stage runs with KERNELS_DIRECT_LAUNCH=1 and
+#             KERNELS_FUSED_APPEND=1, so their timings are those of the candidate defaults)
 #   tests     the GPU suite: compiled kernels (both backwards, windows, decode, the Hopper forward experiments,
 #             TF32 against cuBLAS), the benchmarks' smoke runs with real CUDA graphs
 #   host      host path per call at the GPT-2 shape, ours also through the JIT's dispatch (measured /
@@ -21,6 +22,8 @@
 #   append    a decode step that appends its token: in the decode kernel (one launch) against its own kernel
 #   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included, and a
 #             host profile of ours through the book's loop
+#   varlen    packed batches (issue 26): flash_attention_varlen against the padded batch, each sequence alone,
+#             SDPA with the mask and FlexAttention's document mask; softcap and lse costs (bench/varlen.py)
 #   hf        a Llama-3.2-1B-shaped HF model on attention.hf against HF's sdpa and eager: a packed 8x2048 bf16
 #             training step (and the documents padded), generation at batch 1 and 8 (bench/hf.py); not in the
 #             default STAGES, whose limits already fill a 600 s call: a call of its own, STAGES=hf
@@ -63,12 +66,16 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $RES/NAME.
 }
 
 # First: the direct launches (kernels/launch.py) against the JIT's, bit for bit, and the decode kernel's append.
-# Every stage below launches directly; if a test fails (exit 1, not a time-out), the rest runs through the JIT.
+# If every test passes, every stage below launches directly and appends inside the decode kernel (the candidate
+# defaults); otherwise the rest runs with the defaults (the JIT's dispatch, the separate append).
 stage launch "${LAUNCH_LIMIT:-45}" $PY -m pytest tests/kernels/test_launch.py tests/kernels/test_decode.py -n 16 \
   -p no:cacheprovider --timeout 60 -rfE --tb=short -p no:benchmark
-if [ $? -eq 1 ]; then
-  export KERNELS_DIRECT_LAUNCH=0
-  echo "== launch failed: KERNELS_DIRECT_LAUNCH=0 for every stage below" | tee -a "$OUT/summary.log"
+if [ $? -eq 0 ]; then
+  export KERNELS_DIRECT_LAUNCH=1 KERNELS_FUSED_APPEND=1
+  echo "== launch passed: KERNELS_DIRECT_LAUNCH=1 KERNELS_FUSED_APPEND=1 for every stage below" | tee -a "$OUT/summary.log"
+else
+  export KERNELS_DIRECT_LAUNCH=0 KERNELS_FUSED_APPEND=0
+  echo "== launch failed: the defaults (JIT dispatch, separate append) for every stage below" | tee -a "$OUT/summary.log"
 fi
 
 # shellcheck disable=SC2086
@@ -88,6 +95,8 @@ stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json"
 stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json"
 stage append "${APPEND_LIMIT:-15}" $PY -m bench.decode --append --json "$RES/append.json"
 stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
+# Not in the default STAGES (their limits already fill the call): STAGES="varlen" for issue 26's packed batches.
+stage varlen "${VARLEN_LIMIT:-90}" $PY -m bench.varlen --json "$RES/varlen.json"
 stage hf "${HF_LIMIT:-240}" $PY -m bench.hf --json "$RES/hf.json"
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py

@@ -68,8 +68,9 @@ def attention_reference(q, k, v, spec, sinks=None, return_lse: bool = False):
         weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :N_K]  # (B, Hq, Nq, Nk)
     else:
         weights = torch.softmax(scores, dim=-1)
-        # Rows that see no key: softmax gives NaN; the kernel's answer is zeros.
-        weights = torch.nan_to_num(weights, nan=0.0)
+        # Rows that see no key: softmax gives NaN; the kernel's answer is zeros. Only those rows: a NaN or Inf in
+        # the inputs propagates as it does through the chapter's layer.
+        weights = weights.masked_fill(~seen.any(-1, keepdim=True), 0.0)
     if spec.dropout_p > 0.0:
         weights = F.dropout(weights, p=spec.dropout_p, training=True)
     out = torch.matmul(weights, v.to(compute)).to(q.dtype)  # (B, Hq, Nq, D)
@@ -90,6 +91,57 @@ def _first_seeing_row(n_q: int, n_k: int, spec) -> int:
     return min(n_q, max(0, n_q - n_k - right)) if mask_right else 0
 
 
+class _Zeros(torch.autograd.Function):
+    """Zeros shaped like q, with zero (not None) gradients for q, k, v and the sinks (when given)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks=None):
+        ctx.shapes = [(t.shape, t.dtype, t.device) if t is not None else None for t in (k, v, sinks)]
+        return torch.zeros_like(q)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (
+            torch.zeros_like(dout),
+            *(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2]) for s in ctx.shapes),
+        )
+
+
+def zeros_attention(q, k, v, sinks=None) -> torch.Tensor:
+    """The answer when no weight survives (no query, no key, dropout_p 1): zeros, and zero gradients for all three
+    inputs and the sinks (an optimizer skips a parameter whose gradient is None, where the book's layer gives
+    zeros)."""
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        return _Zeros.apply(q, k, v, sinks)
+    return torch.zeros_like(q)
+
+
+def shape_only(q, k, v) -> torch.Tensor:
+    """Meta tensors: the output's shape and dtype, as scaled_dot_product_attention infers them (gradients too)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Zeros.apply(q, k, v)
+    return torch.empty_like(q)
+
+
+def may_hide_nonfinite(q, k, spec) -> bool:
+    """Whether PyTorch's fused CPU attention could turn a NaN or Inf of the inputs into zeros: it returns zeros for
+    a row whose scores are all NaN or -inf, where the chapter's softmax gives NaN. That needs a non-finite query
+    row or a non-finite first visible key (a row whose first key is finite has a finite or +inf score, which the
+    fused kernel propagates as the chapter does). Checked with one read of q and of those keys (a float32 sum is
+    finite exactly when no element is NaN or Inf, barring overflow, which only sends a call the exact way)."""
+    if not torch.isfinite(q.sum(dtype=torch.float32)):
+        return True
+    n_q, n_k = q.shape[2], k.shape[2]
+    mask_left, _, left, _ = window_flags(spec.causal, _window(spec))
+    if not mask_left:
+        firsts = k[:, :, :1]  # every row's first visible key is key 0
+    else:
+        rows = torch.arange(n_q) + (n_k - n_q) - left
+        firsts = k[:, :, rows.clamp(0, n_k - 1).unique().to(k.device)]  # (B, Hkv, <= Nq, D)
+    return not torch.isfinite(firsts.sum(dtype=torch.float32))
+
+
 def attention_sdpa(q, k, v, spec, sinks=None, return_lse: bool = False):
     """PyTorch's fused attention with our semantics (see the module docstring); ``(out, lse)`` with
     ``return_lse``."""
@@ -103,10 +155,15 @@ def attention_sdpa(q, k, v, spec, sinks=None, return_lse: bool = False):
     if first == N_Q or q.numel() == 0 or spec.dropout_p == 1.0:
         # No row sees a key, nothing to compute, or every weight dropped (nn.Dropout(1.0); SDPA's own dropout
         # would scale by 1 / 0): zeros, and zero gradients.
-        return q.mul(0.0)
+        return zeros_attention(q, k, v)
     q_seen = q[:, :, first:]  # (B, Hq, Nq - first, D): a view
     mask_left, mask_right, _, right = window_flags(spec.causal, _window(spec))
-    if spec.dropout_p > 0.0 and q.device.type != "cuda":
+    if q.device.type != "cuda" and may_hide_nonfinite(q_seen, k, spec):
+        # A NaN or Inf where the fused kernel would return zeros: the exact chunked path, whose arithmetic is the
+        # chapter's (a row that sees a NaN is NaN).
+        seed = _draw_seed(q.device) if spec.dropout_p > 0 else 0
+        out, _ = _ChunkedAttention.apply(q_seen, k, v, spec, seed, None)
+    elif spec.dropout_p > 0.0 and q.device.type != "cuda":
         if q_seen.shape[0] * q_seen.shape[1] * q_seen.shape[2] * N_K <= SMALL_DROPOUT_ELEMENTS:
             out = _math_dropout(q_seen, k, v, spec, first, masked=mask_left or mask_right)
         else:
@@ -193,9 +250,7 @@ def _attention_chunked(q, k, v, spec, sinks, return_lse: bool, first: int):
     the rows before it return zeros and a log-sum-exp of -inf."""
     B, H, N_Q, _ = q.shape
     if first == N_Q or q.numel() == 0:
-        out = q.mul(0.0)
-        if sinks is not None:
-            out = out + sinks.sum().to(out.dtype) * 0.0  # zero gradients for the sinks, not None
+        out = zeros_attention(q, k, v, sinks)  # zero gradients, the sinks' too
         lse = q.new_full((B, H, N_Q), float("-inf"), dtype=torch.float32)
     else:
         seed = _draw_seed(q.device) if spec.dropout_p > 0.0 else 0

@@ -33,63 +33,23 @@ import os
 
 import torch
 
+from . import eager, interface
 from . import flash_attn as fa
-from . import interface
+from .checks import (
+    MAX_GRID_YZ,
+    autocast_dtype,
+    check_cu_seqlens_values,
+    check_deterministic,
+    check_dropout,
+    check_flag,
+    check_options,
+    check_sinks,
+    check_softcap,
+    check_varlen,
+)
 from .flash_attn import Spec, Varlen
 
 CHECK_CU_SEQLENS = os.environ.get("KERNELS_CHECK_CU_SEQLENS", "0") == "1"
-
-
-def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
-    """Everything about the packed inputs that costs no device sync (see the module docstring); the values of
-    ``cu_seqlens`` where they are on the host or ``CHECK_CU_SEQLENS`` is set."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have rank 3 (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    # The dense checks on (1, H, total, D) views: dtypes, devices, head counts and head dims, same words.
-    interface.check_qkv(*(t.transpose(0, 1)[None] for t in (q, k, v)))
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, torch.Tensor):
-            raise TypeError(f"{name} must be an int32 torch.Tensor of shape (B + 1,), got {type(cu).__name__}")
-        if cu.dtype != torch.int32:
-            raise TypeError(f"{name} must have dtype torch.int32 (FlashAttention's), got {cu.dtype}")
-        if cu.dim() != 1 or cu.numel() < 1:
-            raise ValueError(f"{name} must have shape (B + 1,) with B >= 0, got {tuple(cu.shape)}")
-        if cu.device != q.device:
-            raise ValueError(f"{name} is on {cu.device}, q on {q.device}")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(
-            f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} must describe "
-            "the same number of sequences"
-        )
-    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int):
-            raise TypeError(f"{name} must be an int, got {m!r}")
-        if m < 0:
-            raise ValueError(f"{name} must be >= 0, got {m}")
-    if q.device.type == "cpu" or CHECK_CU_SEQLENS:
-        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], max_seqlen_q)
-        check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k.tolist(), k.shape[0], max_seqlen_k)
-
-
-def check_cu_seqlens_values(name: str, values: list[int], total: int, max_seqlen: int) -> None:
-    """A ValueError naming the values unless ``values`` (a ``cu_seqlens`` read on the host) starts at 0, never
-    decreases, ends at ``total`` and holds no sequence longer than ``max_seqlen``."""
-    if values[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {values[0]} ({name} = {values})")
-    lengths = [b - a for a, b in zip(values, values[1:])]
-    if any(n < 0 for n in lengths):
-        i = next(i for i, n in enumerate(lengths) if n < 0)
-        raise ValueError(f"{name} must not decrease: {values[i]} then {values[i + 1]} at sequence {i}")
-    if values[-1] != total:
-        raise ValueError(f"{name} must end at the token count {total}, got {values[-1]}")
-    longest = max(lengths, default=0)
-    if longest > max_seqlen:
-        raise ValueError(f"{name} holds a sequence of {longest} tokens, longer than max_seqlen {max_seqlen}")
 
 
 def flash_attention_varlen(
@@ -126,27 +86,27 @@ def flash_attention_varlen(
         ``(total_q, Hq, D)`` in q's dtype; with ``return_lse`` ``(out, lse)``, lse ``(Hq, total_q)`` float32 with
         ``flash_attention``'s meaning (natural log, sink excluded, -inf for a row that sees no key).
     """
-    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)  # as flash_attention: attention in autocast's precision
-        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
-    check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    window = interface.check_options(causal, softmax_scale, window_size, backend)
-    interface._check_dropout(dropout_p)
-    softcap = interface.check_softcap(softcap)
-    interface.check_sinks(sinks, q.shape[1], q.device)
-    interface.check_flag("return_lse", return_lse)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    elif not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool or None, got {deterministic!r}")
+    check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        check_values=isinstance(q, torch.Tensor) and q.device.type == "cpu" or CHECK_CU_SEQLENS,
+    )  # fmt: skip
+    window = check_options(causal, softmax_scale, window_size, backend)
+    dropout_p = check_dropout(dropout_p)
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, q.shape[1], q.device)
+    check_flag("return_lse", return_lse)
+    deterministic = check_deterministic(deterministic)
+    dtype = autocast_dtype(q)  # as flash_attention: checked as given, then attention in autocast's precision
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    spec = Spec(causal, float(dropout_p), scale, window[0], window[1], deterministic, softcap)
+    spec = Spec(causal, dropout_p, scale, window[0], window[1], deterministic, softcap)
     path = interface.choose_path(_view(q), backend)
     if path == "triton":
         interface._check_triton_limits(_view(q), _view(k), _view(v))
         n_seq = cu_seqlens_q.shape[0] - 1
-        if n_seq > fa.MAX_GRID_YZ:
-            raise ValueError(f"{n_seq} sequences: the Triton kernels take at most {fa.MAX_GRID_YZ}")
+        if n_seq > MAX_GRID_YZ:
+            raise ValueError(f"{n_seq} sequences: the Triton kernels take at most {MAX_GRID_YZ}")
         return _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse)
     return _varlen_per_sequence(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse, path
@@ -184,9 +144,7 @@ def _varlen_per_sequence(
             lses.append(lse[0])  # (Hq, n)
         outs.append(out[0].transpose(0, 1))  # (n, Hq, D)
     if not outs:  # no sequence has a query: total_q is 0
-        out = q.mul(0.0)
-        if sinks is not None:
-            out = out + sinks.sum().to(out.dtype) * 0.0  # zero gradients for the sinks, not None
+        out = eager.zeros_attention(q, k, v, sinks)
         lse = q.new_empty((H, total_q), dtype=torch.float32)
     else:
         out = torch.cat(outs, dim=0)  # (total_q, Hq, D)
@@ -236,9 +194,7 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     sequences); a program whose tile lies past its sequence's own rows returns at once (kernels/flash_attn.py)."""
     total_q, H = q.shape[0], q.shape[1]
     if total_q == 0 or k.shape[0] == 0 or max_seqlen_q == 0:
-        out = q.mul(0.0)  # no query, or no key anywhere: zeros (and zero gradients), lse -inf
-        if sinks is not None:
-            out = out + sinks.sum().to(out.dtype) * 0.0
+        out = eager.zeros_attention(q, k, v, sinks)  # no query, or no key anywhere: zeros (and zero gradients)
         lse = q.new_full((H, total_q), float("-inf"), dtype=torch.float32)
         return (out, lse) if return_lse else out
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
