@@ -35,7 +35,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from chapter3_flash.kernels import flash_attention, flash_attention_with_kvcache
+from chapter3_flash.kernels import checks, flash_attention, flash_attention_with_kvcache
 
 from . import fused
 
@@ -432,6 +432,9 @@ def attention_forward(
             "attention.hf: output_attentions=True needs the attention weights, which the chapter3 kernels never "
             "form; run this call with attn_implementation='eager'"
         )
+    # The front door first: HF's tensors and dropout as the kernels take them, before any slicing or gathering.
+    checks.check_qkv(query, key, value)
+    dropout = checks.check_dropout(dropout)
     sinks = kwargs.pop("s_aux", None)
     if attention_mask is not None and not isinstance(attention_mask, Layout):
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap, sinks, **kwargs)

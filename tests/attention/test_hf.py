@@ -417,3 +417,19 @@ def test_mask_recipes_are_read_and_checked_against_hf():
     assert hf._pattern_holds(bidirectional, pattern, **{**args, "q_offset": 0, "q_length": 30})
     chunked = mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))
     assert not hf._read_pattern(chunked, mu, hf._Pattern())  # chunked attention: not a recipe the kernels take
+
+
+def test_bad_calls_are_refused_naming_the_values():
+    """The attention function's front door: HF's tensors, dropout and the mask's shape checked before any work."""
+    module = build("llama").model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        hf.attention_forward(module, q, k.numpy(), k, None)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        hf.attention_forward(module, q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), None)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        hf.attention_forward(module, q, k, k, None, dropout=1.5)
+    with pytest.raises(ValueError, match="9 queries"):
+        hf.attention_forward(module, q, k, k, hf.Layout(True, (-1, -1), 9, 8))
+    with pytest.raises(ValueError, match="sliding_window=4"):
+        hf.attention_forward(module, q, k, k, hf.Layout(True, (-1, -1), 8, 8), sliding_window=4)
