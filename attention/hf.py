@@ -30,7 +30,11 @@ transformers is an optional dependency (``pip install .[hf]``) imported only whe
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import inspect
+import os
+import sys
 import warnings
 
 import torch
@@ -509,6 +513,37 @@ def attention_forward(
     return out.transpose(1, 2), None  # (B, Nq, Hq, D)
 
 
+def _load_hub_kernels_first() -> None:
+    """In a checkout of this repository whose root is on sys.path (tests and benchmarks run from there), the
+    folder ``kernels/`` (ours, installed as ``chapter3_flash.kernels``) shadows Hugging Face's top-level package
+    ``kernels``, which transformers 5 installs and imports (``from kernels import get_kernel``, ...): transformers
+    would fail to import. Import Hugging Face's first, from the rest of sys.path, where it is installed; an
+    installed copy of this project (no ``kernels/`` on sys.path) needs nothing."""
+    if "kernels" in sys.modules:
+        return
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # attention/.. : the checkout's root
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or os.path.dirname(os.path.dirname(spec.origin)) != checkout:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != checkout]
+    try:
+        importlib.import_module("kernels")  # Hugging Face's, where installed
+    except ImportError:
+        pass  # not installed: transformers finds no version for our folder and leaves hub kernels off
+    finally:
+        sys.path[:] = saved
+
+
+def import_transformers():
+    """``import transformers`` (ImportError where it is not installed), safe from a checkout's root: see
+    ``_load_hub_kernels_first``. Tests and benchmarks import it through here."""
+    _load_hub_kernels_first()
+    import transformers
+
+    return transformers
+
+
 def register(name: str = DEFAULT_NAME) -> str:
     """Register the chapter3 attention and mask functions with transformers under ``name`` (idempotent); returns
     the name for ``model.set_attn_implementation(name)`` or ``from_pretrained(..., attn_implementation=name)``."""
@@ -519,8 +554,9 @@ def register(name: str = DEFAULT_NAME) -> str:
             f"name {name!r} contains 'flash': transformers would take it for a hub FlashAttention kernel; pick "
             "another (the default is 'chapter3')"
         )
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    transformers = import_transformers()
+    AttentionInterface = transformers.AttentionInterface
+    AttentionMaskInterface = transformers.masking_utils.AttentionMaskInterface
 
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, _mask)
