@@ -30,12 +30,16 @@ transformers is an optional dependency (``pip install .[hf]``) imported only whe
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import inspect
+import os
+import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
-from chapter3_flash.kernels import flash_attention, flash_attention_with_kvcache
+from chapter3_flash.kernels import checks, flash_attention, flash_attention_with_kvcache
 
 from . import fused
 
@@ -311,6 +315,12 @@ def _ragged(queries, keys, lens_q, lens_k, max_q: int, max_k: int) -> Ragged:
 # ----------------------------------------------------------------------------------------------
 
 
+def _decode_backend() -> str:
+    """The layers' backend for the decode function, whose PyTorch path is named "torch" ("sdpa" too on main)."""
+    backend = fused.current_backend()
+    return "torch" if backend == "sdpa" else backend
+
+
 def _kernel_options(scaling, softcap, sinks) -> dict:
     """softcap and sinks only when set, so a model without them runs on any kernel version."""
     options = {"softmax_scale": None if scaling is None else float(scaling)}
@@ -426,6 +436,9 @@ def attention_forward(
             "attention.hf: output_attentions=True needs the attention weights, which the chapter3 kernels never "
             "form; run this call with attn_implementation='eager'"
         )
+    # The front door first: HF's tensors and dropout as the kernels take them, before any slicing or gathering.
+    checks.check_qkv(query, key, value)
+    dropout = checks.check_dropout(dropout)
     sinks = kwargs.pop("s_aux", None)
     if attention_mask is not None and not isinstance(attention_mask, Layout):
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap, sinks, **kwargs)
@@ -479,7 +492,7 @@ def attention_forward(
             cache_leftpad=layout.leftpad,
             causal=layout.causal,
             window_size=layout.window,
-            backend=fused.current_backend(),  # main: the decode function takes "sdpa" too
+            backend=_decode_backend(),
             **options,
         )
     elif _DECODE_TAKES_ALL or len(options) == 1:  # the decode kernel takes every option given
@@ -500,6 +513,37 @@ def attention_forward(
     return out.transpose(1, 2), None  # (B, Nq, Hq, D)
 
 
+def _load_hub_kernels_first() -> None:
+    """In a checkout of this repository whose root is on sys.path (tests and benchmarks run from there), the
+    folder ``kernels/`` (ours, installed as ``chapter3_flash.kernels``) shadows Hugging Face's top-level package
+    ``kernels``, which transformers 5 installs and imports (``from kernels import get_kernel``, ...): transformers
+    would fail to import. Import Hugging Face's first, from the rest of sys.path, where it is installed; an
+    installed copy of this project (no ``kernels/`` on sys.path) needs nothing."""
+    if "kernels" in sys.modules:
+        return
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # attention/.. : the checkout's root
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or os.path.dirname(os.path.dirname(spec.origin)) != checkout:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != checkout]
+    try:
+        importlib.import_module("kernels")  # Hugging Face's, where installed
+    except ImportError:
+        pass  # not installed: transformers finds no version for our folder and leaves hub kernels off
+    finally:
+        sys.path[:] = saved
+
+
+def import_transformers():
+    """``import transformers`` (ImportError where it is not installed), safe from a checkout's root: see
+    ``_load_hub_kernels_first``. Tests and benchmarks import it through here."""
+    _load_hub_kernels_first()
+    import transformers
+
+    return transformers
+
+
 def register(name: str = DEFAULT_NAME) -> str:
     """Register the chapter3 attention and mask functions with transformers under ``name`` (idempotent); returns
     the name for ``model.set_attn_implementation(name)`` or ``from_pretrained(..., attn_implementation=name)``."""
@@ -510,8 +554,9 @@ def register(name: str = DEFAULT_NAME) -> str:
             f"name {name!r} contains 'flash': transformers would take it for a hub FlashAttention kernel; pick "
             "another (the default is 'chapter3')"
         )
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    transformers = import_transformers()
+    AttentionInterface = transformers.AttentionInterface
+    AttentionMaskInterface = transformers.masking_utils.AttentionMaskInterface
 
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, _mask)

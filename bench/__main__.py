@@ -12,6 +12,9 @@ Parts (``--parts``), each saved into ``report.json`` as soon as it is measured:
 - ``generate``: greedy generation, the book's uncached and KV-cache models against ours (``bench/generate.py``);
 - ``decode`` (GPU): the KV-cache decode kernel's GB/s against PyTorch's (``bench/decode.py``);
 - ``window`` (GPU): sliding windows and the bonus models' blocks (``bench/window.py``);
+- ``varlen``: packed batches of mixed lengths, ``flash_attention_varlen`` against the padded batch (ours and SDPA
+  with its mask), each sequence alone, FlexAttention's document mask (GPU), softcap and lse costs; on a CPU a
+  scaled-down workload (``bench/varlen.py``);
 - ``host`` (GPU): the host path per call, the Hopper forward variants, the two backward paths (``bench/host.py``);
 - ``hf``: a Llama-3.2-1B-shaped Hugging Face model on ``attention.hf`` against HF's sdpa and eager: a packed
   training step, generation, a padded batch's peak memory on a CPU (``bench/hf.py``; scaled down on a CPU;
@@ -35,14 +38,14 @@ if not torch.cuda.is_available():
     # Set before anything imports kernels: the Triton interpreter checks agreement on a CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench import cpu, decode, e2e, generate, hf, host, layers, sweep, window  # noqa: E402
+from bench import cpu, decode, e2e, generate, hf, host, layers, sweep, varlen, window  # noqa: E402
 from bench.common import RESULTS, device_slug, metadata, write_json  # noqa: E402
 from bench.plots import plot_sweep  # noqa: E402
 from chapter3_flash import attention  # noqa: E402
 
-PARTS = ("layers", "cpu", "sweep", "e2e", "generate", "decode", "window", "host", "hf")
-GPU_PARTS = ("layers", "sweep", "e2e", "generate", "decode", "window", "host", "hf")
-CPU_PARTS = ("layers", "cpu", "e2e", "generate", "hf")
+PARTS = ("layers", "cpu", "sweep", "e2e", "generate", "decode", "window", "varlen", "host", "hf")
+GPU_PARTS = ("layers", "sweep", "e2e", "generate", "decode", "window", "varlen", "host", "hf")
+CPU_PARTS = ("layers", "cpu", "e2e", "generate", "varlen", "hf")
 
 
 def _csv(kind):
@@ -196,6 +199,13 @@ def _main(args: argparse.Namespace, device: str) -> int:
         report["window"] = {"kernel": kernel, "models": models}
         print("\n" + "\n".join(window.table(kernel, models)))
         failures += [f"window {r}" for r in kernel + models if r.get("ours_failed")]
+        save()
+
+    if "varlen" in parts:
+        rows = varlen.run(device, flex="flex" in args.providers)
+        report["varlen"] = rows
+        print("\n" + "\n".join(varlen.table(rows)))
+        failures += [f"varlen {r['provider']}" for r in rows if r.get("ours_failed")]
         save()
 
     if "host" in parts and device == "cuda":

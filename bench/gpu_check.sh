@@ -22,6 +22,8 @@
 #   append    a decode step that appends its token: in the decode kernel (one launch) against its own kernel
 #   generate  GPT-2 124M greedy generation: the book's models against ours, CUDA graph included, and a
 #             host profile of ours through the book's loop
+#   varlen    packed batches (issue 26): flash_attention_varlen against the padded batch, each sequence alone,
+#             SDPA with the mask and FlexAttention's document mask; softcap and lse costs (bench/varlen.py)
 #   gluon     the Gluon forward (bench/gluon_attention.py, opt-in, never run on hardware): its exactness tests first,
 #             and only if they pass, its timings against our pointer forward and SDPA cuDNN / flash (bf16 causal,
 #             D 64 / 128, N 1k-16k); last of the default STAGES, after limits that already fill a 600 s call, so
@@ -99,6 +101,8 @@ stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json"
 stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json"
 stage append "${APPEND_LIMIT:-15}" $PY -m bench.decode --append --json "$RES/append.json"
 stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
+# Not in the default STAGES (their limits already fill the call): STAGES="varlen" for issue 26's packed batches.
+stage varlen "${VARLEN_LIMIT:-90}" $PY -m bench.varlen --json "$RES/varlen.json"
 # The Gluon forward: a wrong result (barrier phases, TMA boxes: nothing an offline compile can check) stops the stage
 # before any timing. A hung kernel never returns to Python, so the per-test timeout uses a thread, not a signal.
 stage gluon "${GLUON_LIMIT:-240}" bash -c "$PY -m pytest tests/bench/test_gluon_attention.py -n 8 -p no:cacheprovider \

@@ -54,8 +54,10 @@ PARTS = ("train", "generate", "memory")
 
 
 def transformers_available() -> bool:
+    from chapter3_flash.attention import hf
+
     try:
-        import transformers  # noqa: F401
+        hf.import_transformers()
     except ImportError:
         return False
     return True
@@ -63,8 +65,9 @@ def transformers_available() -> bool:
 
 def build(cfg: dict, device: str, dtype: torch.dtype):
     """The Llama of ``cfg`` with seeded random weights, eval mode (no dropout in Llama), HF's sdpa selected."""
-    import transformers
+    from chapter3_flash.attention import hf
 
+    transformers = hf.import_transformers()
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**cfg)
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)

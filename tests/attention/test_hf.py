@@ -13,13 +13,15 @@ import warnings
 
 import pytest
 import torch
+from chapter3_flash.attention import hf
 from helpers import assert_close_to_reference
 
 from chapter3_flash import attention, kernels
 
-transformers = pytest.importorskip("transformers")
-
-from chapter3_flash.attention import hf  # noqa: E402
+try:  # through hf: from the repository's root our kernels/ folder would shadow Hugging Face's kernels package
+    transformers = hf.import_transformers()
+except ImportError:
+    pytest.skip("transformers is not installed (pip install -e .[hf])", allow_module_level=True)
 
 NAME = hf.register()
 VOCAB = 100
@@ -80,26 +82,7 @@ MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "gpt
 SDPA_REFUSED = {"gemma2", "gpt_oss"}  # HF has no sdpa path for softcap and sinks: eager is theirs
 TRITON_MODELS = ["llama", "gemma3", "gpt2"]  # the interpreter is slow: the tiniest few run the Triton path
 
-
-def _triton_varlen_written() -> bool:
-    """Whether the varlen kernel has its Triton path (issue 26, step 3; until then it refuses backend="triton")."""
-    q = torch.randn(4, 1, 8)
-    cu = torch.tensor([0, 4], dtype=torch.int32)
-    try:
-        kernels.flash_attention_varlen(q, q, q, cu, cu, 4, 4, causal=True, backend="triton")
-    except ValueError as err:
-        if "not written yet" in str(err):
-            return False
-        raise
-    return True
-
-
-# The Triton path of the padded and packed tests; skipped, saying why, while the varlen kernel has no Triton path.
-TRITON_VARLEN = pytest.param(
-    "llama",
-    "triton",
-    marks=pytest.mark.skipif(not _triton_varlen_written(), reason="the Triton varlen kernels are not written yet"),
-)
+TRITON_VARLEN = ("llama", "triton")  # the Triton path of the padded and packed tests
 
 
 def build(model: str) -> torch.nn.Module:
@@ -294,18 +277,29 @@ def test_packed_batch(model, backend):
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("model, backend", [(m, "sdpa") for m in MODELS] + [TRITON_VARLEN])
-def test_left_padded_generation(model, cache, backend):
-    """Greedy generation from a left-padded batch: the padded prompt through varlen, then each step against the
-    cache with the padded keys skipped."""
+def test_left_padded_generation(model, cache, backend, monkeypatch):
+    """Greedy generation from a left-padded batch: the padded prompt through varlen, then each step through the
+    decode kernel with the padded keys skipped (``cache_leftpad``), no gather of the cache."""
     net = build(model)
     ids = torch.randint(1, VOCAB, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, :4] = 0
     kwargs = {"attention_mask": mask, **({"cache_implementation": "static"} if cache == "static" else {})}
     expected = generate(net, theirs(model), ids, **kwargs)
+    leftpads = []
+    decode = hf.flash_attention_with_kvcache
+    monkeypatch.setattr(
+        hf, "flash_attention_with_kvcache", lambda *a, **kw: leftpads.append(kw["cache_leftpad"]) or decode(*a, **kw)
+    )
     with attention.use_backend(backend):
         got = generate(net, NAME, ids, **kwargs)
     assert torch.equal(got, expected), f"{model} {cache}: {got.tolist()} != {expected.tolist()}"
+    # Every step after the prompt in every full layer; a sliding layer only while padding is in its window of 8.
+    all_sliding = getattr(net.config, "sliding_window", None) is not None  # Mistral: no layer_types
+    types = getattr(net.config, "layer_types", None) or ["sliding_attention" if all_sliding else "full_attention"]
+    full = sum(t != "sliding_attention" for t in types) * net.config.num_hidden_layers // len(types)
+    assert len(leftpads) >= max(1, 11 * full), len(leftpads)
+    assert all(lp[1] == 0 and 1 <= lp[0] <= 4 for lp in leftpads), [lp.tolist() for lp in leftpads]
 
 
 def test_readme_offline_example_runs(capsys):
@@ -425,3 +419,19 @@ def test_mask_recipes_are_read_and_checked_against_hf():
     assert hf._pattern_holds(bidirectional, pattern, **{**args, "q_offset": 0, "q_length": 30})
     chunked = mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))
     assert not hf._read_pattern(chunked, mu, hf._Pattern())  # chunked attention: not a recipe the kernels take
+
+
+def test_bad_calls_are_refused_naming_the_values():
+    """The attention function's front door: HF's tensors, dropout and the mask's shape checked before any work."""
+    module = build("llama").model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        hf.attention_forward(module, q, k.numpy(), k, None)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        hf.attention_forward(module, q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), None)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        hf.attention_forward(module, q, k, k, None, dropout=1.5)
+    with pytest.raises(ValueError, match="9 queries"):
+        hf.attention_forward(module, q, k, k, hf.Layout(True, (-1, -1), 9, 8))
+    with pytest.raises(ValueError, match="sliding_window=4"):
+        hf.attention_forward(module, q, k, k, hf.Layout(True, (-1, -1), 8, 8), sliding_window=4)

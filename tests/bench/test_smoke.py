@@ -25,7 +25,7 @@ def run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "module", ["decode", "decode --splits", "decode --append", "generate", "window", "host", "tune", "hf"]
+    "module", ["decode", "decode --splits", "decode --append", "generate", "window", "host", "tune", "varlen", "hf"]
 )
 def test_gpu_benchmark_module_runs(module, tmp_path):
     out = tmp_path / "rows.json"
