@@ -1,7 +1,8 @@
 """``swap_attention``: turn the book's attention layers inside an existing model into the fused ones.
 
-Recognised, by class name, attribute layout and forward signature (a reader's own copy of the book's
-code, or ours from ``attention.reference``):
+Recognised by class name, attribute layout and forward signature (a reader's own copy of the book's
+code, or ours from ``attention.reference``), then verified: the layer's own forward and the fused one
+must agree on a probe (``attention.probe``) before any layer is converted:
 
 | book                                   | class                        | fused                              |
 |----------------------------------------|------------------------------|------------------------------------|
@@ -45,6 +46,7 @@ from attention import (
     kv_cache_optimized,
     kv_cache_pkg,
     llama3,
+    probe,
     qwen3,
     reference,
     swa,
@@ -88,12 +90,13 @@ class _Kind:
     buffers: tuple = ()
     optional_children: tuple = ()  # submodules the book's constructor may leave as None (QK-norm)
     attrs: tuple = ()  # plain attributes the fused forward reads
+    probe: str = "plain"  # the calls the family takes, for the check that the fused forward agrees (_probe_of)
 
 
 _PROJECTIONS = ("W_query", "W_key", "W_value")
 _KINDS = {
-    "SelfAttention_v1": _Kind("chapter 3", fused.SelfAttention_v1, params=_PROJECTIONS),
-    "SelfAttention_v2": _Kind("chapter 3", fused.SelfAttention_v2, children=_PROJECTIONS),
+    "SelfAttention_v1": _Kind("chapter 3", fused.SelfAttention_v1, params=_PROJECTIONS, probe="tokens"),
+    "SelfAttention_v2": _Kind("chapter 3", fused.SelfAttention_v2, children=_PROJECTIONS, probe="tokens"),
     "CausalAttention": _Kind(
         "chapter 3", fused.CausalAttention, children=_PROJECTIONS + ("dropout",), buffers=("mask",), attrs=("d_out",)
     ),
@@ -111,6 +114,7 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj", "dropout"),
         buffers=("mask", "cache_k", "cache_v"),
         attrs=("d_out", "num_heads", "head_dim", "ptr_current_pos"),
+        probe="cached",
     ),
     "kvopt:MultiHeadAttention": _Kind(
         "ch04/03_kv-cache optimized",
@@ -118,6 +122,7 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj", "dropout"),
         buffers=("cache_k", "cache_v"),
         attrs=("d_out", "num_heads", "head_dim", "window_size", "max_seq_len"),
+        probe="cached",
     ),
     "kvmha:MultiHeadAttention": _Kind(
         "ch04/04_gqa and ch04/06_swa gpt_with_kv_mha",
@@ -125,6 +130,7 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj", "dropout"),
         buffers=("cache_k", "cache_v"),
         attrs=("d_out", "num_heads", "head_dim", "ptr_current_pos"),
+        probe="cached",
     ),
     "gqa:GroupedQueryAttention": _Kind(
         "ch04/04_gqa",
@@ -132,6 +138,7 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj", "dropout"),
         buffers=("cache_k", "cache_v"),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups", "group_size", "ptr_current_pos"),
+        probe="cached",
     ),
     "MultiHeadAttentionWithSWA": _Kind(
         "ch04/06_swa",
@@ -139,12 +146,14 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj", "dropout"),
         buffers=("cache_k", "cache_v"),
         attrs=("d_out", "num_heads", "head_dim", "sliding_window_size", "ptr_current_pos"),
+        probe="cached",
     ),
     "llama3:GroupedQueryAttention": _Kind(
         "Llama 3.2",
         llama3.GroupedQueryAttention,
         children=_PROJECTIONS + ("out_proj",),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+        probe="rope",
     ),
     "qwen3:GroupedQueryAttention": _Kind(
         "Qwen3",
@@ -152,6 +161,7 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj",),
         optional_children=("q_norm", "k_norm"),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+        probe="rope",
     ),
     "gemma3:GroupedQueryAttention": _Kind(
         "Gemma 3",
@@ -159,18 +169,21 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj",),
         optional_children=("q_norm", "k_norm"),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups", "scaling"),
+        probe="rope_local",
     ),
     "pkgkv:MultiHeadAttention": _Kind(
         "pkg kv_cache gpt2.py",
         kv_cache_pkg.MultiHeadAttention,
         children=_PROJECTIONS + ("out_proj", "dropout"),
         attrs=("d_out", "num_heads", "head_dim"),
+        probe="pkg",
     ),
     "pkgkv:llama3": _Kind(
         "pkg kv_cache llama3.py",
         kv_cache_pkg.Llama3GroupedQueryAttention,
         children=_PROJECTIONS + ("out_proj",),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+        probe="pkg_rope",
     ),
     "pkgkv:qwen3": _Kind(
         "pkg kv_cache qwen3.py",
@@ -178,6 +191,7 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj",),
         optional_children=("q_norm", "k_norm"),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+        probe="pkg_rope",
     ),
     "pkgkv:gemma3": _Kind(
         "Gemma 3 with a KV cache",
@@ -185,6 +199,7 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj",),
         optional_children=("q_norm", "k_norm"),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups", "scaling"),
+        probe="pkg_rope_local",
     ),
     "PyTorchMultiHeadAttention": _Kind(
         "pkg ch03 bonus (GPTModelFast)",
@@ -197,6 +212,7 @@ _KINDS = {
         fast.GroupedQueryAttentionFast,
         children=_PROJECTIONS + ("out_proj",),
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+        probe="rope_causal",
     ),
 }
 _NAMES = {"MultiHeadAttention", "GroupedQueryAttention", "MultiHeadAttentionWithSWA", *_CHAPTER}
@@ -372,18 +388,90 @@ def _check_mask(name: str, module: nn.Module) -> None:
         raise _refuse(name, module, "its mask buffer is not the chapter's causal triu(ones, 1)")
 
 
+_LOCAL_WINDOW = 3  # the probe's sliding window (Gemma 3's local layers): under its 7 tokens, so keys drop out
+
+
+def _probe_of(name: str, module: nn.Module, key: str) -> tuple:
+    """The calls and inputs that check a layer of kind ``key`` (attention.probe)."""
+    kind = _KINDS[key]
+    if key == "SelfAttention_v1":
+        d_in = module.W_query.shape[0]
+    elif key == "MultiHeadAttentionWrapper":
+        d_in = widths(module.heads[0].W_query)[0] if len(module.heads) else None
+    elif key == "PyTorchMultiHeadAttention":
+        d_in = widths(module.qkv)[0]
+    else:
+        d_in = widths(module.W_query)[0]
+    if d_in is None:
+        raise _refuse(
+            name,
+            module,
+            "its input width is unknown (its query projection is neither an nn.Linear nor a wrapper of one), so "
+            "no probe input can be built to check that the fused forward computes what it does; "
+            "swap_attention(model, verify=False) converts it unchecked",
+        )
+    device = probe.device_of(module)
+    if device.type == "meta":
+        raise _refuse(
+            name,
+            module,
+            "its weights are on the meta device, so its forward cannot be run to check the fused one against it; "
+            "swap after loading the weights, or pass verify=False",
+        )
+    n = probe.TOKENS
+    mask = module._buffers.get("mask") if key != "MultiHeadAttentionWrapper" else module.heads[0]._buffers.get("mask")
+    if mask is not None and mask.dim() == 2:
+        n = min(n, mask.shape[0])  # the layer's context_length
+    most = module.window_size if key == "kvopt:MultiHeadAttention" else n  # its cached chunks fit its window
+    calls = {
+        "plain": probe.plain,
+        "tokens": probe.tokens_only,
+        "cached": probe.use_cache(most),
+        "rope": probe.rope(),
+        "rope_local": probe.rope(_LOCAL_WINDOW),
+        "rope_causal": probe.rope_causal,
+        "pkg": probe.pkg_cached,
+        "pkg_rope": probe.pkg_rope(),
+        "pkg_rope_local": probe.pkg_rope(_LOCAL_WINDOW),
+    }[kind.probe]
+    head_dim = getattr(module, "head_dim", None) if "rope" in kind.probe else None
+    return calls, probe.Inputs(d_in, n, device, head_dim)
+
+
+def _verify(name: str, module: nn.Module, key: str) -> None:
+    """Refuse ``module`` unless its forward and its fused counterpart's agree on a probe (attention.probe)."""
+    kind = _KINDS[key]
+    calls, inputs = _probe_of(name, module, key)
+    try:
+        probe.verify(module, kind.target, calls, inputs)
+    except probe.Disagreement as err:
+        raise _refuse(
+            name,
+            module,
+            f"it is laid out as the {kind.book} class, but its forward and the fused one disagree on a probe input "
+            f"(float32, {inputs.n} tokens): {err}. Its forward computes something else than the book's (another "
+            "scale, mask, rotation or normalisation), and converting it would silently change the model's outputs",
+        ) from None
+
+
 def fused_layers(model: nn.Module) -> list[str]:
     """Names of the fused attention layers in ``model`` (what swap_attention converted, or built fused)."""
     return [name or "<root>" for name, m in model.named_modules() if isinstance(m, FUSED_CLASSES)]
 
 
-def swap_attention(model: nn.Module) -> nn.Module:
+def swap_attention(model: nn.Module, verify: bool = True) -> nn.Module:
     """Replace, in place, every book attention layer in ``model`` by its fused drop-in (see the module's table).
 
     The module objects stay the same (their class changes), so Parameters, buffers, hooks, train/eval mode
     and any optimizer built before the swap carry over; ``isinstance(layer, TheBookClass)`` is False
     afterwards. A look-alike that cannot be converted faithfully (a cache of another shape, other
-    submodules, a non-causal mask) raises ``ValueError`` before anything is changed. Each swap is logged at
+    submodules, a non-causal mask) raises ``ValueError`` before anything is changed.
+
+    ``verify`` (default True): before anything is converted, each layer's own forward and the fused forward run
+    on a small float32 probe (twins of the layer: the model's weights, caches, positions and modes are left as they
+    were) and must agree to float32 rounding; a layer that does not is refused with a ``ValueError`` naming it and
+    the difference, and no layer is converted (``attention.probe``). ``verify=False`` skips the probe, for callers
+    who have checked. Each swap is logged at
     INFO level on the ``attention.swap`` logger; a model in which nothing was or is fused gets a
     ``UserWarning`` naming the attention-like classes it left alone. ``fused_layers(model)`` lists them.
 
@@ -395,6 +483,9 @@ def swap_attention(model: nn.Module) -> nn.Module:
     # Check every layer first, so a refusal leaves the model untouched.
     for name, module, key in todo:
         _check_layout(name, module, key)
+    if verify:
+        for name, module, key in todo:
+            _verify(name, module, key)
     for name, module, key in todo:
         target = _KINDS[key].target
         old = type(module).__qualname__
