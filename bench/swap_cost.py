@@ -17,9 +17,9 @@ import time
 import torch
 from torch import nn
 
-import attention
 from bench.book import qwen3 as book_qwen3
 from bench.common import metadata, save_json, sync
+from chapter3_flash import attention
 
 CFG = {**book_qwen3.QWEN3_06B_SHAPE, "n_layers": 28, "qk_norm": True, "dtype": torch.float32}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chapter3_flash.attention import reference as ref
 from helpers import DEVICE
 
-import attention
-from attention import reference as ref
+from chapter3_flash import attention
 
 CLASSES = ["CausalAttention", "MultiHeadAttentionWrapper", "MultiHeadAttention"]
 

@@ -8,12 +8,11 @@ import copy
 
 import pytest
 import torch
+from chapter3_flash.attention import kv_cache, qwen3
+from chapter3_flash.attention import reference as ref
 from helpers import DEVICE
 from torch import nn
 
-import attention
-from attention import kv_cache
-from attention import reference as ref
 from bench.book import fast as book_fast
 from bench.book import gemma3 as book_gemma3
 from bench.book import gqa as book_gqa
@@ -23,6 +22,7 @@ from bench.book import kv_cache_pkg as book_pkg
 from bench.book import llama3 as book_llama3
 from bench.book import qwen3 as book_qwen3
 from bench.book import swa as book_swa
+from chapter3_flash import attention
 
 # One small layer of every family swap_attention converts: (name, constructor).
 FAMILIES = {
@@ -64,7 +64,7 @@ def perturbed(forward, factor):
 def test_every_family_is_probed_and_a_wrong_fused_forward_is_refused(family, monkeypatch):
     torch.manual_seed(0)
     target = type(attention.swap_attention(FAMILIES[family]().to(DEVICE)))
-    assert target.__module__.startswith("attention."), family
+    assert target.__module__.startswith("chapter3_flash.attention."), family
     # A fused forward off by 1e-7 (float32 rounding) still passes: the tolerance is not zero.
     monkeypatch.setattr(target, "forward", perturbed(target.forward, 1 + 1e-7))
     assert type(attention.swap_attention(FAMILIES[family]().to(DEVICE))) is target
@@ -238,7 +238,7 @@ def test_a_bfloat16_model_is_probed_in_float32_and_keeps_its_weights():
     layer.q_norm.to(torch.bfloat16), layer.k_norm.to(torch.bfloat16)
     params = {k: (p, p.detach().clone()) for k, p in layer.named_parameters()}
     attention.swap_attention(layer)
-    assert type(layer) is attention.qwen3.GroupedQueryAttention
+    assert type(layer) is qwen3.GroupedQueryAttention
     for k, p in layer.named_parameters():
         assert p is params[k][0] and p.dtype == torch.bfloat16 and torch.equal(p, params[k][1])
     bad = TinyAyaLikeAttention(32, 4, 2, 8, dtype=torch.bfloat16).to(DEVICE)
