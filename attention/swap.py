@@ -242,8 +242,9 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
             raise _refuse(
                 name,
                 module,
-                "the pkg's kv_cache_batched variant (per-sequence positions and caches) is not supported; its "
-                "kv_cache variant (one position for the batch) is",
+                "it is the pkg's kv_cache_batched layer, whose caller passes each sequence its own start position "
+                "and cache; the fused pkg layers take one start position for the whole batch (the pkg's kv_cache "
+                "variant, which is converted), so each sequence would be attended at the wrong positions",
             )
         if cls.__name__ == "MultiHeadAttention":
             return "pkgkv:MultiHeadAttention"
@@ -251,7 +252,13 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
             if hasattr(module, "scaling"):
                 return "pkgkv:gemma3"
             return "pkgkv:qwen3" if hasattr(module, "q_norm") else "pkgkv:llama3"
-        raise _refuse(name, module, "a forward with (start_pos, cache) that is not one of the pkg's KV-cache layers")
+        raise _refuse(
+            name,
+            module,
+            f"its forward takes (start_pos, cache) as the pkg's KV-cache layers do, but it is a {cls.__name__}, "
+            "expected the pkg's MultiHeadAttention or GroupedQueryAttention: no fused layer keeps that caller-held "
+            "cache contract for it, and guessing one would misplace its cache",
+        )
     if cls.__name__ == "MultiHeadAttention":
         if "mask" not in module._buffers and "cache_k" in module._buffers:
             if hasattr(module, "window_size"):
@@ -283,10 +290,30 @@ def widths(projection: nn.Module) -> tuple[int | None, int | None]:
 def _check_projection(name, module, attr, d_in, d_out) -> None:
     proj = getattr(module, attr)
     if not isinstance(proj, nn.Module):
-        raise _refuse(name, module, f"{attr} is not a module")
+        raise _refuse(
+            name,
+            module,
+            f"{attr} is {type(proj).__name__}, expected a module (an nn.Linear, or a wrapper of one such as LoRA's) "
+            "that the fused forward calls as the book's does",
+        )
     got_in, got_out = widths(proj)
     if (d_in is not None and got_in is not None and got_in != d_in) or (got_out is not None and got_out != d_out):
-        raise _refuse(name, module, f"{attr} maps {got_in} -> {got_out}, expected {d_in} -> {d_out}")
+        if attr == "W_query" and got_out == 2 * d_out:
+            raise _refuse(
+                name,
+                module,
+                f"W_query maps {got_in} -> {got_out}, twice the {d_out} of its heads (expected {d_in} -> {d_out}): "
+                "the query projection also produces an output gate, as Qwen3.5's gated attention (ch05/16) does, "
+                "whose context is multiplied by sigmoid(gate) before out_proj. The fused layers have no output "
+                "gate, so converting it would drop the gate (and misread half the queries); it is left to the book",
+            )
+        raise _refuse(
+            name,
+            module,
+            f"{attr} maps {got_in} -> {got_out}, expected {d_in} -> {d_out} (from d_in, num_heads, num_kv_groups and "
+            f"head_dim): the fused forward splits the projections into those heads, so a projection of another width "
+            f"is attention of another shape than the book's class",
+        )
 
 
 def _check_layout(name: str, module: nn.Module, key: str) -> None:
@@ -301,17 +328,29 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
         raise _refuse(
             name,
             module,
-            f"expected the {kind.book} layout: parameters {sorted(kind.params)}, submodules {sorted(want_children)}, "
-            f"buffers {sorted(kind.buffers)}; found {sorted(module._parameters)}, {sorted(have_children)}, "
-            f"{sorted(module._buffers)} (a KV cache or other extension of another shape is not supported)",
+            f"found parameters {sorted(module._parameters)}, submodules {sorted(have_children)}, buffers "
+            f"{sorted(module._buffers)}; expected the {kind.book} layout: parameters {sorted(kind.params)}, "
+            f"submodules {sorted(want_children)}, buffers {sorted(kind.buffers)}. The fused layer runs on exactly "
+            "those: anything else (a KV cache of another shape, an extra rotary or norm module) would be ignored "
+            "or broken by its forward",
         )
     missing = [a for a in kind.attrs if not hasattr(module, a)]
     if missing:
-        raise _refuse(name, module, f"attributes {missing} of the {kind.book} class are missing")
+        raise _refuse(
+            name,
+            module,
+            f"attributes {missing} of the {kind.book} class are missing (found none of that name); the fused "
+            "forward reads them (head counts, widths, positions), so it could not run",
+        )
     if key == "SelfAttention_v1":
-        shapes = {tuple(module._parameters[p].shape) for p in kind.params}
-        if len(shapes) != 1 or len(shapes.pop()) != 2:
-            raise _refuse(name, module, "W_query, W_key, W_value must be (d_in, d_out) matrices of one shape")
+        shapes = [tuple(module._parameters[p].shape) for p in kind.params]
+        if len(set(shapes)) != 1 or len(shapes[0]) != 2:
+            raise _refuse(
+                name,
+                module,
+                f"W_query, W_key, W_value have shapes {shapes}, expected (d_in, d_out) matrices of one shape: the "
+                "fused layer attends with one head of width d_out",
+            )
         return
     if key == "MultiHeadAttentionWrapper":
         heads = module.heads
@@ -319,7 +358,13 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
             type(h) is fused.CausalAttention or _kind_of("", h) == "CausalAttention" for h in heads
         )
         if not ok:
-            raise _refuse(name, module, "heads must be a ModuleList of CausalAttention layers")
+            found = type(heads).__name__ if not isinstance(heads, nn.ModuleList) else [type(h).__name__ for h in heads]
+            raise _refuse(
+                name,
+                module,
+                f"heads is {found}, expected a ModuleList of the chapter's CausalAttention layers: the fused wrapper "
+                "runs them as causal heads in one kernel call",
+            )
         return
     if key == "PyTorchMultiHeadAttention":
         _check_fused_qkv(name, module)
@@ -334,9 +379,21 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
     head_dim = getattr(module, "head_dim", d_out)
     kv_heads = getattr(module, "num_kv_groups", heads)
     if not all(isinstance(v, int) and v >= 1 for v in (d_out, heads, head_dim, kv_heads)) or heads % kv_heads:
-        raise _refuse(name, module, f"d_out {d_out}, num_heads {heads}, num_kv_groups {kv_heads} do not split")
+        raise _refuse(
+            name,
+            module,
+            f"found d_out {d_out!r}, num_heads {heads!r}, num_kv_groups {kv_heads!r}, head_dim {head_dim!r}; expected "
+            "positive ints with num_heads a multiple of num_kv_groups: the fused forward splits the projections into "
+            "those heads",
+        )
     if heads * head_dim != d_out:
-        raise _refuse(name, module, f"num_heads {heads} x head_dim {head_dim} != d_out {d_out}")
+        raise _refuse(
+            name,
+            module,
+            f"num_heads {heads} x head_dim {head_dim} = {heads * head_dim}, expected d_out {d_out}: the fused forward "
+            "splits d_out into the heads",
+        )
+    _check_norms(name, module, head_dim)
     _check_projection(name, module, "W_query", d_in, d_out)
     _check_projection(name, module, "W_key", d_in, kv_heads * head_dim)
     _check_projection(name, module, "W_value", d_in, kv_heads * head_dim)
@@ -345,23 +402,37 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
         back = d_in if key in qwen_like else d_out
         _check_projection(name, module, "out_proj", d_out, back)
     if "dropout" in kind.children and type(module.dropout) is not nn.Dropout:
-        raise _refuse(name, module, "dropout is not nn.Dropout")
+        raise _refuse(
+            name,
+            module,
+            f"dropout is {type(module.dropout).__name__}, expected nn.Dropout: the fused kernel drops attention "
+            "weights itself with dropout.p, so what another module does would be lost",
+        )
     if "mask" in kind.buffers:
         _check_mask(name, module)
     if key == "kvopt:MultiHeadAttention":
         w = module.window_size
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise _refuse(name, module, f"window_size must be a positive int, got {w!r}")
+            raise _refuse(
+                name, module, f"window_size is {w!r}, expected a positive int: the length of its rolling cache"
+            )
         cache = module._buffers["cache_k"]
         want = (module.num_heads, w, head_dim)
         if cache is not None and (cache.dim() != 4 or tuple(cache.shape[1:]) != want):
             shape = tuple(cache.shape)
-            raise _refuse(name, module, f"its cache has shape {shape}, expected (b, heads, window, head_dim) = {want}")
+            raise _refuse(
+                name,
+                module,
+                f"its cache has shape {shape}, expected (b, heads, window, head_dim) = (b, {want[0]}, {want[1]}, "
+                f"{want[2]}): the fused layer takes the book's cache over in that layout",
+            )
     if key == "MultiHeadAttentionWithSWA":
         try:
             swa.window_of(module.sliding_window_size)
         except (TypeError, ValueError) as err:
-            raise _refuse(name, module, str(err)) from None
+            raise _refuse(
+                name, module, f"{err}: the fused layer hands the kernel that window, which must be a rule it has"
+            ) from None
 
 
 def _check_fused_qkv(name: str, module: nn.Module) -> None:
@@ -369,12 +440,24 @@ def _check_fused_qkv(name: str, module: nn.Module) -> None:
     d_out, heads, head_dim, p = module.d_out, module.num_heads, module.head_dim, module.dropout
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (d_out, heads, head_dim)):
         raise _refuse(
-            name, module, f"d_out {d_out!r}, num_heads {heads!r}, head_dim {head_dim!r} must be positive ints"
+            name,
+            module,
+            f"found d_out {d_out!r}, num_heads {heads!r}, head_dim {head_dim!r}; expected positive ints: the fused "
+            "forward splits the qkv projection into those heads",
         )
     if heads * head_dim != d_out:
-        raise _refuse(name, module, f"num_heads {heads} x head_dim {head_dim} != d_out {d_out}")
+        raise _refuse(
+            name,
+            module,
+            f"num_heads {heads} x head_dim {head_dim} = {heads * head_dim}, expected d_out {d_out}: the fused forward "
+            "splits d_out into the heads",
+        )
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise _refuse(name, module, f"dropout must be a probability in [0, 1], got {p!r}")
+        raise _refuse(
+            name,
+            module,
+            f"dropout is {p!r}, expected a probability in [0, 1]: the kernel's dropout rate on the attention weights",
+        )
     d_in, _ = widths(module.qkv)
     _check_projection(name, module, "qkv", d_in, 3 * d_out)
     _check_projection(name, module, "proj", d_out, d_out)
@@ -385,7 +468,28 @@ def _check_mask(name: str, module: nn.Module) -> None:
     n = mask.shape[0] if mask.dim() == 2 else -1
     causal = torch.triu(torch.ones(n, n, device=mask.device), diagonal=1) if n >= 0 else None
     if causal is None or mask.shape != causal.shape or not torch.equal(mask.bool(), causal.bool()):
-        raise _refuse(name, module, "its mask buffer is not the chapter's causal triu(ones, 1)")
+        found = f"shape {tuple(mask.shape)}" if causal is None or mask.shape != causal.shape else "other entries"
+        raise _refuse(
+            name,
+            module,
+            f"its mask buffer has {found}, expected the chapter's causal triu(ones(n, n), 1): the fused kernel "
+            "applies the causal rule itself and never reads the buffer, so another mask would be silently dropped",
+        )
+
+
+def _check_norms(name: str, module: nn.Module, head_dim: int) -> None:
+    """QK-norm (Qwen3, Gemma 3) normalises each head: its weights have head_dim entries."""
+    for attr in ("q_norm", "k_norm"):
+        norm = module._modules.get(attr)
+        shapes = {tuple(p.shape) for p in norm.parameters()} if norm is not None else set()
+        if shapes and shapes != {(head_dim,)}:
+            raise _refuse(
+                name,
+                module,
+                f"{attr} has weights of shape {sorted(shapes)}, expected ({head_dim},): the fused layer normalises "
+                "each head of head_dim entries, as Qwen3 and Gemma 3 do; a norm over the whole projected width (as "
+                "OLMo 3's) would be applied over the wrong axis",
+            )
 
 
 _LOCAL_WINDOW = 3  # the probe's sliding window (Gemma 3's local layers): under its 7 tokens, so keys drop out
