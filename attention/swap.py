@@ -20,6 +20,13 @@ must agree on a probe (``attention.probe``) before any layer is converted:
 | Gemma 3 with a KV cache (notebook)     | ``GroupedQueryAttention``    | ``attention.kv_cache_pkg``         |
 | pkg ch03 bonus (``GPTModelFast``)      | ``PyTorchMultiHeadAttention``| ``attention.fast``                 |
 | pkg llama3.py (``Llama3ModelFast``)    | ``GroupedQueryAttentionFast``| ``attention.fast``                 |
+| ch06/02 additional experiments         | ``MultiHeadAttention``,      | ``attention.noncausal``            |
+|                                        | ``disable_causal_mask=True`` |                                    |
+
+With ``verify=True`` (the default), a chapter-3 class under another name (the ch03 bonus notebook's ``Ch03_MHA``)
+is recognised by its structure alone (the chapter's parameters, submodules, buffers and attributes, and a
+``forward(x)``) and converted once the probe agrees; one that does not agree is left alone with a warning that
+says why. With ``verify=False`` only the names above are recognised: structure alone is never enough unchecked.
 
 Projections may be any module that maps the same widths (the book's LoRA wrapper, quantized linears):
 the fused layers call them as the book's code does. The pkg package's cached variants, whose forward takes
@@ -46,6 +53,7 @@ from . import (
     kv_cache_optimized,
     kv_cache_pkg,
     llama3,
+    noncausal,
     probe,
     qwen3,
     reference,
@@ -76,6 +84,7 @@ FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     kv_cache_pkg.Gemma3GroupedQueryAttention,
     fast.PyTorchMultiHeadAttention,
     fast.GroupedQueryAttentionFast,
+    noncausal.MultiHeadAttention,
 )
 
 
@@ -107,6 +116,12 @@ _KINDS = {
         children=_PROJECTIONS + ("out_proj", "dropout"),
         buffers=("mask",),
         attrs=("d_out", "num_heads", "head_dim"),
+    ),
+    "ch06:MultiHeadAttention": _Kind(
+        "ch06/02_bonus_additional-experiments (disable_causal_mask=True)",
+        noncausal.MultiHeadAttention,
+        children=_PROJECTIONS + ("out_proj", "dropout"),
+        attrs=("d_out", "num_heads", "head_dim", "disable_causal_mask"),
     ),
     "kv:MultiHeadAttention": _Kind(
         "ch04/03_kv-cache",
@@ -260,6 +275,9 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
             "cache contract for it, and guessing one would misplace its cache",
         )
     if cls.__name__ == "MultiHeadAttention":
+        no_mask = "mask" not in module._buffers and "cache_k" not in module._buffers
+        if no_mask and getattr(module, "disable_causal_mask", None) is True:
+            return "ch06:MultiHeadAttention"  # the classification experiments': every token sees every token
         if "mask" not in module._buffers and "cache_k" in module._buffers:
             if hasattr(module, "window_size"):
                 return "kvopt:MultiHeadAttention"  # the optimized variant: a preallocated rolling cache, no mask
@@ -272,6 +290,28 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
             return "gemma3:GroupedQueryAttention"
         return "qwen3:GroupedQueryAttention" if hasattr(module, "q_norm") else "llama3:GroupedQueryAttention"
     return cls.__name__
+
+
+_CHAPTER_KINDS = tuple(_CHAPTER)  # the chapter-3 kinds: recognised by structure too (with verification)
+
+
+def _structural_kind(module: nn.Module) -> str | None:
+    """The chapter-3 kind a class of another name is laid out as (its parameters, submodules, buffers, attributes and
+    a one-argument forward), or None. Evidence only: the probe decides (swap_attention)."""
+    cls = type(module)
+    if isinstance(module, FUSED_CLASSES) or cls.__name__ in _NAMES or len(_forward_args(module)) != 1:
+        return None
+    children = {c for c, m in module._modules.items() if m is not None}
+    for key in _CHAPTER_KINDS:
+        kind = _KINDS[key]
+        if (
+            set(module._parameters) == set(kind.params)
+            and children == set(kind.children)
+            and set(module._buffers) == set(kind.buffers)
+            and all(hasattr(module, a) for a in kind.attrs)
+        ):
+            return key
+    return None
 
 
 def widths(projection: nn.Module) -> tuple[int | None, int | None]:
@@ -355,7 +395,8 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
     if key == "MultiHeadAttentionWrapper":
         heads = module.heads
         ok = isinstance(heads, nn.ModuleList) and all(
-            type(h) is fused.CausalAttention or _kind_of("", h) == "CausalAttention" for h in heads
+            type(h) is fused.CausalAttention or "CausalAttention" in (_kind_of("", h), _structural_kind(h))
+            for h in heads
         )
         if not ok:
             found = type(heads).__name__ if not isinstance(heads, nn.ModuleList) else [type(h).__name__ for h in heads]
@@ -583,13 +624,34 @@ def swap_attention(model: nn.Module, verify: bool = True) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_attention expects an nn.Module, got {type(model).__name__}")
-    todo = [(name, m, key) for name, m in model.named_modules() if (key := _kind_of(name, m)) is not None]
+    todo, by_structure = [], []
+    for name, m in model.named_modules():
+        if (key := _kind_of(name, m)) is not None:
+            todo.append((name, m, key))
+        elif verify and (key := _structural_kind(m)) is not None:
+            by_structure.append((name, m, key))
     # Check every layer first, so a refusal leaves the model untouched.
     for name, module, key in todo:
         _check_layout(name, module, key)
     if verify:
         for name, module, key in todo:
             _verify(name, module, key)
+    left = []  # classes of other names laid out as the chapter's that the probe (or the layout check) turned down
+    for name, module, key in by_structure:
+        try:
+            _check_layout(name, module, key)
+            _verify(name, module, key)
+        except ValueError as err:
+            left.append(str(err))
+        else:
+            todo.append((name, module, key))
+    if left:
+        warnings.warn(
+            "swap_attention left alone layers laid out as a chapter-3 class under another name, whose forward it "
+            "could not verify: " + "; ".join(left),
+            UserWarning,
+            stacklevel=2,
+        )
     for name, module, key in todo:
         target = _KINDS[key].target
         old = type(module).__qualname__

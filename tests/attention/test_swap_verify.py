@@ -20,6 +20,7 @@ from bench.book import kv_cache as book_kv
 from bench.book import kv_cache_optimized as book_kvopt
 from bench.book import kv_cache_pkg as book_pkg
 from bench.book import llama3 as book_llama3
+from bench.book import noncausal as book_noncausal
 from bench.book import qwen3 as book_qwen3
 from bench.book import swa as book_swa
 from chapter3_flash import attention
@@ -45,6 +46,7 @@ FAMILIES = {
     "pkg gemma3": lambda: book_pkg.Gemma3GroupedQueryAttention(16, 4, 1, 8, True, query_pre_attn_scalar=16),
     "fast mha": lambda: book_fast.PyTorchMultiHeadAttention(8, 8, 2),
     "fast gqa": lambda: book_fast.GroupedQueryAttentionFast(16, 16, 4, 2),
+    "ch06 non-causal": lambda: book_noncausal.MultiHeadAttention(8, 8, 10, 0.0, 2, disable_causal_mask=True),
 }
 
 
