@@ -7,8 +7,8 @@ cached layers and its SDPA "fast" variants, ch06's non-causal layer), each once 
 its own on a probe, and ``attention.fused_layers(model)`` lists what is fused.
 The chapter's eager layers themselves live in ``attention.reference``; the bonus models' fused layers in
 ``attention.kv_cache``, ``attention.kv_cache_optimized``, ``attention.kv_cache_pkg``, ``attention.gqa``,
-``attention.swa``, ``attention.llama3``, ``attention.qwen3``, ``attention.gemma3``, ``attention.fast`` and
-``attention.noncausal``.
+``attention.swa``, ``attention.llama3``, ``attention.qwen3``, ``attention.gemma3``, ``attention.fast``,
+``attention.noncausal`` and ``attention.bonus`` (the ch03 bonus notebook's variants).
 """
 
 from .fused import (

@@ -175,6 +175,17 @@ def rope_causal(layer: nn.Module, inp: Inputs) -> list:
     return [layer.forward(inp.x, inp.cos, inp.sin)]
 
 
+def multihead(layer: nn.Module, inp: Inputs) -> list:
+    """nn.MultiheadAttention as the ch03 bonus notebook calls it (self-attention, the causal boolean mask, no
+    weights), also with is_causal, and a call it does not fuse (weights asked for): PyTorch's own both ways."""
+    x, mask = inp.x, inp.mask(0, inp.n)
+    return [
+        layer.forward(x, x, x, attn_mask=mask, need_weights=False),
+        layer.forward(x, x, x, attn_mask=mask, need_weights=False, is_causal=True),
+        layer.forward(x, x, x, attn_mask=mask),
+    ]
+
+
 def pkg_cached(layer: nn.Module, inp: Inputs) -> list:
     """The pkg's GPT-2 cached layer: forward(x); then forward(chunk, use_cache=True, start_pos, cache) over the
     tokens, each call given the cache the previous one returned."""

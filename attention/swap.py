@@ -20,8 +20,16 @@ must agree on a probe (``attention.probe``) before any layer is converted:
 | Gemma 3 with a KV cache (notebook)     | ``GroupedQueryAttention``    | ``attention.kv_cache_pkg``         |
 | pkg ch03 bonus (``GPTModelFast``)      | ``PyTorchMultiHeadAttention``| ``attention.fast``                 |
 | pkg llama3.py (``Llama3ModelFast``)    | ``GroupedQueryAttentionFast``| ``attention.fast``                 |
+| ch03/02 bonus notebook                 | its five variants (below)    | ``attention.bonus``                |
+| ch03/03_understanding-buffers          | ``CausalAttentionWith(out)Buffer(s)`` | ``attention.bonus``        |
+| PyTorch                                | ``nn.MultiheadAttention``    | ``attention.bonus``                |
 | ch06/02 additional experiments         | ``MultiHeadAttention``,      | ``attention.noncausal``            |
 |                                        | ``disable_causal_mask=True`` |                                    |
+
+The notebook's variants: ``MultiHeadAttentionCombinedQKV``, ``MHAEinsum``, ``MHAPyTorchScaledDotProduct``,
+``MHAPyTorchSDPAWithoutFlash`` (as written it is not causal: refused by the probe, with that reason) and
+``MHAPyTorchClass`` (refused with ``add_bias_kv``). ``nn.MultiheadAttention`` is converted where some call can be
+fused (batch first, one embed dim, no ``add_bias_kv``); its other calls run PyTorch's forward.
 
 With ``verify=True`` (the default), a chapter-3 class under another name (the ch03 bonus notebook's ``Ch03_MHA``)
 is recognised by its structure alone (the chapter's parameters, submodules, buffers and attributes, and a
@@ -45,6 +53,7 @@ import torch
 from torch import nn
 
 from . import (
+    bonus,
     fast,
     fused,
     gemma3,
@@ -85,6 +94,14 @@ FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     fast.PyTorchMultiHeadAttention,
     fast.GroupedQueryAttentionFast,
     noncausal.MultiHeadAttention,
+    bonus.MultiHeadAttentionCombinedQKV,
+    bonus.MHAEinsum,
+    bonus.MHAPyTorchScaledDotProduct,
+    bonus.MHAPyTorchSDPAWithoutFlash,
+    bonus.MHAPyTorchClass,
+    bonus.MultiheadAttention,
+    bonus.CausalAttentionWithBuffer,
+    bonus.CausalAttentionWithoutBuffers,
 )
 
 
@@ -232,6 +249,62 @@ _KINDS = {
 }
 _NAMES = {"MultiHeadAttention", "GroupedQueryAttention", "MultiHeadAttentionWithSWA", *_CHAPTER}
 _NAMES |= {"PyTorchMultiHeadAttention", "GroupedQueryAttentionFast"}
+_BONUS = "ch03/02_bonus_efficient-multihead-attention"
+_QKV = ("num_heads", "head_dim", "d_out", "dropout", "context_length")  # the notebook's SDPA classes' attributes
+_KINDS.update(
+    {
+        "MultiHeadAttentionCombinedQKV": _Kind(
+            _BONUS,
+            bonus.MultiHeadAttentionCombinedQKV,
+            children=("qkv", "proj", "dropout"),
+            buffers=("mask",),
+            attrs=("num_heads", "head_dim", "context_length"),
+        ),
+        "MHAEinsum": _Kind(
+            _BONUS,
+            bonus.MHAEinsum,
+            params=_PROJECTIONS + ("bias_q", "bias_k", "bias_v"),
+            children=("out_proj", "dropout"),
+            buffers=("mask",),
+            attrs=("d_out", "num_heads", "head_dim"),
+        ),
+        "MHAPyTorchScaledDotProduct": _Kind(
+            _BONUS, bonus.MHAPyTorchScaledDotProduct, children=("qkv", "proj"), attrs=_QKV
+        ),
+        "MHAPyTorchSDPAWithoutFlash": _Kind(
+            _BONUS, bonus.MHAPyTorchSDPAWithoutFlash, children=("qkv", "proj"), buffers=("mask",), attrs=_QKV
+        ),
+        "MHAPyTorchClass": _Kind(
+            _BONUS,
+            bonus.MHAPyTorchClass,
+            children=("multihead_attn", "proj"),
+            buffers=("mask",),
+            attrs=("context_length", "need_weights"),
+        ),
+        "nn.MultiheadAttention": _Kind(
+            "PyTorch's nn.MultiheadAttention (as the ch03 bonus notebook's MHAPyTorchClass calls it)",
+            bonus.MultiheadAttention,
+            params=("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"),
+            children=("out_proj",),
+            buffers=(),
+            probe="mha",
+        ),
+        "CausalAttentionWithBuffer": _Kind(
+            "ch03/03_understanding-buffers",
+            bonus.CausalAttentionWithBuffer,
+            children=_PROJECTIONS + ("dropout",),
+            buffers=("mask",),
+            attrs=("d_out",),
+        ),
+        "CausalAttentionWithoutBuffers": _Kind(
+            "ch03/03_understanding-buffers",
+            bonus.CausalAttentionWithoutBuffers,
+            children=_PROJECTIONS + ("dropout",),
+            attrs=("d_out", "mask"),
+        ),
+    }
+)
+_NAMES |= {k for k in _KINDS if not k.startswith("nn.")} - {k for k in _KINDS if ":" in k}
 
 
 def _refuse(name: str, module: nn.Module, why: str) -> ValueError:
@@ -249,6 +322,11 @@ def _forward_args(module: nn.Module) -> tuple[str, ...]:
 def _kind_of(name: str, module: nn.Module) -> str | None:
     """The _KINDS key of a book layer (or a look-alike to check and refuse), None for anything else."""
     cls = type(module)
+    if cls is nn.MultiheadAttention:
+        # PyTorch's own: converted where some call can be fused (batch first, one embed dim for q, k, v, no
+        # add_bias_kv); its fused class runs PyTorch's forward, exactly, for every call the kernel does not compute.
+        fusable = module.batch_first and module._qkv_same_embed_dim and module.bias_k is None
+        return "nn.MultiheadAttention" if fusable else None
     if isinstance(module, FUSED_CLASSES) or cls.__name__ not in _NAMES:
         return None
     args = _forward_args(module)
@@ -358,6 +436,8 @@ def _check_projection(name, module, attr, d_in, d_out) -> None:
 
 def _check_layout(name: str, module: nn.Module, key: str) -> None:
     kind = _KINDS[key]
+    if key == "nn.MultiheadAttention":
+        return  # PyTorch's class, whatever it holds: calls the kernel does not compute run its own forward
     have_children = {c for c, m in module._modules.items() if m is not None}
     want_children = set(kind.children) | {c for c in kind.optional_children if module._modules.get(c) is not None}
     if (
@@ -407,8 +487,13 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
                 "runs them as causal heads in one kernel call",
             )
         return
-    if key == "PyTorchMultiHeadAttention":
+    if key in ("PyTorchMultiHeadAttention", "MHAPyTorchScaledDotProduct", "MHAPyTorchSDPAWithoutFlash"):
         _check_fused_qkv(name, module)
+        if "mask" in kind.buffers:
+            _check_mask(name, module)
+        return
+    if key in _BONUS_CHECKS:
+        _BONUS_CHECKS[key](name, module)
         return
     d_in, q_out = widths(module.W_query)
     if key == "SelfAttention_v2":
@@ -504,6 +589,117 @@ def _check_fused_qkv(name: str, module: nn.Module) -> None:
     _check_projection(name, module, "proj", d_out, d_out)
 
 
+def _check_combined_qkv(name: str, module: nn.Module) -> None:
+    """The notebook's MultiHeadAttentionCombinedQKV: qkv to 3 x heads x head_dim, proj back, nn.Dropout, the mask."""
+    heads, head_dim = module.num_heads, module.head_dim
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (heads, head_dim)):
+        raise _refuse(
+            name,
+            module,
+            f"found num_heads {heads!r}, head_dim {head_dim!r}; expected positive ints: the fused forward splits the "
+            "qkv projection into those heads",
+        )
+    d_in, _ = widths(module.qkv)
+    _check_projection(name, module, "qkv", d_in, 3 * heads * head_dim)
+    _check_projection(name, module, "proj", heads * head_dim, heads * head_dim)
+    _check_dropout(name, module)
+    _check_mask(name, module)
+
+
+def _check_einsum(name: str, module: nn.Module) -> None:
+    """The notebook's MHAEinsum: three (d_in, d_out) matrices, biases all or none of (d_out,), out_proj, the mask."""
+    shapes = [tuple(getattr(module, w).shape) for w in _PROJECTIONS]
+    d_out, heads, head_dim = module.d_out, module.num_heads, module.head_dim
+    if len(set(shapes)) != 1 or len(shapes[0]) != 2 or shapes[0][1] != d_out or heads * head_dim != d_out:
+        raise _refuse(
+            name,
+            module,
+            f"W_query, W_key, W_value have shapes {shapes} with num_heads {heads} x head_dim {head_dim}, expected "
+            f"(d_in, d_out {d_out}) each and num_heads x head_dim = d_out: the fused forward splits them into heads",
+        )
+    biases = [getattr(module, b) for b in ("bias_q", "bias_k", "bias_v")]
+    if not (all(b is None for b in biases) or all(b is not None and tuple(b.shape) == (d_out,) for b in biases)):
+        found = [None if b is None else tuple(b.shape) for b in biases]
+        raise _refuse(
+            name,
+            module,
+            f"bias_q, bias_k, bias_v are {found}, expected all None or all ({d_out},): the fused forward adds each to "
+            "its projection as the book does",
+        )
+    _check_projection(name, module, "out_proj", d_out, d_out)
+    _check_dropout(name, module)
+    _check_mask(name, module)
+
+
+def _check_pytorch_class(name: str, module: nn.Module) -> None:
+    """The notebook's MHAPyTorchClass: PyTorch's nn.MultiheadAttention, batch first, without add_bias_kv."""
+    mha = module.multihead_attn
+    if type(mha) not in (nn.MultiheadAttention, bonus.MultiheadAttention):
+        raise _refuse(
+            name,
+            module,
+            f"multihead_attn is {type(mha).__name__}, expected PyTorch's nn.MultiheadAttention: the fused layer reads "
+            "its in_proj_weight and out_proj",
+        )
+    if mha.bias_k is not None:
+        raise _refuse(
+            name,
+            module,
+            "its nn.MultiheadAttention has add_bias_kv (the notebook sets it with qkv_bias=True), expected none: it "
+            "appends a learned key and value that every query sees, which the fused kernel's causal rule does not "
+            "have; it is left to PyTorch",
+        )
+    if not mha.batch_first or not mha._qkv_same_embed_dim:
+        raise _refuse(
+            name,
+            module,
+            f"its nn.MultiheadAttention has batch_first={mha.batch_first}, kdim={mha.kdim}, vdim={mha.vdim}, "
+            f"expected batch_first=True and kdim = vdim = embed_dim {mha.embed_dim}: the fused layer takes the "
+            "input as (batch, tokens, embed_dim) for queries, keys and values alike",
+        )
+    _check_projection(name, module, "proj", mha.embed_dim, mha.embed_dim)
+    _check_mask(name, module)
+
+
+def _check_mha(name: str, module: nn.Module) -> None:
+    """PyTorch's nn.MultiheadAttention: nothing to refuse, its fused class runs PyTorch's forward for every call the
+    kernel does not compute exactly."""
+
+
+def _check_causal_without_buffers(name: str, module: nn.Module) -> None:
+    if not isinstance(module.mask, torch.Tensor):
+        raise _refuse(
+            name,
+            module,
+            f"its mask is {type(module.mask).__name__}, expected the chapter's triu(ones, 1) tensor: its length is the "
+            "context limit the fused layer keeps",
+        )
+    d_in, _ = widths(module.W_query)
+    for attr in _PROJECTIONS:
+        _check_projection(name, module, attr, d_in, module.d_out)
+    _check_dropout(name, module)
+    _check_mask(name, module)
+
+
+def _check_dropout(name: str, module: nn.Module) -> None:
+    if type(module.dropout) is not nn.Dropout:
+        raise _refuse(
+            name,
+            module,
+            f"dropout is {type(module.dropout).__name__}, expected nn.Dropout: the fused kernel drops attention "
+            "weights itself with dropout.p, so what another module does would be lost",
+        )
+
+
+_BONUS_CHECKS = {
+    "MultiHeadAttentionCombinedQKV": _check_combined_qkv,
+    "MHAEinsum": _check_einsum,
+    "MHAPyTorchClass": _check_pytorch_class,
+    "nn.MultiheadAttention": _check_mha,
+    "CausalAttentionWithoutBuffers": _check_causal_without_buffers,
+}
+
+
 def _check_mask(name: str, module: nn.Module) -> None:
     mask = module.mask
     n = mask.shape[0] if mask.dim() == 2 else -1
@@ -543,8 +739,14 @@ def _probe_of(name: str, module: nn.Module, key: str) -> tuple:
         d_in = module.W_query.shape[0]
     elif key == "MultiHeadAttentionWrapper":
         d_in = widths(module.heads[0].W_query)[0] if len(module.heads) else None
-    elif key == "PyTorchMultiHeadAttention":
+    elif key in ("PyTorchMultiHeadAttention", "MultiHeadAttentionCombinedQKV") or key.startswith("MHAPyTorchS"):
         d_in = widths(module.qkv)[0]
+    elif key == "MHAEinsum":
+        d_in = module.W_query.shape[0]
+    elif key == "MHAPyTorchClass":
+        d_in = module.multihead_attn.embed_dim
+    elif key == "nn.MultiheadAttention":
+        d_in = module.embed_dim
     else:
         d_in = widths(module.W_query)[0]
     if d_in is None:
@@ -564,8 +766,8 @@ def _probe_of(name: str, module: nn.Module, key: str) -> tuple:
             "swap after loading the weights, or pass verify=False",
         )
     n = probe.TOKENS
-    mask = module._buffers.get("mask") if key != "MultiHeadAttentionWrapper" else module.heads[0]._buffers.get("mask")
-    if mask is not None and mask.dim() == 2:
+    mask = getattr(module.heads[0] if key == "MultiHeadAttentionWrapper" else module, "mask", None)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         n = min(n, mask.shape[0])  # the layer's context_length
     most = module.window_size if key == "kvopt:MultiHeadAttention" else n  # its cached chunks fit its window
     calls = {
@@ -578,9 +780,19 @@ def _probe_of(name: str, module: nn.Module, key: str) -> tuple:
         "pkg": probe.pkg_cached,
         "pkg_rope": probe.pkg_rope(),
         "pkg_rope_local": probe.pkg_rope(_LOCAL_WINDOW),
+        "mha": probe.multihead,
     }[kind.probe]
     head_dim = getattr(module, "head_dim", None) if "rope" in kind.probe else None
     return calls, probe.Inputs(d_in, n, device, head_dim)
+
+
+_HINTS = {  # what is known to differ, for the classes the book itself writes that way
+    "MHAPyTorchSDPAWithoutFlash": (
+        ". The notebook's class as written passes its triu(ones, 1) mask to scaled_dot_product_attention, which "
+        "reads True as attend: each token attends only to the tokens after it and the last to none. That is not "
+        "causal attention; passing ~mask makes it causal, and then it is converted"
+    ),
+}
 
 
 def _verify(name: str, module: nn.Module, key: str) -> None:
@@ -595,7 +807,8 @@ def _verify(name: str, module: nn.Module, key: str) -> None:
             module,
             f"it is laid out as the {kind.book} class, but its forward and the fused one disagree on a probe input "
             f"(float32, {inputs.n} tokens): {err}. Its forward computes something else than the book's (another "
-            "scale, mask, rotation or normalisation), and converting it would silently change the model's outputs",
+            "scale, mask, rotation or normalisation), and converting it would silently change the model's outputs"
+            + _HINTS.get(key, ""),
         ) from None
 
 

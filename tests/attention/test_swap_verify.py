@@ -13,6 +13,7 @@ from chapter3_flash.attention import reference as ref
 from helpers import DEVICE
 from torch import nn
 
+from bench.book import buffers as book_buffers
 from bench.book import fast as book_fast
 from bench.book import gemma3 as book_gemma3
 from bench.book import gqa as book_gqa
@@ -20,6 +21,7 @@ from bench.book import kv_cache as book_kv
 from bench.book import kv_cache_optimized as book_kvopt
 from bench.book import kv_cache_pkg as book_pkg
 from bench.book import llama3 as book_llama3
+from bench.book import mha_variants as book_variants
 from bench.book import noncausal as book_noncausal
 from bench.book import qwen3 as book_qwen3
 from bench.book import swa as book_swa
@@ -47,6 +49,14 @@ FAMILIES = {
     "fast mha": lambda: book_fast.PyTorchMultiHeadAttention(8, 8, 2),
     "fast gqa": lambda: book_fast.GroupedQueryAttentionFast(16, 16, 4, 2),
     "ch06 non-causal": lambda: book_noncausal.MultiHeadAttention(8, 8, 10, 0.0, 2, disable_causal_mask=True),
+    "ch03 bonus combined qkv": lambda: book_variants.MultiHeadAttentionCombinedQKV(8, 8, 2, 10),
+    "ch03 bonus einsum": lambda: book_variants.MHAEinsum(8, 8, 10, 0.0, 2, qkv_bias=True),
+    "ch03 bonus sdpa": lambda: book_variants.MHAPyTorchScaledDotProduct(8, 8, 2, 10),
+    "ch03 bonus sdpa with mask": lambda: book_variants.MHAPyTorchSDPAWithoutFlash(8, 8, 2, 10, keep_below=True),
+    "ch03 bonus pytorch class": lambda: book_variants.MHAPyTorchClass(8, 8, 2, 10),
+    "nn.MultiheadAttention": lambda: nn.MultiheadAttention(8, 2, batch_first=True),
+    "ch03/03 with buffer": lambda: book_buffers.CausalAttentionWithBuffer(8, 6, 10, 0.0),
+    "ch03/03 without buffers": lambda: book_buffers.CausalAttentionWithoutBuffers(8, 6, 10, 0.0),
 }
 
 
