@@ -36,7 +36,11 @@ BATCH = 2
 
 
 class Disagreement(Exception):
-    """The two forwards differ (or one failed): the message says how."""
+    """The two forwards differ (or one failed: ``failed``): the message says how."""
+
+    def __init__(self, message: str, failed: bool = False):
+        super().__init__(message)
+        self.failed = failed
 
 
 def twin(module: nn.Module, cast: bool) -> nn.Module:
@@ -213,6 +217,21 @@ def pkg_rope(local_window: int | None = None) -> Callable[[nn.Module, Inputs], l
     return calls
 
 
+def pkg_batched(layer: nn.Module, inp: Inputs) -> list:
+    """The pkg's batched Qwen3 layer as its model calls it: forward(x, mask, cos, sin, start_pos=zeros(b)) without a
+    cache; then over the tokens with a (b,) tensor of positions and the list of per-sequence caches the previous
+    call returned (a list of None at first), the mask (b, 1, n, T) of each sequence's rows."""
+    b = inp.x.shape[0]
+    zeros = torch.zeros(b, dtype=torch.long, device=inp.device)
+    out = [layer.forward(inp.x, inp.mask(0, inp.n, broadcast=True), inp.cos, inp.sin, start_pos=zeros, cache=None)]
+    cache = [None] * b
+    for a, e in chunks(inp.n, inp.n):
+        mask = inp.mask(a, e, broadcast=True).expand(b, 1, e - a, e).contiguous()
+        context, cache = layer.forward(inp.x[:, a:e], mask, inp.cos, inp.sin, start_pos=zeros + a, cache=cache)
+        out += [context, cache]
+    return out
+
+
 # --- comparing --------------------------------------------------------------------------------------------------
 
 
@@ -264,9 +283,9 @@ def verify(module: nn.Module, target: type, calls: Callable[[nn.Module, Inputs],
         try:
             theirs = calls(theirs_layer, inputs)
         except Exception as err:  # the layer's own forward: a look-alike may take other arguments
-            raise Disagreement(f"its own forward failed on the probe: {type(err).__name__}: {err}") from err
+            raise Disagreement(f"its own forward failed on the probe: {type(err).__name__}: {err}", True) from err
         try:
             ours = calls(ours_layer, inputs)
         except Exception as err:
-            raise Disagreement(f"the fused forward failed on the probe: {type(err).__name__}: {err}") from err
+            raise Disagreement(f"the fused forward failed on the probe: {type(err).__name__}: {err}", True) from err
     compare(theirs, ours)

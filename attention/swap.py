@@ -39,7 +39,7 @@ says why. With ``verify=False`` only the names above are recognised: structure a
 Projections may be any module that maps the same widths (the book's LoRA wrapper, quantized linears):
 the fused layers call them as the book's code does. The pkg package's cached variants, whose forward takes
 ``(..., start_pos, cache)`` and returns ``(context, next_cache)`` with the cache held by the caller, keep that
-contract; its batched variant (``kv_cache_batched``: per-sequence positions and caches) is refused.
+contract; so does its batched Qwen3 layer (``kv_cache_batched``: a position and a cache per sequence).
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     kv_cache_pkg.Llama3GroupedQueryAttention,
     kv_cache_pkg.Qwen3GroupedQueryAttention,
     kv_cache_pkg.Gemma3GroupedQueryAttention,
+    kv_cache_pkg.Qwen3BatchedGroupedQueryAttention,
     fast.PyTorchMultiHeadAttention,
     fast.GroupedQueryAttentionFast,
     noncausal.MultiHeadAttention,
@@ -233,6 +234,14 @@ _KINDS = {
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups", "scaling"),
         probe="pkg_rope_local",
     ),
+    "pkgkvb:qwen3": _Kind(
+        "pkg kv_cache_batched qwen3.py",
+        kv_cache_pkg.Qwen3BatchedGroupedQueryAttention,
+        children=_PROJECTIONS + ("out_proj",),
+        optional_children=("q_norm", "k_norm"),
+        attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
+        probe="pkg_batched",
+    ),
     "PyTorchMultiHeadAttention": _Kind(
         "pkg ch03 bonus (GPTModelFast)",
         fast.PyTorchMultiHeadAttention,
@@ -332,12 +341,14 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
     args = _forward_args(module)
     if "start_pos" in args or "cache" in args:  # the pkg's variants: the caller holds the cache
         if "batched" in cls.__module__:
+            if cls.__name__ == "GroupedQueryAttention" and hasattr(module, "q_norm") and not hasattr(module, "scaling"):
+                return "pkgkvb:qwen3"  # kv_cache_batched/qwen3.py: a position per sequence, a list of caches
             raise _refuse(
                 name,
                 module,
-                "it is the pkg's kv_cache_batched layer, whose caller passes each sequence its own start position "
-                "and cache; the fused pkg layers take one start position for the whole batch (the pkg's kv_cache "
-                "variant, which is converted), so each sequence would be attended at the wrong positions",
+                f"it is a {cls.__name__} of the pkg's kv_cache_batched package, whose caller passes a position and a "
+                "cache per sequence; expected that package's Qwen3 GroupedQueryAttention, the one batched layer the "
+                "fused classes keep that contract for: converting another would misplace its caches",
             )
         if cls.__name__ == "MultiHeadAttention":
             return "pkgkv:MultiHeadAttention"
@@ -525,6 +536,7 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
     _check_projection(name, module, "W_value", d_in, kv_heads * head_dim)
     if "out_proj" in kind.children:  # back to d_out (the chapter, ch04) or to d_in (Qwen3, Gemma 3)
         qwen_like = ("qwen3:GroupedQueryAttention", "gemma3:GroupedQueryAttention", "pkgkv:qwen3", "pkgkv:gemma3")
+        qwen_like += ("pkgkvb:qwen3",)
         back = d_in if key in qwen_like else d_out
         _check_projection(name, module, "out_proj", d_out, back)
     if "dropout" in kind.children and type(module.dropout) is not nn.Dropout:
@@ -781,8 +793,9 @@ def _probe_of(name: str, module: nn.Module, key: str) -> tuple:
         "pkg_rope": probe.pkg_rope(),
         "pkg_rope_local": probe.pkg_rope(_LOCAL_WINDOW),
         "mha": probe.multihead,
+        "pkg_batched": probe.pkg_batched,
     }[kind.probe]
-    head_dim = getattr(module, "head_dim", None) if "rope" in kind.probe else None
+    head_dim = getattr(module, "head_dim", None)  # for RoPE tables, where the family takes them
     return calls, probe.Inputs(d_in, n, device, head_dim)
 
 
@@ -806,8 +819,14 @@ def _verify(name: str, module: nn.Module, key: str) -> None:
             name,
             module,
             f"it is laid out as the {kind.book} class, but its forward and the fused one disagree on a probe input "
-            f"(float32, {inputs.n} tokens): {err}. Its forward computes something else than the book's (another "
-            "scale, mask, rotation or normalisation), and converting it would silently change the model's outputs"
+            f"(float32, {inputs.n} tokens): {err}. "
+            + (
+                f"On the calls the {kind.book} class takes, one of the two failed, so they cannot be shown to "
+                "compute the same"
+                if err.failed
+                else "Its forward computes something else than the book's (another scale, mask, rotation or "
+                "normalisation), and converting it would silently change the model's outputs"
+            )
             + _HINTS.get(key, ""),
         ) from None
 

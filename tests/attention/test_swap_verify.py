@@ -18,6 +18,7 @@ from bench.book import fast as book_fast
 from bench.book import gemma3 as book_gemma3
 from bench.book import gqa as book_gqa
 from bench.book import kv_cache as book_kv
+from bench.book import kv_cache_batched as book_batched
 from bench.book import kv_cache_optimized as book_kvopt
 from bench.book import kv_cache_pkg as book_pkg
 from bench.book import llama3 as book_llama3
@@ -46,6 +47,7 @@ FAMILIES = {
     "pkg llama3": lambda: book_pkg.Llama3GroupedQueryAttention(16, 16, 4, 2),
     "pkg qwen3": lambda: book_pkg.Qwen3GroupedQueryAttention(16, 4, 2, 8, qk_norm=True),
     "pkg gemma3": lambda: book_pkg.Gemma3GroupedQueryAttention(16, 4, 1, 8, True, query_pre_attn_scalar=16),
+    "pkg batched qwen3": lambda: book_batched.GroupedQueryAttention(16, 4, 2, 8, qk_norm=True),
     "fast mha": lambda: book_fast.PyTorchMultiHeadAttention(8, 8, 2),
     "fast gqa": lambda: book_fast.GroupedQueryAttentionFast(16, 16, 4, 2),
     "ch06 non-causal": lambda: book_noncausal.MultiHeadAttention(8, 8, 10, 0.0, 2, disable_causal_mask=True),
