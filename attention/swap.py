@@ -716,7 +716,9 @@ def _check_mask(name: str, module: nn.Module) -> None:
     mask = module.mask
     n = mask.shape[0] if mask.dim() == 2 else -1
     causal = torch.triu(torch.ones(n, n, device=mask.device), diagonal=1) if n >= 0 else None
-    if causal is None or mask.shape != causal.shape or not torch.equal(mask.bool(), causal.bool()):
+    # A meta tensor has a shape and no values (a model built on the meta device, its weights loaded later).
+    same = mask.is_meta or torch.equal(mask.bool(), causal.bool()) if causal is not None else False
+    if causal is None or mask.shape != causal.shape or not same:
         found = f"shape {tuple(mask.shape)}" if causal is None or mask.shape != causal.shape else "other entries"
         raise _refuse(
             name,
@@ -848,14 +850,17 @@ def swap_attention(model: nn.Module, verify: bool = True) -> nn.Module:
     on a small float32 probe (twins of the layer: the model's weights, caches, positions and modes are left as they
     were) and must agree to float32 rounding; a layer that does not is refused with a ``ValueError`` naming it and
     the difference, and no layer is converted (``attention.probe``). ``verify=False`` skips the probe, for callers
-    who have checked. Each swap is logged at
-    INFO level on the ``attention.swap`` logger; a model in which nothing was or is fused gets a
+    who have checked. A class of another name laid out as a chapter-3 class is converted only with ``verify``, once
+    its probe agrees (left alone with a warning otherwise). Each swap is logged at INFO level on this module's
+    logger (``chapter3_flash.attention.swap``); a model in which nothing was or is fused gets a
     ``UserWarning`` naming the attention-like classes it left alone. ``fused_layers(model)`` lists them.
 
     Returns the model (the same object, or the model's own class changed when the root is a layer).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_attention expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}")
     todo, by_structure = [], []
     for name, m in model.named_modules():
         if (key := _kind_of(name, m)) is not None:

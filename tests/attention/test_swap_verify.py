@@ -258,3 +258,15 @@ def test_a_bfloat16_model_is_probed_in_float32_and_keeps_its_weights():
     bad = TinyAyaLikeAttention(32, 4, 2, 8, dtype=torch.bfloat16).to(DEVICE)
     with pytest.raises(ValueError, match="disagree"):
         attention.swap_attention(bad)
+
+
+def test_a_layer_on_the_meta_device_cannot_be_probed_and_verify_must_be_a_bool():
+    with torch.device("meta"):
+        layer = ref.MultiHeadAttention(8, 8, 10, 0.0, 2)
+    with pytest.raises(ValueError, match="on the meta device, so its forward cannot be run"):
+        attention.swap_attention(layer)
+    assert type(layer) is ref.MultiHeadAttention
+    attention.swap_attention(layer, verify=False)  # unchecked, by the caller's choice
+    assert type(layer) is attention.MultiHeadAttention
+    with pytest.raises(TypeError, match="verify must be True or False, got 'no'"):
+        attention.swap_attention(ref.MultiHeadAttention(8, 8, 10, 0.0, 2), verify="no")
