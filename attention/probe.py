@@ -8,7 +8,8 @@ on a small probe input and their outputs are compared:
   another dtype gets float32 copies) and submodules, but has its own parameter, buffer and submodule tables and
   attributes, with its KV cache emptied and its position at 0. The layer's weights, buffers, caches, positions,
   hooks and training mode are exactly as they were, whatever the probe does; its own forward hooks do not fire
-  (the twins' forwards are called directly);
+  (the twins' forwards are called directly), while hooks on its submodules (a projection's) do, as they would in
+  any forward, since they may be part of what the projection computes (weight norm, LoRA by hook);
 - float32, eval mode, ``torch.no_grad()``, exact float32 matmuls (TF32 off for the probe), on the layer's device,
   the fused side on the backend the fused layers run now (``use_backend``; "auto": Triton on CUDA, SDPA elsewhere);
 - inputs drawn from a generator of their own (the caller's random stream is untouched): batch 2, a few tokens

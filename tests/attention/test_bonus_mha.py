@@ -137,3 +137,49 @@ def test_without_buffers_has_no_mask_in_its_state_dict():
     assert "mask" not in layer.state_dict() and "mask" not in dict(layer.named_buffers())
     with pytest.raises(ValueError, match="exceeds context_length 24"):
         layer(torch.randn(1, 25, 16))
+
+
+def test_multihead_attention_gradients_match_pytorchs(backend):
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=True).to(DEVICE)
+    ours = bonus.MultiheadAttention(16, 4, batch_first=True).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    causal = torch.triu(torch.ones(21, 21, dtype=torch.bool, device=DEVICE), diagonal=1)
+
+    x = torch.randn(*X, device=DEVICE)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a = ours(xa, xa, xa, attn_mask=causal, need_weights=False)[0]
+    out_b = theirs(xb, xb, xb, attn_mask=causal, need_weights=False)[0]
+    torch.testing.assert_close(out_a, out_b, **TOL)
+    dout = torch.randn_like(out_a)
+    out_a.backward(dout)
+    out_b.backward(dout)
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_swap_converts_every_notebook_variant_and_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "combined": book.MultiHeadAttentionCombinedQKV(16, 16, 4, 24),
+            "einsum": book.MHAEinsum(16, 16, 24, 0.0, 4, qkv_bias=True),
+            "sdpa": book.MHAPyTorchScaledDotProduct(16, 16, 4, 24),
+            "sdpa_mask": book.MHAPyTorchSDPAWithoutFlash(16, 16, 4, 24, keep_below=True),
+            "pytorch": book.MHAPyTorchClass(16, 16, 4, 24),
+            "ch03_mha": book.Ch03_MHA(16, 16, 24, 0.0, 4),
+            "with_buffer": book_buffers.CausalAttentionWithBuffer(16, 16, 24, 0.0),
+            "without_buffers": book_buffers.CausalAttentionWithoutBuffers(16, 16, 24, 0.0),
+        }
+    ).to(DEVICE)
+    for layer in model.values():  # the plain-attribute mask stays where it was made, as in the book
+        if isinstance(getattr(layer, "mask", None), torch.Tensor):
+            layer.mask = layer.mask.to(DEVICE)
+    x = torch.randn(*X, device=DEVICE)
+    expected = {k: m(x) for k, m in model.items()}
+    attention.swap_attention(model)
+    assert len(attention.fused_layers(model)) == 9  # the eight, and MHAPyTorchClass's nn.MultiheadAttention
+    for k, m in model.items():
+        assert type(m).__module__.startswith("chapter3_flash.attention"), k
+        torch.testing.assert_close(m(x), expected[k], **TOL)
