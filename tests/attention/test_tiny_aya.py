@@ -1,0 +1,136 @@
+"""Tiny Aya (ch05/15) fused against a reader's copy of the book's: its layer (interleaved RoPE on sliding layers,
+none on full ones) forward and backward, the KV-cache layer step by step, and a tiny model's logits, cached
+logits, training loss and greedy tokens with the fused layers put in place of the book's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import DEVICE, assert_same_outputs_and_grads, twin_layers
+
+from attention import tiny_aya
+from attention.rope import apply_rope, mask_rule
+from bench.book import tiny_aya as book
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+CFG = book.TINY_CONFIG
+
+
+def tables(head_dim=16, n=64):
+    cos, sin = book.compute_rope_params(head_dim, 50_000.0, n)
+    return cos.to(DEVICE), sin.to(DEVICE)
+
+
+def test_interleaved_rope_is_the_books():
+    x = torch.randn(2, 3, 11, 16, device=DEVICE)
+    cos, sin = tables()
+    torch.testing.assert_close(apply_rope(x, cos, sin, 5, interleaved=True), book.apply_rope(x, cos, sin, 5))
+    # Not the split-halves rotation with the same tables: the layouts pair different features.
+    assert not torch.allclose(apply_rope(x, cos, sin, 5), book.apply_rope(x, cos, sin, 5), atol=1e-3)
+
+
+@pytest.mark.parametrize("attn_type", ["sliding_attention", "full_attention"])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_layer_outputs_and_gradients(attn_type, qk_norm, backend):
+    ours, theirs = twin_layers(
+        tiny_aya.GroupedQueryAttention,
+        book.GroupedQueryAttention,
+        32,
+        4,
+        2,
+        16,
+        qk_norm,
+        attention_bias=True,
+        attn_type=attn_type,
+        seed=3,
+    )
+    n, window = 37, 6
+    mask_global, mask_local = book.TinyAya.create_masks(ours_model_stub(window), n, DEVICE)
+    mask = mask_local if attn_type == "sliding_attention" else mask_global
+    assert mask_rule(mask) == (True, (window - 1, -1) if attn_type == "sliding_attention" else (-1, -1))
+    cos, sin = tables()
+    assert_same_outputs_and_grads(ours, theirs, torch.randn(2, n, 32, device=DEVICE), mask, cos[:n], sin[:n], tol=TOL)
+
+
+def ours_model_stub(window):
+    """An object with the cfg create_masks reads (the masks are the model's, not the layer's)."""
+    return type("Stub", (), {"cfg": {"sliding_window": window}})()
+
+
+@pytest.mark.parametrize("attn_type", ["sliding_attention", "full_attention"])
+def test_kv_layer_prefill_then_tokens(attn_type, backend):
+    ours, theirs = twin_layers(
+        tiny_aya.KVGroupedQueryAttention, book.KVGroupedQueryAttention, 32, 4, 2, 16, attn_type=attn_type, seed=4
+    )
+    ours.eval(), theirs.eval()
+    stub = ours_model_stub(5)
+    x = torch.randn(2, 30, 32, device=DEVICE)
+    cos, sin = tables()
+    mine = book_cache = None
+    with torch.no_grad():
+        for a, b in [(0, 9)] + [(t, t + 1) for t in range(9, 20)] + [(20, 30)]:  # a prompt, tokens, a chunk
+            g, loc = book.TinyAya.create_masks(stub, b - a, DEVICE, a)
+            mask = loc if attn_type == "sliding_attention" else g
+            out, mine = ours(x[:, a:b], mask, cos, sin, start_pos=a, cache=mine)
+            ref, book_cache = theirs(x[:, a:b], mask, cos, sin, start_pos=a, cache=book_cache)
+            torch.testing.assert_close(out, ref, **TOL)
+            torch.testing.assert_close(mine, book_cache, **TOL)  # the same (b, kv_heads, T, head_dim) cache
+
+
+def models(cls_book, fused_cls, seed=11):
+    torch.manual_seed(seed)
+    theirs = cls_book(CFG).to(DEVICE)
+    ours = copy.deepcopy(theirs)
+    for block in ours.trf_blocks:
+        block.att.__class__ = fused_cls  # what swap_attention does
+    return ours, theirs
+
+
+def test_model_logits_and_training_loss(backend):
+    ours, theirs = models(book.TinyAya, tiny_aya.GroupedQueryAttention)
+    ids = torch.randint(0, CFG["vocab_size"], (2, 23), device=DEVICE)
+    targets = torch.randint(0, CFG["vocab_size"], (2, 23), device=DEVICE)
+    losses = []
+    for model in (ours, theirs):
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        losses.append((logits, loss, {k: p.grad for k, p in model.named_parameters()}))
+    (lo, loss_o, grads_o), (lt, loss_t, grads_t) = losses
+    torch.testing.assert_close(lo, lt, **TOL)
+    torch.testing.assert_close(loss_o, loss_t, **TOL)
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def greedy(model, ids, steps, cached):
+    model.eval()
+    with torch.no_grad():
+        if not cached:
+            for _ in range(steps):
+                ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+            return ids, None
+        model.reset_kv_cache()
+        cache = [None] * len(model.trf_blocks)
+        logits = model(ids, cache=cache)
+        every = [logits]
+        for _ in range(steps):
+            token = logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, token], dim=1)
+            logits = model(token, cache=cache)
+            every.append(logits)
+        return ids, torch.cat(every, dim=1)
+
+
+def test_model_cached_logits_and_greedy_tokens(backend):
+    ours, theirs = models(book.KVTinyAya, tiny_aya.KVGroupedQueryAttention)
+    prompt = torch.randint(0, CFG["vocab_size"], (1, 7), device=DEVICE)
+    steps = 12  # past the sliding window (5): the local layers drop keys as they go
+    ids_o, logits_o = greedy(ours, prompt, steps, cached=True)
+    ids_t, logits_t = greedy(theirs, prompt, steps, cached=True)
+    torch.testing.assert_close(logits_o, logits_t, **TOL)
+    assert torch.equal(ids_o, ids_t)
+    plain, _ = greedy(theirs, prompt, steps, cached=False)  # the cache changes nothing in the book's either
+    assert torch.equal(ids_t, plain)
