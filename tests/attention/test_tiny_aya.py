@@ -4,11 +4,9 @@ logits, training loss and greedy tokens with the fused layers put in place of th
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import DEVICE, assert_same_outputs_and_grads, twin_layers
+from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_step, fused_copy, greedy, twin_layers
 
 from attention import tiny_aya
 from attention.rope import apply_rope, mask_rule
@@ -79,58 +77,24 @@ def test_kv_layer_prefill_then_tokens(attn_type, backend):
             torch.testing.assert_close(mine, book_cache, **TOL)  # the same (b, kv_heads, T, head_dim) cache
 
 
-def models(cls_book, fused_cls, seed=11):
+def models(book_cls, fused_cls, book_layer, seed=11):
     torch.manual_seed(seed)
-    theirs = cls_book(CFG).to(DEVICE)
-    ours = copy.deepcopy(theirs)
-    for block in ours.trf_blocks:
-        block.att.__class__ = fused_cls  # what swap_attention does
-    return ours, theirs
+    theirs = book_cls(CFG).to(DEVICE)
+    return fused_copy(theirs, {book_layer: fused_cls}), theirs
 
 
 def test_model_logits_and_training_loss(backend):
-    ours, theirs = models(book.TinyAya, tiny_aya.GroupedQueryAttention)
-    ids = torch.randint(0, CFG["vocab_size"], (2, 23), device=DEVICE)
-    targets = torch.randint(0, CFG["vocab_size"], (2, 23), device=DEVICE)
-    losses = []
-    for model in (ours, theirs):
-        logits = model(ids)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        loss.backward()
-        losses.append((logits, loss, {k: p.grad for k, p in model.named_parameters()}))
-    (lo, loss_o, grads_o), (lt, loss_t, grads_t) = losses
-    torch.testing.assert_close(lo, lt, **TOL)
-    torch.testing.assert_close(loss_o, loss_t, **TOL)
-    for name in grads_t:
-        torch.testing.assert_close(grads_o[name], grads_t[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def greedy(model, ids, steps, cached):
-    model.eval()
-    with torch.no_grad():
-        if not cached:
-            for _ in range(steps):
-                ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
-            return ids, None
-        model.reset_kv_cache()
-        cache = [None] * len(model.trf_blocks)
-        logits = model(ids, cache=cache)
-        every = [logits]
-        for _ in range(steps):
-            token = logits[:, -1:].argmax(-1)
-            ids = torch.cat([ids, token], dim=1)
-            logits = model(token, cache=cache)
-            every.append(logits)
-        return ids, torch.cat(every, dim=1)
+    ours, theirs = models(book.TinyAya, tiny_aya.GroupedQueryAttention, book.GroupedQueryAttention)
+    ids, targets = torch.randint(0, CFG["vocab_size"], (2, 2, 23), device=DEVICE)
+    assert_same_training_step(ours, theirs, ids, targets, TOL)
 
 
 def test_model_cached_logits_and_greedy_tokens(backend):
-    ours, theirs = models(book.KVTinyAya, tiny_aya.KVGroupedQueryAttention)
+    ours, theirs = models(book.KVTinyAya, tiny_aya.KVGroupedQueryAttention, book.KVGroupedQueryAttention)
     prompt = torch.randint(0, CFG["vocab_size"], (1, 7), device=DEVICE)
-    steps = 12  # past the sliding window (5): the local layers drop keys as they go
-    ids_o, logits_o = greedy(ours, prompt, steps, cached=True)
-    ids_t, logits_t = greedy(theirs, prompt, steps, cached=True)
+    steps, layers = 12, CFG["n_layers"]  # past the sliding window (5): the local layers drop keys as they go
+    ids_o, logits_o = greedy(ours, prompt, steps, layers)
+    ids_t, logits_t = greedy(theirs, prompt, steps, layers)
     torch.testing.assert_close(logits_o, logits_t, **TOL)
     assert torch.equal(ids_o, ids_t)
-    plain, _ = greedy(theirs, prompt, steps, cached=False)  # the cache changes nothing in the book's either
-    assert torch.equal(ids_t, plain)
+    assert torch.equal(ids_t, greedy(theirs, prompt, steps)[0])  # the cache changes nothing in the book's either
