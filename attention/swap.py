@@ -19,6 +19,9 @@ code, or ours from ``attention.reference``):
 | Gemma 3 with a KV cache (notebook)     | ``GroupedQueryAttention``    | ``attention.kv_cache_pkg``         |
 | pkg ch03 bonus (``GPTModelFast``)      | ``PyTorchMultiHeadAttention``| ``attention.fast``                 |
 | pkg llama3.py (``Llama3ModelFast``)    | ``GroupedQueryAttentionFast``| ``attention.fast``                 |
+| OLMo 3 (ch05/13, both notebooks)       | ``GroupedQueryAttention``    | ``attention.olmo3``                |
+| Tiny Aya (ch05/15, both notebooks)     | ``GroupedQueryAttention``    | ``attention.tiny_aya``             |
+| Qwen3.5 gated attention (ch05/16)      | ``GroupedQueryAttention``    | ``attention.qwen3_5``              |
 
 Projections may be any module that maps the same widths (the book's LoRA wrapper, quantized linears):
 the fused layers call them as the book's code does. The pkg package's cached variants, whose forward takes
@@ -45,9 +48,12 @@ from attention import (
     kv_cache_optimized,
     kv_cache_pkg,
     llama3,
+    olmo3,
     qwen3,
+    qwen3_5,
     reference,
     swa,
+    tiny_aya,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,9 @@ FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     kv_cache_pkg.Gemma3GroupedQueryAttention,
     fast.PyTorchMultiHeadAttention,
     fast.GroupedQueryAttentionFast,
+    tiny_aya.GroupedQueryAttention,
+    olmo3.GroupedQueryAttention,
+    qwen3_5.GroupedQueryAttention,
 )
 
 
@@ -199,6 +208,21 @@ _KINDS = {
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
     ),
 }
+# The newer models of ch05 (13 to 16): GroupedQueryAttention again, told apart by what their constructors keep.
+_NEWER_GQA_ATTRS = ("d_out", "num_heads", "head_dim", "num_kv_groups")
+for _key, _book, _target, _extra, _norms in (
+    ("tiny_aya", "Tiny Aya (ch05/15)", tiny_aya.GroupedQueryAttention, ("attn_type",), "optional"),
+    ("tiny_aya:kv", "Tiny Aya with a KV cache (ch05/15)", tiny_aya.KVGroupedQueryAttention, ("attn_type",), "optional"),
+    ("olmo3", "OLMo 3 (ch05/13)", olmo3.GroupedQueryAttention, ("attn_type", "sliding_window"), "required"),
+    ("olmo3:kv", "OLMo 3 with a KV cache (ch05/13)", olmo3.KVGroupedQueryAttention, ("attn_type",), "required"),
+    ("qwen3_5", "Qwen3.5 gated attention (ch05/16)", qwen3_5.GroupedQueryAttention, (), "optional"),
+    ("qwen3_5:kv", "Qwen3.5 gated attention with a KV cache", qwen3_5.KVGroupedQueryAttention, (), "optional"),
+):
+    _norm_kw = {"children": _PROJECTIONS + ("out_proj",) + (("q_norm", "k_norm") if _norms == "required" else ())}
+    if _norms == "optional":
+        _norm_kw["optional_children"] = ("q_norm", "k_norm")
+    _KINDS[_key] = _Kind(_book, _target, attrs=_NEWER_GQA_ATTRS + _extra, **_norm_kw)
+del _key, _book, _target, _extra, _norms, _norm_kw
 _NAMES = {"MultiHeadAttention", "GroupedQueryAttention", "MultiHeadAttentionWithSWA", *_CHAPTER}
 _NAMES |= {"PyTorchMultiHeadAttention", "GroupedQueryAttentionFast"}
 
@@ -218,9 +242,19 @@ def _forward_args(module: nn.Module) -> tuple[str, ...]:
 def _kind_of(name: str, module: nn.Module) -> str | None:
     """The _KINDS key of a book layer (or a look-alike to check and refuse), None for anything else."""
     cls = type(module)
+    if "GatedDeltaNet" in cls.__name__ and not isinstance(module, FUSED_CLASSES):
+        log.info(
+            "swap_attention: %s (%s) left as the book's: Qwen3.5's Gated DeltaNet is linear attention (a recurrent "
+            "state, no softmax over keys), which this kernel does not compute",
+            name or "<root>",
+            cls.__qualname__,
+        )
+        return None
     if isinstance(module, FUSED_CLASSES) or cls.__name__ not in _NAMES:
         return None
     args = _forward_args(module)
+    if cls.__name__ == "GroupedQueryAttention" and (newer := _newer_gqa(module)) is not None:
+        return newer + (":kv" if "start_pos" in args or "cache" in args else "")
     if "start_pos" in args or "cache" in args:  # the pkg's variants: the caller holds the cache
         if "batched" in cls.__module__:
             raise _refuse(
@@ -249,6 +283,19 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
             return "gemma3:GroupedQueryAttention"
         return "qwen3:GroupedQueryAttention" if hasattr(module, "q_norm") else "llama3:GroupedQueryAttention"
     return cls.__name__
+
+
+def _newer_gqa(module: nn.Module) -> str | None:
+    """The ch05/13-16 layer a GroupedQueryAttention is, by what only its constructor keeps: OLMo 3 an
+    ``attn_type`` and a ``sliding_window``, Tiny Aya an ``attn_type`` alone, Qwen3.5 a query projection twice
+    ``d_out`` wide (its output gate); None for the older ones (Llama 3.2, Qwen3, Gemma 3, ch04's)."""
+    if hasattr(module, "attn_type"):
+        return "olmo3" if hasattr(module, "sliding_window") else "tiny_aya"
+    d_out = getattr(module, "d_out", None)
+    query = getattr(module, "W_query", None)
+    if isinstance(d_out, int) and isinstance(query, nn.Module) and widths(query)[1] == 2 * d_out:
+        return "qwen3_5"
+    return None
 
 
 def widths(projection: nn.Module) -> tuple[int | None, int | None]:
@@ -321,13 +368,16 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
         raise _refuse(name, module, f"d_out {d_out}, num_heads {heads}, num_kv_groups {kv_heads} do not split")
     if heads * head_dim != d_out:
         raise _refuse(name, module, f"num_heads {heads} x head_dim {head_dim} != d_out {d_out}")
-    _check_projection(name, module, "W_query", d_in, d_out)
+    gated = key.startswith("qwen3_5")  # its query projection also yields the output gate: twice d_out
+    _check_projection(name, module, "W_query", d_in, 2 * d_out if gated else d_out)
     _check_projection(name, module, "W_key", d_in, kv_heads * head_dim)
     _check_projection(name, module, "W_value", d_in, kv_heads * head_dim)
     if "out_proj" in kind.children:  # back to d_out (the chapter, ch04) or to d_in (Qwen3, Gemma 3)
         qwen_like = ("qwen3:GroupedQueryAttention", "gemma3:GroupedQueryAttention", "pkgkv:qwen3", "pkgkv:gemma3")
-        back = d_in if key in qwen_like else d_out
+        back = d_in if key in qwen_like or key.split(":")[0] in _NEWER_MODELS else d_out
         _check_projection(name, module, "out_proj", d_out, back)
+    if key.split(":")[0] in _NEWER_MODELS:
+        _check_newer_norms(name, module, key, head_dim, kv_heads)
     if "dropout" in kind.children and type(module.dropout) is not nn.Dropout:
         raise _refuse(name, module, "dropout is not nn.Dropout")
     if "mask" in kind.buffers:
@@ -346,6 +396,28 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
             swa.window_of(module.sliding_window_size)
         except (TypeError, ValueError) as err:
             raise _refuse(name, module, str(err)) from None
+
+
+_NEWER_MODELS = ("tiny_aya", "olmo3", "qwen3_5")
+
+
+def _check_newer_norms(name: str, module: nn.Module, key: str, head_dim: int, kv_heads: int) -> None:
+    """QK-norm widths: OLMo 3 normalises q and k over the whole projected width (all heads), Tiny Aya and Qwen3.5
+    each head. A norm of the other width would be applied where the book does not."""
+    whole = key.startswith("olmo3")
+    for attr, width in (("q_norm", module.num_heads * head_dim), ("k_norm", kv_heads * head_dim)):
+        norm = module._modules.get(attr)
+        weight = getattr(norm, "weight", None)
+        want = width if whole else head_dim
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) != (want,):
+            over = "the whole projected width" if whole else "each head"
+            raise _refuse(
+                name,
+                module,
+                f"{attr} has width {tuple(weight.shape)}; the {_KINDS[key].book} layer norms over {over} ({want})",
+            )
+    if not isinstance(getattr(module, "attn_type", ""), str):
+        raise _refuse(name, module, f"attn_type must be a str, got {module.attn_type!r}")
 
 
 def _check_fused_qkv(name: str, module: nn.Module) -> None:

@@ -5,10 +5,13 @@ to the window by the book's block), training loss and greedy tokens."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_step, fused_copy, greedy, twin_layers
 
+import attention
 from attention import olmo3
 from attention.rope import mask_rule
 from bench.book import olmo3 as book
@@ -85,3 +88,27 @@ def test_model_cached_logits_and_greedy_tokens(backend):
     torch.testing.assert_close(logits_o, logits_t, **TOL)
     assert torch.equal(ids_o, ids_t)
     assert torch.equal(ids_t, greedy(theirs, prompt, steps)[0])  # the cache changes nothing in the book's either
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "kv-cache"])
+def test_swap_converts_olmo3(cached):
+    book_cls = book.KVOlmo3 if cached else book.Olmo3
+    target = olmo3.KVGroupedQueryAttention if cached else olmo3.GroupedQueryAttention
+    torch.manual_seed(16)
+    theirs = book_cls(CFG).to(DEVICE)
+    ids = torch.randint(0, CFG["vocab_size"], (1, 11), device=DEVICE)
+    ours = attention.swap_attention(copy.deepcopy(theirs))
+    assert {type(b.att) for b in ours.blocks} == {target}
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids), **TOL)
+    steps, layers = 8, CFG["n_layers"] if cached else None
+    assert torch.equal(greedy(ours, ids, steps, layers)[0], greedy(theirs, ids, steps, layers)[0])
+
+
+def test_swap_refuses_a_per_head_norm_in_an_olmo3_layer():
+    layer = book.GroupedQueryAttention(32, 4, 2, 8)
+    layer.q_norm = book.RMSNorm(8)  # Qwen3's per-head width: not what OLMo 3's forward does
+    with pytest.raises(ValueError, match=r"q_norm has width \(8,\); the OLMo 3 \(ch05/13\) layer norms over the whole"):
+        attention.swap_attention(torch.nn.Sequential(layer))
+    assert type(layer) is book.GroupedQueryAttention

@@ -5,10 +5,14 @@ stand-in layers between, cached logits and greedy tokens of an attention-only co
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import pytest
 import torch
 from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_step, fused_copy, greedy, twin_layers
 
+import attention
 from attention import qwen3_5
 from attention.rope import apply_rope
 from bench.book import qwen3_5 as book
@@ -95,3 +99,28 @@ def test_model_cached_logits_and_greedy_tokens(backend):
     torch.testing.assert_close(logits_o, logits_t, **TOL)
     assert torch.equal(ids_o, ids_t)
     assert torch.equal(ids_t, greedy(theirs, prompt, 10)[0])
+
+
+def test_swap_converts_the_gated_layers_and_says_it_left_the_deltanet(caplog):
+    torch.manual_seed(17)
+    theirs = book.Qwen3_5(CFG).to(DEVICE)
+    ids = torch.randint(0, CFG["vocab_size"], (1, 12), device=DEVICE)
+    with caplog.at_level(logging.INFO, logger="attention.swap"):
+        ours = attention.swap_attention(copy.deepcopy(theirs))
+    kinds = [type(b.token_mixer) for b in ours.trf_blocks]
+    assert kinds == [book.Qwen3_5GatedDeltaNet, qwen3_5.GroupedQueryAttention] * 2
+    assert "trf_blocks.0.token_mixer (Qwen3_5GatedDeltaNet) left as the book's" in caplog.text
+    assert "linear attention" in caplog.text
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids), **TOL)
+
+
+def test_swap_converts_the_cached_gated_layers():
+    cfg = {**CFG, "layer_types": ["full_attention"] * 2, "n_layers": 2}
+    torch.manual_seed(18)
+    theirs = book.KVQwen3_5(cfg).to(DEVICE)
+    ours = attention.swap_attention(copy.deepcopy(theirs))
+    assert {type(b.token_mixer) for b in ours.trf_blocks} == {qwen3_5.KVGroupedQueryAttention}
+    prompt = torch.randint(0, CFG["vocab_size"], (1, 5), device=DEVICE)
+    assert torch.equal(greedy(ours, prompt, 6, 2)[0], greedy(theirs, prompt, 6, 2)[0])

@@ -4,10 +4,13 @@ logits, training loss and greedy tokens with the fused layers put in place of th
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_step, fused_copy, greedy, twin_layers
 
+import attention
 from attention import tiny_aya
 from attention.rope import apply_rope, mask_rule
 from bench.book import tiny_aya as book
@@ -98,3 +101,20 @@ def test_model_cached_logits_and_greedy_tokens(backend):
     torch.testing.assert_close(logits_o, logits_t, **TOL)
     assert torch.equal(ids_o, ids_t)
     assert torch.equal(ids_t, greedy(theirs, prompt, steps)[0])  # the cache changes nothing in the book's either
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "kv-cache"])
+def test_swap_converts_tiny_aya_not_as_qwen3(cached, caplog):
+    book_cls = book.KVTinyAya if cached else book.TinyAya
+    target = tiny_aya.KVGroupedQueryAttention if cached else tiny_aya.GroupedQueryAttention
+    torch.manual_seed(15)
+    theirs = book_cls(CFG).to(DEVICE)
+    ids = torch.randint(0, CFG["vocab_size"], (1, 13), device=DEVICE)
+    ours = attention.swap_attention(copy.deepcopy(theirs))
+    assert {type(b.att) for b in ours.trf_blocks} == {target}
+    assert len(attention.fused_layers(ours)) == CFG["n_layers"]
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids), **TOL)
+    steps, layers = 8, CFG["n_layers"] if cached else None
+    assert torch.equal(greedy(ours, ids, steps, layers)[0], greedy(theirs, ids, steps, layers)[0])
