@@ -22,6 +22,7 @@ code, or ours from ``attention.reference``):
 | OLMo 3 (ch05/13, both notebooks)       | ``GroupedQueryAttention``    | ``attention.olmo3``                |
 | Tiny Aya (ch05/15, both notebooks)     | ``GroupedQueryAttention``    | ``attention.tiny_aya``             |
 | Qwen3.5 gated attention (ch05/16)      | ``GroupedQueryAttention``    | ``attention.qwen3_5``              |
+| Gemma 4 (ch05/17, both notebooks)      | ``Gemma4Attention``          | ``attention.gemma4``               |
 
 Projections may be any module that maps the same widths (the book's LoRA wrapper, quantized linears):
 the fused layers call them as the book's code does. The pkg package's cached variants, whose forward takes
@@ -43,6 +44,7 @@ from attention import (
     fast,
     fused,
     gemma3,
+    gemma4,
     gqa,
     kv_cache,
     kv_cache_optimized,
@@ -83,6 +85,7 @@ FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     tiny_aya.GroupedQueryAttention,
     olmo3.GroupedQueryAttention,
     qwen3_5.GroupedQueryAttention,
+    gemma4.Gemma4Attention,
 )
 
 
@@ -223,8 +226,14 @@ for _key, _book, _target, _extra, _norms in (
         _norm_kw["optional_children"] = ("q_norm", "k_norm")
     _KINDS[_key] = _Kind(_book, _target, attrs=_NEWER_GQA_ATTRS + _extra, **_norm_kw)
 del _key, _book, _target, _extra, _norms, _norm_kw
+_GEMMA4 = {
+    "children": ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "v_norm"),
+    "attrs": ("head_dim", "num_heads", "num_kv_heads", "num_key_value_groups", "is_kv_shared_layer"),
+}
+_KINDS["gemma4"] = _Kind("Gemma 4 (ch05/17)", gemma4.Gemma4Attention, **_GEMMA4)
+_KINDS["gemma4:kv"] = _Kind("Gemma 4 with a KV cache (ch05/17)", gemma4.KVGemma4Attention, **_GEMMA4)
 _NAMES = {"MultiHeadAttention", "GroupedQueryAttention", "MultiHeadAttentionWithSWA", *_CHAPTER}
-_NAMES |= {"PyTorchMultiHeadAttention", "GroupedQueryAttentionFast"}
+_NAMES |= {"PyTorchMultiHeadAttention", "GroupedQueryAttentionFast", "Gemma4Attention"}
 
 
 def _refuse(name: str, module: nn.Module, why: str) -> ValueError:
@@ -253,6 +262,8 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
     if isinstance(module, FUSED_CLASSES) or cls.__name__ not in _NAMES:
         return None
     args = _forward_args(module)
+    if cls.__name__ == "Gemma4Attention":
+        return "gemma4:kv" if "start_pos" in args or "cache" in args else "gemma4"
     if cls.__name__ == "GroupedQueryAttention" and (newer := _newer_gqa(module)) is not None:
         return newer + (":kv" if "start_pos" in args or "cache" in args else "")
     if "start_pos" in args or "cache" in args:  # the pkg's variants: the caller holds the cache
@@ -355,6 +366,9 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
     if key == "PyTorchMultiHeadAttention":
         _check_fused_qkv(name, module)
         return
+    if key.startswith("gemma4"):
+        _check_gemma4(name, module)
+        return
     d_in, q_out = widths(module.W_query)
     if key == "SelfAttention_v2":
         for attr in _PROJECTIONS:
@@ -418,6 +432,26 @@ def _check_newer_norms(name: str, module: nn.Module, key: str, head_dim: int, kv
             )
     if not isinstance(getattr(module, "attn_type", ""), str):
         raise _refuse(name, module, f"attn_type must be a str, got {module.attn_type!r}")
+
+
+def _check_gemma4(name: str, module: nn.Module) -> None:
+    """Gemma4Attention: head counts that split, projections of num_heads (q) and num_kv_heads (k, v) heads of
+    head_dim, o_proj back to the input width."""
+    heads, kv_heads, head_dim = module.num_heads, module.num_kv_heads, module.head_dim
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (heads, kv_heads, head_dim)):
+        raise _refuse(name, module, f"num_heads {heads!r}, num_kv_heads {kv_heads!r}, head_dim {head_dim!r}")
+    if heads % kv_heads or module.num_key_value_groups != heads // kv_heads:
+        raise _refuse(
+            name,
+            module,
+            f"num_heads {heads}, num_kv_heads {kv_heads}, num_key_value_groups "
+            f"{module.num_key_value_groups} do not split",
+        )
+    d_in, _ = widths(module.q_proj)
+    _check_projection(name, module, "q_proj", d_in, heads * head_dim)
+    _check_projection(name, module, "k_proj", d_in, kv_heads * head_dim)
+    _check_projection(name, module, "v_proj", d_in, kv_heads * head_dim)
+    _check_projection(name, module, "o_proj", heads * head_dim, d_in)
 
 
 def _check_fused_qkv(name: str, module: nn.Module) -> None:

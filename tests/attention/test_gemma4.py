@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_step, fused_copy, greedy
 
+import attention
 from attention import gemma4
 from attention.rope import mask_rule
 from bench.book import gemma4 as book
@@ -114,3 +115,17 @@ def test_model_cached_logits_and_greedy_tokens(backend):
     torch.testing.assert_close(logits_o, logits_t, **TOL)
     assert torch.equal(ids_o, ids_t)
 
+
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "kv-cache"])
+def test_swap_converts_gemma4(cached):
+    torch.manual_seed(23)
+    theirs = (book.KVGemma4 if cached else book.Gemma4)(CFG).to(DEVICE)
+    ours = attention.swap_attention(copy.deepcopy(theirs))
+    target = gemma4.KVGemma4Attention if cached else gemma4.Gemma4Attention
+    assert {type(b.att) for b in ours.blocks} == {target}
+    prompt = torch.randint(0, CFG["vocab_size"], (1, 6), device=DEVICE)
+    layers = LAYERS if cached else None
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(prompt), theirs(prompt), **TOL)
+    assert torch.equal(greedy(ours, prompt, 6, layers)[0], greedy(theirs, prompt, 6, layers)[0])
