@@ -12,7 +12,11 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=["kernels", "attention"],
+    # One import name of our own (chapter3_flash), never the generic top-level "kernels" and "attention": Hugging
+    # Face's hub-kernel loader installs a top-level package "kernels", and pip lets either distribution overwrite the
+    # other's files. The repository keeps its layout; package_dir maps the folders into the package.
+    packages=["chapter3_flash", "chapter3_flash.kernels", "chapter3_flash.attention"],
+    package_dir={"chapter3_flash.kernels": "kernels", "chapter3_flash.attention": "attention"},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -9,7 +9,7 @@ The chapter's eager layers themselves live in ``attention.reference``; the bonus
 ``attention.swa``, ``attention.llama3``, ``attention.qwen3``, ``attention.gemma3`` and ``attention.fast``.
 """
 
-from attention.fused import (
+from .fused import (
     CausalAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
@@ -18,7 +18,7 @@ from attention.fused import (
     simplified_self_attention,
     use_backend,
 )
-from attention.swap import fused_layers, swap_attention
+from .swap import fused_layers, swap_attention
 
 __all__ = [
     "CausalAttention",

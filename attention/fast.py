@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attention import fused
-from attention.reference import _check_heads, _check_projected, _check_rank, _check_width, in_features, init_group_heads
-from attention.rope import RopeAttentionMixin
+from . import fused
+from .reference import _check_heads, _check_projected, _check_rank, _check_width, in_features, init_group_heads
+from .rope import RopeAttentionMixin
 
 
 class PyTorchMultiHeadAttention(nn.Module):

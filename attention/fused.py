@@ -18,12 +18,12 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from chapter3_flash.kernels import flash_attention, flash_attention_with_kvcache
+from chapter3_flash.kernels.interface import BACKENDS
 from torch import nn
 
-from attention import reference
-from attention.reference import _check_context, _check_projected, _check_rank, _check_width, in_features
-from kernels import flash_attention, flash_attention_with_kvcache
-from kernels.interface import BACKENDS
+from . import reference
+from .reference import _check_context, _check_projected, _check_rank, _check_width, in_features
 
 _backend = "auto"
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from attention import qwen3
-from attention.rope import GemmaRMSNorm
+from . import qwen3
+from .rope import GemmaRMSNorm
 
 
 class GroupedQueryAttention(qwen3.GroupedQueryAttention):

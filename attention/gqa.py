@@ -11,12 +11,12 @@ resets it, as the book's does.
 from __future__ import annotations
 
 import torch
+from chapter3_flash.kernels import configs
 from torch import nn
 
-from attention import fused
-from attention.kv_cache import KVCacheMixin
-from attention.reference import _check_rank, _check_width, in_features, init_group_heads
-from kernels import configs
+from . import fused
+from .kv_cache import KVCacheMixin
+from .reference import _check_rank, _check_width, in_features, init_group_heads
 
 MIN_CACHE = 256  # positions allocated at the first cached call (then doubled as needed)
 

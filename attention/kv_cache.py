@@ -16,11 +16,11 @@ new token through ``flash_attention_with_kvcache``'s split-KV decode kernel. Run
 from __future__ import annotations
 
 import torch
+from chapter3_flash.kernels import flash_attention_with_kvcache
 from torch import nn
 
-from attention import fused
-from attention.reference import _check_context, _check_rank, _check_width, in_features, init_heads
-from kernels import flash_attention_with_kvcache
+from . import fused
+from .reference import _check_context, _check_rank, _check_width, in_features, init_heads
 
 
 class KVCacheMixin:

@@ -14,11 +14,11 @@ gradient through ``flash_attention``. The cache takes the keys' dtype where the 
 from __future__ import annotations
 
 import torch
+from chapter3_flash.kernels import flash_attention_with_kvcache
 from torch import nn
 
-from attention import fused
-from attention.reference import _check_rank, _check_width, in_features, init_heads
-from kernels import flash_attention_with_kvcache
+from . import fused
+from .reference import _check_rank, _check_width, in_features, init_heads
 
 
 class MultiHeadAttention(nn.Module):

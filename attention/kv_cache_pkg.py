@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attention import fused, gemma3, llama3, qwen3
-from attention.reference import _check_rank, _check_width, in_features, init_heads
-from attention.rope import apply_rope, attend_cached
+from . import fused, gemma3, llama3, qwen3
+from .reference import _check_rank, _check_width, in_features, init_heads
+from .rope import apply_rope, attend_cached
 
 
 def _check_call(layer: nn.Module, start_pos, cache) -> None:

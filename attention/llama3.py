@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attention.reference import init_group_heads
-from attention.rope import RopeAttentionMixin, attend_with_mask
+from .reference import init_group_heads
+from .rope import RopeAttentionMixin, attend_with_mask
 
 
 class GroupedQueryAttention(RopeAttentionMixin, nn.Module):

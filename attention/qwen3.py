@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attention.reference import _check_groups
-from attention.rope import RMSNorm, RopeAttentionMixin, attend_with_mask
+from .reference import _check_groups
+from .rope import RMSNorm, RopeAttentionMixin, attend_with_mask
 
 
 class GroupedQueryAttention(RopeAttentionMixin, nn.Module):

@@ -15,11 +15,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from chapter3_flash.kernels.masks import visible_mask
 from torch import nn
 
-from attention import fused
-from attention.reference import _check_rank
-from kernels.masks import visible_mask
+from . import fused
+from .reference import _check_rank
 
 _warned_masks: set[str] = set()
 

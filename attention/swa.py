@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import fused
-from attention.gqa import growing_capacity
-from attention.kv_cache import KVCacheMixin
-from attention.reference import _check_rank, _check_width, in_features, init_heads
+from . import fused
+from .gqa import growing_capacity
+from .kv_cache import KVCacheMixin
+from .reference import _check_rank, _check_width, in_features, init_heads
 
 
 def window_of(sliding_window_size: int | None) -> tuple[int, int]:

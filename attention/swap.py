@@ -40,7 +40,7 @@ import warnings
 import torch
 from torch import nn
 
-from attention import (
+from . import (
     fast,
     fused,
     gemma3,

@@ -32,10 +32,10 @@ if not torch.cuda.is_available():
     # Set before anything imports kernels: the Triton interpreter checks agreement on a CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import attention  # noqa: E402
 from bench import cpu, decode, e2e, generate, host, layers, sweep, window  # noqa: E402
 from bench.common import RESULTS, device_slug, metadata, write_json  # noqa: E402
 from bench.plots import plot_sweep  # noqa: E402
+from chapter3_flash import attention  # noqa: E402
 
 PARTS = ("layers", "cpu", "sweep", "e2e", "generate", "decode", "window", "host")
 GPU_PARTS = ("layers", "sweep", "e2e", "generate", "decode", "window", "host")

@@ -12,13 +12,13 @@ SDPA's math path with its own dropout.
 from __future__ import annotations
 
 import torch
+from chapter3_flash.attention import reference as ref
+from chapter3_flash.kernels import eager
 
-import attention
-from attention import reference as ref
 from bench import cpu_memory
 from bench.common import measure
 from bench.gpt import SDPAMultiHeadAttention
-from kernels import eager
+from chapter3_flash import attention
 
 WIDTH, HEADS, BATCH = 768, 12, 2
 VARIANTS = {"chapter": ref.MultiHeadAttention, "ours": attention.MultiHeadAttention, "sdpa": SDPAMultiHeadAttention}

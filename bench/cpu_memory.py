@@ -67,10 +67,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from chapter3_flash.attention import reference as ref
 
-    import attention
-    from attention import reference as ref
     from bench.gpt import SDPAMultiHeadAttention
+    from chapter3_flash import attention
 
     cls = {"chapter": ref.MultiHeadAttention, "ours": attention.MultiHeadAttention, "sdpa": SDPAMultiHeadAttention}
     torch.manual_seed(0)

@@ -18,10 +18,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from chapter3_flash.kernels import flash_attention_with_kvcache
 
 from bench import providers
 from bench.common import graphed, measure, metadata, save_json, smoke_mode
-from kernels import flash_attention_with_kvcache
 
 BATCHES = (1, 8, 64)
 CACHES = (512, 4096, 32768)
@@ -156,7 +156,7 @@ def append_rows(device: str, shapes) -> list[dict]:
     """A decode step that appends its token (as generation does): the append inside the decode kernel
     (``decode.FUSE_APPEND``, one launch) against its own kernel first (two launches), each captured in a CUDA
     graph, in the same run."""
-    from kernels import decode
+    from chapter3_flash.kernels import decode
 
     rows = []
     for B, T, group, D in shapes:
@@ -188,7 +188,7 @@ def append_rows(device: str, shapes) -> list[dict]:
 def decode_splits(B: int, T: int, group: int, D: int, device: str) -> int:
     """The split count the kernel picks for this shape when left to it (as flash_attention_with_kvcache does):
     one query per sequence, so the packed rows are the group's query heads."""
-    from kernels import decode
+    from chapter3_flash.kernels import decode
 
     return decode.plan(B, KV_HEADS, group, T, D, "half", 0, 0).num_splits
 

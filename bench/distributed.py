@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import attention
 from bench.gpt import GPT_CONFIG_124M, GPTModel
+from chapter3_flash import attention
 
 
 def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:

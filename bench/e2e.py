@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from chapter3_flash.attention import reference as ref
+from chapter3_flash.attention.text import text_to_token_ids
 
-import attention
-from attention import reference as ref
-from attention.text import text_to_token_ids
 from bench.common import is_oom, measure, peak_memory
 from bench.gpt import GPT_CONFIG_124M, GPTModel, SDPAMultiHeadAttention
+from chapter3_flash import attention
 
 VARIANTS = {
     "chapter": ref.MultiHeadAttention,

@@ -23,13 +23,13 @@ import sys
 import time
 
 import torch
+from chapter3_flash.attention.text import text_to_token_ids
+from chapter3_flash.kernels import flash_attention_with_kvcache
 
-import attention
-from attention.text import text_to_token_ids
 from bench.book import kv_cache as book
 from bench.common import metadata, save_json, smoke_mode, sync
 from bench.gpt import GPT_CONFIG_124M
-from kernels import flash_attention_with_kvcache
+from chapter3_flash import attention
 
 WARMUP_TOKENS = 64  # before each timed run: enough for the decode kernel to meet its split and unsplit variants
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from chapter3_flash.attention import reference
 from torch import nn
-
-from attention import reference
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,

@@ -27,12 +27,12 @@ import sys
 import time
 
 import torch
+from chapter3_flash.kernels import flash_attention_with_kvcache, hopper, launch
+from chapter3_flash.kernels import flash_attn as fa
 
 from bench import providers
 from bench.common import graphed, measure, metadata, save_json, smoke_mode
 from bench.sweep import attention_flops
-from kernels import flash_attention_with_kvcache, hopper, launch
-from kernels import flash_attn as fa
 
 GPT2 = (8, 12, 1024, 64)
 VARIANT_SHAPES = [(8, 16, 4096, 128), (8, 16, 16384, 128), (8, 12, 4096, 64), (8, 12, 16384, 64)]  # (B, H, N, D)

@@ -9,11 +9,11 @@ whether the matrix products use Hopper's wgmma instructions.
 
 from __future__ import annotations
 
+import chapter3_flash.kernels.flash_attn as fa
 import torch
+from chapter3_flash.kernels import flash_attention
 
-import kernels.flash_attn as fa
 from bench.common import measure
-from kernels import flash_attention
 
 KERNELS = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_kv", "_attn_bwd_dq")
 

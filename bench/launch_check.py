@@ -26,10 +26,10 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 import torch
 import triton
+from chapter3_flash.kernels import decode, launch
+from chapter3_flash.kernels import flash_attn as fa
 
 from bench import sm90
-from kernels import decode, launch
-from kernels import flash_attn as fa
 
 B, H, N, D = 2, 4, 128, 64
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from chapter3_flash.attention import reference as ref
+from chapter3_flash.attention.text import text_to_embeddings
 
-import attention
-from attention import reference as ref
-from attention.text import text_to_embeddings
 from bench.common import is_oom, measure, peak_memory
+from chapter3_flash import attention
 
 WIDTH = 768  # GPT-2 small's embedding width
 HEADS = 12

@@ -11,8 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-from kernels import flash_attention
+from chapter3_flash.kernels import flash_attention
 
 
 class Unavailable(Exception):

@@ -33,11 +33,10 @@ import tempfile
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("bench.sm90 compiles real kernels: run it without TRITON_INTERPRET=1")
 
+import chapter3_flash.kernels.flash_attn as fa
 import torch
 import triton
-
-import kernels.flash_attn as fa
-from kernels import decode, hopper
+from chapter3_flash.kernels import decode, hopper
 
 UNSUPPORTED = 3  # exit status: this Triton lacks the internals the offline compile relies on
 

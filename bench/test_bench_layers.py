@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chapter3_flash.attention import reference as ref
+from chapter3_flash.kernels import flash_attention
 
-import attention
-from attention import reference as ref
 from bench.providers import sdpa
-from kernels import flash_attention
+from chapter3_flash import attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="timings need a CUDA GPU")
 

@@ -17,10 +17,10 @@ import sys
 import time
 
 import torch
+from chapter3_flash.kernels import configs
+from chapter3_flash.kernels import flash_attn as fa
 
 from bench.common import measure, metadata, save_json, smoke_mode
-from kernels import configs
-from kernels import flash_attn as fa
 
 T = dict  # BLOCK_M, BLOCK_N, num_warps, num_stages
 

@@ -17,14 +17,14 @@ import copy
 import sys
 
 import torch
+from chapter3_flash.kernels import flash_attention
+from chapter3_flash.kernels.masks import visible_mask
 
-import attention
 from bench import providers
 from bench.book import gemma3, qwen3
 from bench.book.rope import compute_rope_params
 from bench.common import measure, metadata, peak_memory, save_json, smoke_mode
-from kernels import flash_attention
-from kernels.masks import visible_mask
+from chapter3_flash import attention
 
 
 def window_providers(window: int, n: int, device: str, flex: bool) -> dict:

@@ -5,8 +5,8 @@ heads), ``flash_attention_with_kvcache`` (generation: a KV cache appended in pla
 kernel) and ``MAX_HEAD_DIM``, the largest head dim the Triton kernels take.
 """
 
-from kernels.decode import flash_attention_with_kvcache
-from kernels.flash_attn import MAX_HEAD_DIM
-from kernels.interface import flash_attention
+from .decode import flash_attention_with_kvcache
+from .flash_attn import MAX_HEAD_DIM
+from .interface import flash_attention
 
 __all__ = ["MAX_HEAD_DIM", "flash_attention", "flash_attention_with_kvcache"]

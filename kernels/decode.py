@@ -35,12 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import configs
-from kernels import flash_attn as fa
-from kernels.flash_attn import _cast, _tf32
-from kernels.interface import check_options, triton_runs_on
-from kernels.launch import Launcher
-from kernels.masks import _visible, visible_mask, window_flags
+from . import configs
+from . import flash_attn as fa
+from .flash_attn import _cast, _tf32
+from .interface import check_options, triton_runs_on
+from .launch import Launcher
+from .masks import _visible, visible_mask, window_flags
 
 BACKENDS = ("auto", "triton", "torch")
 MAX_SPLITS = 128

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import keep_scale
-from kernels.masks import visible_mask, window_flags
+from .dropout import keep_scale
+from .masks import visible_mask, window_flags
 
 # Query rows per chunk on the chunked paths: the fastest of 64, 128 and 256 on a 2-core CPU, at a peak between
 # theirs (bench/NOTES.md, "CPU").

@@ -48,10 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import configs
-from kernels.dropout import _dropout_keep, keep_scale, keep_threshold, new_seed
-from kernels.launch import Launcher
-from kernels.masks import _key_range, _query_range, _visible, window_flags
+from . import configs
+from .dropout import _dropout_keep, keep_scale, keep_threshold, new_seed
+from .launch import Launcher
+from .masks import _key_range, _query_range, _visible, window_flags
 
 # The interpreter must be chosen before the @triton.jit functions below are defined.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import configs
-from kernels.dropout import new_seed
-from kernels.flash_attn import _LOG2E, INTERPRET, _cast, _flags, _precision, _tf32
-from kernels.masks import _key_range, _visible
+from . import configs
+from .dropout import new_seed
+from .flash_attn import _LOG2E, INTERPRET, _cast, _flags, _precision, _tf32
+from .masks import _key_range, _visible
 
 VARIANTS = ("pointer", "tma", "tma_persistent")
 

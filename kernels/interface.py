@@ -16,13 +16,16 @@ import warnings
 
 import torch
 
-from kernels import eager
-from kernels import flash_attn as fa
-from kernels.flash_attn import Spec
+from . import eager
+from . import flash_attn as fa
+from .flash_attn import Spec
 
 BACKENDS = ("auto", "triton", "sdpa", "torch")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_head_dims: set[int] = set()
+# The custom ops' namespace: the installed package's, or another for this folder imported under its own name
+# (``import kernels`` from a checkout): two copies of the module must not register one op twice.
+_OPS = "chapter3_flash" if __name__.startswith("chapter3_flash.") else "chapter3_flash_checkout"
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -40,7 +43,7 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-@torch.library.custom_op("chapter3_flash::attn_fwd", mutates_args=())
+@torch.library.custom_op(f"{_OPS}::attn_fwd", mutates_args=())
 def _attn_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -61,7 +64,7 @@ def _(q, k, v, *spec):
     return torch.empty_like(q), q.new_empty((B, H, N_Q), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
 
 
-@torch.library.custom_op("chapter3_flash::attn_bwd", mutates_args=())
+@torch.library.custom_op(f"{_OPS}::attn_bwd", mutates_args=())
 def _attn_bwd_op(
     do: torch.Tensor,
     q: torch.Tensor,

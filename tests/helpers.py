@@ -33,11 +33,9 @@ import socket
 
 import pytest
 import torch
-
-import kernels.eager
-from attention import reference as ref
-from kernels import flash_attention
-from kernels.masks import visible_mask
+from chapter3_flash.attention import reference as ref
+from chapter3_flash.kernels import eager, flash_attention
+from chapter3_flash.kernels.masks import visible_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -123,14 +121,14 @@ def backward_path(name: str | None):
         return
     if name not in ("one-pass", "two-kernel"):
         raise ValueError(f"backward path must be 'one-pass' or 'two-kernel', got {name!r}")
-    import kernels.configs
+    from chapter3_flash.kernels import configs
 
-    real = kernels.configs.one_pass_backward
-    kernels.configs.one_pass_backward = lambda dropout, n_keys, head_dim: name == "one-pass"
+    real = configs.one_pass_backward
+    configs.one_pass_backward = lambda dropout, n_keys, head_dim: name == "one-pass"
     try:
         yield
     finally:
-        kernels.configs.one_pass_backward = real
+        configs.one_pass_backward = real
 
 
 @contextlib.contextmanager
@@ -140,16 +138,16 @@ def only_path(path: str):
     def refuse(*args, **kwargs):
         raise AssertionError(f"a PyTorch path ran where the {path} path should have")
 
-    saved = {name: getattr(kernels.eager, name) for name in ("attention_reference", "attention_sdpa")}
+    saved = {name: getattr(eager, name) for name in ("attention_reference", "attention_sdpa")}
     keep = {"sdpa": "attention_sdpa", "torch": "attention_reference"}.get(path)
     try:
         for name in saved:
             if name != keep:
-                setattr(kernels.eager, name, refuse)
+                setattr(eager, name, refuse)
         yield
     finally:
         for name, fn in saved.items():
-            setattr(kernels.eager, name, fn)
+            setattr(eager, name, fn)
 
 
 def check_against_reference(
@@ -226,7 +224,7 @@ def assert_refuses(module, name, args, shape, words) -> None:
 def build(name: str, args, seed=123, module=None, **kw):
     """The fused layer (from ``module``, default ``attention``) and the chapter's, both built after the same
     seed, on the test device."""
-    import attention
+    from chapter3_flash import attention
 
     torch.manual_seed(seed)
     ours = getattr(module or attention, name)(*args, **kw)

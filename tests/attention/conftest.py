@@ -3,7 +3,7 @@ CPU) and on PyTorch's fused kernels with our semantics; a module may widen it (t
 
 import pytest
 
-import attention
+from chapter3_flash import attention
 
 
 @pytest.fixture(params=["triton", "sdpa"])

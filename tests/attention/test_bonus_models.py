@@ -9,18 +9,18 @@ import warnings
 
 import pytest
 import torch
+from chapter3_flash.attention import gemma3, gqa, llama3, qwen3, swa
+from chapter3_flash.attention.rope import mask_rule
 from helpers import DEVICE, assert_close_to_reference, assert_same_outputs_and_grads, twin_layers
 from torch import nn
 
-import attention
-from attention import gemma3, gqa, llama3, qwen3, swa
-from attention.rope import mask_rule
 from bench.book import gemma3 as book_gemma3
 from bench.book import gqa as book_gqa
 from bench.book import llama3 as book_llama3
 from bench.book import qwen3 as book_qwen3
 from bench.book import swa as book_swa
 from bench.book.rope import compute_rope_params
+from chapter3_flash import attention
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from helpers import free_port
 from torch import nn
 
-import attention
 from bench.distributed import wrap
+from chapter3_flash import attention
 
 STEPS, BATCH, T, D = 2, 4, 19, 12
 

@@ -9,13 +9,13 @@ import warnings
 
 import pytest
 import torch
+from chapter3_flash.attention import fast
 from helpers import DEVICE, assert_same_outputs_and_grads, twin_layers
 from torch import nn
 
-import attention
-from attention import fast
 from bench.book import fast as book
 from bench.book.rope import compute_rope_params
+from chapter3_flash import attention
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

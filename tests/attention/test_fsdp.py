@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 from helpers import free_port
 from torch import nn
 
-import attention
 from bench.distributed import wrap
 from bench.gpt import GPT_CONFIG_124M, GPTModel
+from chapter3_flash import attention
 
 CFG = {
     **GPT_CONFIG_124M,

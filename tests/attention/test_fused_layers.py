@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from chapter3_flash.attention import reference as ref
 from helpers import BAD_INPUTS, CAUSAL_OUT, DEVICE, INPUTS, ON_GPU, V1_OUT, assert_refuses, build, requires_gpu
 
-import attention
-from attention import reference as ref
+from chapter3_flash import attention
 
 
 @pytest.fixture(params=["triton", "sdpa", "torch"])

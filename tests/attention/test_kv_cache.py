@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
+from chapter3_flash.attention import kv_cache
 from helpers import DEVICE, twin_layers
 
-import attention
-from attention import kv_cache
 from bench.book import kv_cache as book
+from chapter3_flash import attention
 
 CFG = {
     "vocab_size": 97,

@@ -9,11 +9,11 @@ import copy
 
 import pytest
 import torch
+from chapter3_flash.attention import kv_cache_optimized as ours_module
 from helpers import DEVICE, twin_layers
 
-import attention
-from attention import kv_cache_optimized as ours_module
 from bench.book import kv_cache_optimized as book
+from chapter3_flash import attention
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 CFG = {

@@ -9,14 +9,14 @@ import warnings
 
 import pytest
 import torch
+from chapter3_flash.attention import kv_cache_pkg
+from chapter3_flash.attention.rope import mask_rule
 from helpers import DEVICE, twin_layers
 from torch import nn
 
-import attention
-from attention import kv_cache_pkg
-from attention.rope import mask_rule
 from bench.book import kv_cache_pkg as book
 from bench.book.rope import compute_rope_params
+from chapter3_flash import attention
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 STEPS = ((0, 7), (7, 8), (8, 9), (9, 21), (21, 22))  # a prompt, tokens, a chunk, a token

@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
+from chapter3_flash.attention import reference as ref
 from helpers import DEVICE
 
-import attention
-from attention import reference as ref
 from bench.book.lora import LinearWithLoRA, replace_linear_with_lora
 from bench.gpt import GPT_CONFIG_124M, GPTModel
+from chapter3_flash import attention
 
 CFG = {
     **GPT_CONFIG_124M,

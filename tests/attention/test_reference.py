@@ -2,9 +2,8 @@
 
 import pytest
 import torch
+from chapter3_flash.attention import reference as ref
 from helpers import BAD_INPUTS, CAUSAL_OUT, INPUTS, V1_OUT, assert_refuses
-
-from attention import reference as ref
 
 
 def test_simplified_attention_printed_values():

@@ -7,12 +7,12 @@ import logging
 
 import pytest
 import torch
+from chapter3_flash.attention import reference as ref
 from helpers import DEVICE, requires_gpu
 from torch import nn
 
-import attention
-from attention import reference as ref
 from bench.gpt import GPT_CONFIG_124M, GPTModel
+from chapter3_flash import attention
 
 SMALL_GPT = {**GPT_CONFIG_124M, "vocab_size": 97, "context_length": 40, "emb_dim": 24, "n_heads": 3, "n_layers": 2}
 
@@ -34,7 +34,7 @@ def test_same_logits_and_same_parameter_objects(backend, caplog):
     expected = model(idx)
     params_before = [id(p) for p in model.parameters()]
     buffers_before = [id(b) for b in model.buffers()]
-    with caplog.at_level(logging.INFO, logger="attention.swap"):
+    with caplog.at_level(logging.INFO, logger="chapter3_flash.attention.swap"):
         assert attention.swap_attention(model) is model
     assert "2 layer(s) swapped" in caplog.text
     assert all(type(block.att) is attention.MultiHeadAttention for block in model.trf_blocks)

@@ -4,8 +4,7 @@ import types
 
 import pytest
 import torch
-
-from attention import text
+from chapter3_flash.attention import text
 
 
 def test_known_ids():

@@ -8,8 +8,7 @@ out of bounds.
 """
 
 import torch
-
-from kernels import flash_attention, flash_attention_with_kvcache
+from chapter3_flash.kernels import flash_attention, flash_attention_with_kvcache
 
 CASES = [
     # (B, Hq, Hkv, Nq, Nk, D, dtype, dropout_p, window, deterministic)

@@ -8,13 +8,13 @@ GPU time is spent.
 
 from __future__ import annotations
 
+import chapter3_flash.kernels.flash_attn as fa
 import pytest
 import torch
+from chapter3_flash.kernels import configs, flash_attention
 from helpers import backward_path, check_against_reference, make_qkv
 
-import kernels.flash_attn as fa
 from bench.tune import EXPERIMENTS
-from kernels import configs, flash_attention
 
 # (head dim, dtype, TF32 allowed): one per head-dim class and precision the GPU tells apart.
 CASES = [

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chapter3_flash.kernels import decode, flash_attention_with_kvcache
 from helpers import DEVICE, assert_close_to_reference, attention_eager
-
-from kernels import decode, flash_attention_with_kvcache
 
 BACKENDS = ["triton", "torch"]
 

@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from chapter3_flash.kernels import flash_attention
+from chapter3_flash.kernels.dropout import keep_threshold
+from chapter3_flash.kernels.masks import visible_mask
 from helpers import DEVICE, assert_close_to_reference, attention_eager, backward_path, requires_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from kernels import flash_attention
-from kernels.dropout import keep_threshold
-from kernels.masks import visible_mask
 
 
 def recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal, seed, backend="triton", window=(-1, -1)):
@@ -161,7 +160,7 @@ def test_dropout_on_the_sdpa_path_shares_one_mask(dtype, path, monkeypatch):
     # Off CUDA with dropout: query chunks, each mask drawn from PyTorch's generator and drawn again in the
     # backward (rows past a chunk boundary, CHUNK_ROWS, and grouped heads); or, for a small problem, SDPA's
     # math path with its own dropout. Both with rows that see no key (Nq > Nk) and a window.
-    from kernels import eager
+    from chapter3_flash.kernels import eager
 
     monkeypatch.setattr(eager, "SMALL_DROPOUT_ELEMENTS", 0 if path == "chunked" else 1 << 19)
     n = eager.CHUNK_ROWS

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 
+import chapter3_flash.kernels.flash_attn as fa
 import pytest
 import torch
 import triton
 import triton.language as tl
+from chapter3_flash.kernels import configs, flash_attention
 from helpers import (
     DEVICE,
     ON_GPU,
@@ -24,9 +26,6 @@ from helpers import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import kernels.flash_attn as fa
-from kernels import configs, flash_attention
 
 # (B, Hq, Hkv, Nq, Nk, D) and what each breaks.
 SHAPES = [

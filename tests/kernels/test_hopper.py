@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chapter3_flash.kernels import flash_attn as fa
+from chapter3_flash.kernels import hopper
 from helpers import DEVICE, assert_close_to_reference, attention_eager, make_qkv, requires_gpu
-
-from kernels import flash_attn as fa
-from kernels import hopper
 
 
 @pytest.mark.parametrize("variant", hopper.VARIANTS[1:])

@@ -19,9 +19,8 @@ import sys
 
 import pytest
 import torch
+from chapter3_flash.kernels import launch
 from helpers import ON_GPU, make_qkv
-
-from kernels import launch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -71,7 +70,7 @@ def test_a_constexpr_is_keyed_by_its_value():
 
 def test_the_environment_switch_turns_direct_launches_off():
     # KERNELS_DIRECT_LAUNCH=0: every launch of a run through the JIT (bench/gpu_check.sh's fallback).
-    code = "import kernels.launch as launch; print(launch.DIRECT)"
+    code = "import chapter3_flash.kernels.launch as launch; print(launch.DIRECT)"
     for value, expected in (("0", "False"), ("1", "True")):
         env = {**os.environ, "KERNELS_DIRECT_LAUNCH": value}
         proc = subprocess.run(
@@ -114,7 +113,7 @@ def _both_paths(fn):
     ],
 )
 def test_direct_and_jit_launches_agree_bit_for_bit(B, H, H_KV, N, D, dtype, offset, dropout_p):
-    from kernels import flash_attention
+    from chapter3_flash.kernels import flash_attention
 
     q, k, v = make_qkv(B, H, H_KV, N, N, D, dtype)
     flat = torch.empty(q.numel() + offset, dtype=dtype, device=q.device)
@@ -136,7 +135,7 @@ def test_direct_and_jit_launches_agree_bit_for_bit(B, H, H_KV, N, D, dtype, offs
 @pytest.mark.skipif(not ON_GPU, reason="launches real kernels; off a GPU the offline replay above checks the launches")
 @pytest.mark.parametrize("lengths_tensor", [False, True])
 def test_decode_steps_agree_bit_for_bit(lengths_tensor):
-    from kernels import flash_attention_with_kvcache
+    from chapter3_flash.kernels import flash_attention_with_kvcache
 
     B, H, H_KV, D = 2, 8, 2, 64
     q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)

@@ -11,9 +11,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from chapter3_flash.kernels.masks import _key_range, _query_range, visible_mask, window_flags
 from helpers import DEVICE
-
-from kernels.masks import _key_range, _query_range, visible_mask, window_flags
 
 
 @triton.jit
