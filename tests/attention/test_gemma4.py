@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
+from chapter3_flash.attention import gemma4
+from chapter3_flash.attention.rope import mask_rule
 from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_step, fused_copy, greedy
 
-import attention
-from attention import gemma4
-from attention.rope import mask_rule
 from bench.book import gemma4 as book
+from chapter3_flash import attention
 
 # Unscaled scores of unit-RMS q and k reach head_dim (16 to 32 here): a sharper softmax than the other models', so
 # float32 rounding in the kernels' different summation order shows a little more (as for Gemma 3's test).

@@ -9,12 +9,12 @@ import copy
 
 import pytest
 import torch
+from chapter3_flash.attention import olmo3
+from chapter3_flash.attention.rope import mask_rule
 from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_step, fused_copy, greedy, twin_layers
 
-import attention
-from attention import olmo3
-from attention.rope import mask_rule
 from bench.book import olmo3 as book
+from chapter3_flash import attention
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CFG = book.TINY_CONFIG

@@ -10,12 +10,12 @@ import logging
 
 import pytest
 import torch
+from chapter3_flash.attention import qwen3_5
+from chapter3_flash.attention.rope import apply_rope
 from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_step, fused_copy, greedy, twin_layers
 
-import attention
-from attention import qwen3_5
-from attention.rope import apply_rope
 from bench.book import qwen3_5 as book
+from chapter3_flash import attention
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CFG = book.TINY_CONFIG
@@ -105,7 +105,7 @@ def test_swap_converts_the_gated_layers_and_says_it_left_the_deltanet(caplog):
     torch.manual_seed(17)
     theirs = book.Qwen3_5(CFG).to(DEVICE)
     ids = torch.randint(0, CFG["vocab_size"], (1, 12), device=DEVICE)
-    with caplog.at_level(logging.INFO, logger="attention.swap"):
+    with caplog.at_level(logging.INFO, logger="chapter3_flash.attention.swap"):
         ours = attention.swap_attention(copy.deepcopy(theirs))
     kinds = [type(b.token_mixer) for b in ours.trf_blocks]
     assert kinds == [book.Qwen3_5GatedDeltaNet, qwen3_5.GroupedQueryAttention] * 2

@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
+from chapter3_flash.attention import tiny_aya
+from chapter3_flash.attention.rope import apply_rope, mask_rule
 from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_step, fused_copy, greedy, twin_layers
 
-import attention
-from attention import tiny_aya
-from attention.rope import apply_rope, mask_rule
 from bench.book import tiny_aya as book
+from chapter3_flash import attention
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CFG = book.TINY_CONFIG
