@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from chapter3_flash.kernels import flash_attention, flash_attention_with_kvcache
-from chapter3_flash.kernels.interface import BACKENDS
+from chapter3_flash.kernels.checks import BACKENDS
 from torch import nn
 
 from . import reference

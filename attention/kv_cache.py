@@ -105,7 +105,8 @@ class KVCacheMixin:
         if fits and store.shape[1] >= needed:
             return
         if store is not None and not fits:
-            # A new batch, dtype or device: the book would fail (or silently mix) here; start over.
+            # An empty cache of another batch (a live one was refused above), or another dtype or device: the book
+            # would fail (or silently mix) here; start over.
             self._cache_len = 0
             needed = keys_new.shape[1]
         capacity = self._cache_capacity(needed)
@@ -123,6 +124,13 @@ class KVCacheMixin:
         queries (b, heads, n, hs); keys_new, values_new (b, n, kv_heads, hs). Returns (b, heads, n, hs)."""
         n = keys_new.shape[1]
         self._sync_cache()
+        if self._cache_len and self._k_store.shape[0] != keys_new.shape[0]:
+            # The book's torch.cat fails here too; before anything moves, so cache and position stay as they were.
+            raise ValueError(
+                f"{type(self).__name__}: the cache holds {self._cache_len} position(s) of a batch of "
+                f"{self._k_store.shape[0]}, this call has a batch of {keys_new.shape[0]}; call reset_cache() "
+                "(or the model's) before generating for another batch"
+            )
         self._make_room(n)
         self._reserve(keys_new, self._cache_len + n)
         length = self._cache_len

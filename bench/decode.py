@@ -154,9 +154,9 @@ def splits_rows(device: str, shapes, factors=(0.5, 1, 2, 4)) -> list[dict]:
 
 def append_rows(device: str, shapes) -> list[dict]:
     """A decode step that appends its token (as generation does): the append inside the decode kernel
-    (``decode.FUSE_APPEND``, one launch) against its own kernel first (two launches), each captured in a CUDA
+    (``settings.current.fused_append``, one launch) against its own kernel first (two launches), each captured in a CUDA
     graph, in the same run."""
-    from chapter3_flash.kernels import decode
+    from chapter3_flash.kernels import settings
 
     rows = []
     for B, T, group, D in shapes:
@@ -167,15 +167,10 @@ def append_rows(device: str, shapes) -> list[dict]:
         row = dict(batch=B, cache=T, group=group, head_dim=D)
         outs = {}
         call = lambda: flash_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=T)
-        saved = decode.FUSE_APPEND
         for name, fused in (("fused_us", True), ("separate_us", False)):
-            decode.FUSE_APPEND = fused
-            try:
-                with torch.no_grad():
-                    outs[name] = call().float()
-                    row[name] = measure(graphed(call, device), device).ms * 1e3
-            finally:
-                decode.FUSE_APPEND = saved
+            with settings.override(fused_append=fused), torch.no_grad():
+                outs[name] = call().float()
+                row[name] = measure(graphed(call, device), device).ms * 1e3
         row["max_diff"] = (outs["fused_us"] - outs["separate_us"]).abs().max().item()
         rows.append(row)
         print(

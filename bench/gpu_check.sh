@@ -2,8 +2,9 @@
 # Everything pending on a GPU, in one call on a GPU machine (the device tool), in order of importance, each
 # stage under its own time limit and its results saved as it goes (a stage cut short keeps what it measured):
 #
-#   launch    direct launches against the JIT's, bit for bit, and the decode kernel's append (if they disagree,
-#             every later stage runs with KERNELS_DIRECT_LAUNCH=0)
+#   launch    direct launches against the JIT's, bit for bit, and the decode kernel's append (both off by default
+#             until a run passes this stage; if it passes, every later stage runs with KERNELS_DIRECT_LAUNCH=1 and
+#             KERNELS_FUSED_APPEND=1, so their timings are those of the candidate defaults)
 #   tests     the GPU suite: compiled kernels (both backwards, windows, decode, the Hopper forward experiments,
 #             TF32 against cuBLAS), the benchmarks' smoke runs with real CUDA graphs
 #   host      host path per call at the GPT-2 shape, ours also through the JIT's dispatch (measured /
@@ -60,12 +61,16 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $RES/NAME.
 }
 
 # First: the direct launches (kernels/launch.py) against the JIT's, bit for bit, and the decode kernel's append.
-# Every stage below launches directly; if a test fails (exit 1, not a time-out), the rest runs through the JIT.
+# If every test passes, every stage below launches directly and appends inside the decode kernel (the candidate
+# defaults); otherwise the rest runs with the defaults (the JIT's dispatch, the separate append).
 stage launch "${LAUNCH_LIMIT:-45}" $PY -m pytest tests/kernels/test_launch.py tests/kernels/test_decode.py -n 16 \
   -p no:cacheprovider --timeout 60 -rfE --tb=short -p no:benchmark
-if [ $? -eq 1 ]; then
-  export KERNELS_DIRECT_LAUNCH=0
-  echo "== launch failed: KERNELS_DIRECT_LAUNCH=0 for every stage below" | tee -a "$OUT/summary.log"
+if [ $? -eq 0 ]; then
+  export KERNELS_DIRECT_LAUNCH=1 KERNELS_FUSED_APPEND=1
+  echo "== launch passed: KERNELS_DIRECT_LAUNCH=1 KERNELS_FUSED_APPEND=1 for every stage below" | tee -a "$OUT/summary.log"
+else
+  export KERNELS_DIRECT_LAUNCH=0 KERNELS_FUSED_APPEND=0
+  echo "== launch failed: the defaults (JIT dispatch, separate append) for every stage below" | tee -a "$OUT/summary.log"
 fi
 
 # shellcheck disable=SC2086

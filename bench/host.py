@@ -9,7 +9,7 @@
    A call is host-bound when ``host`` > ``device``. Ours also with every launch through Triton's JIT dispatch
    ("ours JIT dispatch": kernels/launch.py off), old against new. Plus a cProfile of our forward+backward,
    and one generation step's attention at batch 1 (ours, through the JIT's dispatch, the book's torch.cat).
-2. Forward variants (kernels/hopper.py): the pointer kernel, TMA loads, a persistent grid and warp
+2. Forward variants (bench/hopper.py): the pointer kernel, TMA loads, a persistent grid and warp
    specialization, bf16 causal at head dims 64 and 128, N 4096 to 16384, with SDPA's cuDNN beside them.
 3. The backward at the same shapes: one pass (dQ by atomics) against the two kernels (dQ, then dK/dV).
 
@@ -27,10 +27,10 @@ import sys
 import time
 
 import torch
-from chapter3_flash.kernels import flash_attention_with_kvcache, hopper, launch
+from chapter3_flash.kernels import flash_attention_with_kvcache, settings
 from chapter3_flash.kernels import flash_attn as fa
 
-from bench import providers
+from bench import hopper, providers
 from bench.common import graphed, measure, metadata, save_json, smoke_mode
 from bench.sweep import attention_flops
 
@@ -89,8 +89,8 @@ def host_rows(device: str, shape=GPT2, calls: int = 50) -> tuple[list[dict], str
 
         for mode, call in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
             row = dict(impl=name, mode=mode, batch=B, heads=H, seq_len=N, head_dim=D, dtype="bf16")
-            # Under KERNELS_DIRECT_LAUNCH=0 every row goes through the JIT.
-            with launch.direct_launches(launch.DIRECT and name != "ours JIT dispatch"):
+            # Under KERNELS_DIRECT_LAUNCH=0 (the default) every row goes through the JIT.
+            with settings.override(direct_launch=settings.current.direct_launch and name != "ours JIT dispatch"):
                 try:
                     row["measured_us"] = measure(call, device).ms * 1e3
                     row["host_us"] = host_us(call, device, calls)
@@ -139,8 +139,8 @@ def decode_rows(device: str, calls: int = 50) -> list[dict]:
         ("book torch.cat + SDPA", book, True),
     ):
         row = dict(impl=name, mode="decode", batch=1, heads=H, seq_len=T, head_dim=D, dtype="bf16")
-        # Under KERNELS_DIRECT_LAUNCH=0 every row goes through the JIT.
-        with launch.direct_launches(launch.DIRECT and direct), torch.no_grad():
+        # Under KERNELS_DIRECT_LAUNCH=0 (the default) every row goes through the JIT.
+        with settings.override(direct_launch=settings.current.direct_launch and direct), torch.no_grad():
             try:
                 row["measured_us"] = measure(fn, device).ms * 1e3
                 row["host_us"] = host_us(fn, device, calls)

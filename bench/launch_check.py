@@ -26,7 +26,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 import torch
 import triton
-from chapter3_flash.kernels import decode, launch
+from chapter3_flash.kernels import decode, settings
 from chapter3_flash.kernels import flash_attn as fa
 
 from bench import sm90
@@ -138,7 +138,7 @@ def check(name: str, case) -> list[str]:
     runs = []
     for direct in (False, True, True):
         log: list = []
-        with launch.direct_launches(direct), recording(log):
+        with settings.override(direct_launch=direct), recording(log):
             case()
         runs.append(log)
     jit, first, second = runs

@@ -36,7 +36,9 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 import chapter3_flash.kernels.flash_attn as fa
 import torch
 import triton
-from chapter3_flash.kernels import decode, hopper
+from chapter3_flash.kernels import decode
+
+from bench import hopper
 
 UNSUPPORTED = 3  # exit status: this Triton lacks the internals the offline compile relies on
 
@@ -65,7 +67,7 @@ SM90 = GPUTarget("cuda", 90, 32) if _MISSING is None else None
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 # The jit functions launched, and the name each launch is reported under: _attn_bwd_kv is dK/dV of the
 # deterministic backward (after dQ) or the whole one-pass backward (dQ by atomics), told apart by its DQ_ATOMIC.
-# _attn_fwd_tma (kernels/hopper.py) likewise by its PERSISTENT.
+# _attn_fwd_tma (bench/hopper.py) likewise by its PERSISTENT.
 KERNELS = {
     "_attn_fwd": fa,
     "_attn_bwd_dq": fa,

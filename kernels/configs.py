@@ -73,7 +73,7 @@ TABLE: dict[tuple[str, int, str], Tile] = {
     ("bwd", 256, "half"): T(16, 64, 8, 2),  # 24 / 96 B of spills, as dK/dV's row; no tile tried had none with wgmma
     ("bwd", 256, "tf32"): T(16, 32, 8, 1),  # 219 / 255, no spill
     ("bwd", 256, "ieee"): T(16, 16, 8, 1),  # 173 / 177; 16x32 spilled 24 B
-    # The TMA forwards (kernels/hopper.py): the pointer forward's tiles.
+    # The TMA forwards (bench/hopper.py, an experiment): the pointer forward's tiles.
     ("fwd_tma", 64, "half"): T(128, 64, 8, 3),
     ("fwd_tma", 64, "tf32"): T(128, 32, 4, 3),
     ("fwd_tma", 64, "ieee"): T(64, 32, 8, 2),

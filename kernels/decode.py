@@ -15,9 +15,10 @@ one row each, which leaves most of a GPU idle and reads each key/value head once
   heuristic (``num_splits``), chosen on the host from the sequence length and the GPU's SM count;
 - decoding is memory-bound (bytes = sum over b of ``len_b * Hkv * D * 2 * element size``), so the tile's
   mask is applied to every key block: the arithmetic is free next to the loads;
-- the step's own keys and values are appended by the decode kernel itself (``FUSE_APPEND``): every program
-  reads them from ``k``/``v``, one program per (batch, key/value head) writes them into the cache, so the
-  append costs no launch of its own and no program waits for another.
+- the step's own keys and values can be appended by the decode kernel itself (``settings.current.fused_append``,
+  off until a GPU run has checked it; otherwise a small kernel of their own first): every program reads them from
+  ``k``/``v``, one program per (batch, key/value head) writes them into the cache, so the append costs no launch
+  of its own and no program waits for another.
 
 Which keys a query sees is the rule of ``kernels/masks.py`` with ``Nk = cache_seqlens[b] (+ new keys)``:
 bottom-right causal, optional sliding window. Forward only (no autograd). The PyTorch path
@@ -35,19 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, eager, settings
 from . import flash_attn as fa
-from .flash_attn import _cast, _tf32
-from .interface import check_options, triton_runs_on
+from .checks import MAX_GRID_YZ, check_cache_lengths, check_kvcache, check_options
+from .flash_attn import _LOG2E, _cast, _tf32
+from .interface import choose_path
 from .launch import Launcher
 from .masks import _visible, visible_mask, window_flags
 
-BACKENDS = ("auto", "triton", "torch")
 MAX_SPLITS = 128
-# The step's keys and values appended by the decode kernel itself (one launch fewer per step) or by a kernel of
-# their own first (False: the old path, kept for bench.decode's old-against-new rows until a GPU has timed both).
-FUSE_APPEND = True
-_LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,75 +394,6 @@ def split_count(programs: int, num_sms: int, num_blocks: int, block_n: int, bloc
     return splits
 
 
-def _check(q, k_cache, v_cache, k, v, cache_seqlens, num_splits, backend) -> None:
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
-    if (k is None) != (v is None):
-        raise ValueError("pass both k and v (the step's new keys and values) or neither")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t is not None and (t.dtype != q.dtype or t.device != q.device):
-            raise TypeError(f"{name} is {t.dtype} on {t.device}; q is {q.dtype} on {q.device}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
-    B, H, N_Q, D = q.shape
-    Bc, H_KV, _, Dc = k_cache.shape
-    if B != Bc or D != Dc:
-        raise ValueError(f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} differ in batch or head_dim")
-    if D == 0:
-        raise ValueError("head_dim must be at least 1")
-    if H_KV == 0 or H % H_KV:
-        raise ValueError(f"query heads {H} must be a multiple of key/value heads {H_KV}")
-    if k is not None:
-        if k.shape != v.shape or k.dim() != 4 or k.shape[0] != B or k.shape[1] != H_KV or k.shape[3] != D:
-            raise ValueError(
-                f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Hkv={H_KV}, N_new, D={D})"
-            )
-    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
-        raise TypeError(f"cache_seqlens must be an int or an int32/int64 tensor of shape (B,), got {cache_seqlens!r}")
-    if isinstance(cache_seqlens, torch.Tensor):
-        if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.shape != (B,):
-            raise TypeError(
-                f"cache_seqlens must be an int32/int64 tensor of shape ({B},), got {cache_seqlens.dtype} "
-                f"{tuple(cache_seqlens.shape)}"
-            )
-        if cache_seqlens.device != q.device:
-            raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
-        raise ValueError(
-            "flash_attention_with_kvcache is forward only (generation): call it under torch.no_grad() or "
-            "torch.inference_mode(), or use flash_attention for training"
-        )
-
-
-def _check_lengths(cache_seqlens, n_new: int, t_max: int) -> int:
-    """The longest sequence after the step; raises if any would run past the cache. A tensor costs one
-    device-to-host read, skipped while a CUDA graph is being captured (the caller vouches for the lengths)."""
-    if isinstance(cache_seqlens, int):
-        lengths_min = lengths_max = cache_seqlens
-    elif cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        return t_max
-    else:
-        lengths_min, lengths_max = (int(x) for x in torch.aminmax(cache_seqlens))
-    if lengths_min < 0:
-        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lengths_min}")
-    if lengths_max + n_new > t_max:
-        raise ValueError(
-            f"writing {n_new} new key(s) after cache_seqlens {lengths_max} runs past the cache's {t_max} positions"
-        )
-    return lengths_max + n_new
-
-
 def flash_attention_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -495,28 +423,28 @@ def flash_attention_with_kvcache(
         causal: bottom-right causal for the ``Nq`` queries (the newest positions); window_size as in
             ``flash_attention``.
         num_splits: how many programs share one sequence's keys; 0 chooses by FlashAttention's heuristic.
-        backend: ``"triton"``, ``"torch"`` (PyTorch's fused attention with a per-batch mask) or ``"auto"``.
+        backend: ``"triton"``, ``"sdpa"`` or ``"torch"`` (both: PyTorch's fused attention with a per-batch mask) or
+            ``"auto"``.
 
     Returns:
         ``(B, Hq, Nq, D)`` in q's dtype and memory layout. Forward only: inputs that require grad under grad
         mode are refused.
     """
-    _check(q, k_cache, v_cache, k, v, cache_seqlens, num_splits, backend)
-    window = check_options(causal, softmax_scale, window_size, "auto")
+    check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, num_splits, backend)
+    window = check_options(causal, softmax_scale, window_size, backend)
     n_new = 0 if k is None else k.shape[2]
-    max_len = _check_lengths(cache_seqlens, n_new, k_cache.shape[2])
+    max_len = check_cache_lengths(cache_seqlens, n_new, k_cache.shape[2])
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     spec = fa.Spec(causal, 0.0, scale, window[0], window[1])
-    use_triton = backend == "triton" or (backend == "auto" and triton_runs_on(q) and q.shape[-1] <= fa.MAX_HEAD_DIM)
-    if use_triton:
-        if not triton_runs_on(q):
-            raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on a CPU), got {q.device}")
-        if q.shape[-1] > fa.MAX_HEAD_DIM:
-            raise ValueError(f"head_dim {q.shape[-1]} is not supported by the Triton kernel (1 to {fa.MAX_HEAD_DIM})")
-    if not use_triton:
+    if q.device.type == "meta":
+        return torch.empty_like(q)  # shape inference; a meta cache holds nothing to write
+    if choose_path(q, backend) != "triton":  # "sdpa" and "torch" are one path here: PyTorch's fused attention
         if k is not None:
             _append_torch(k_cache, v_cache, k, v, cache_seqlens)
         return q.mul(0.0) if q.numel() == 0 else _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new, max_len, spec)
+    B, H_KV = k_cache.shape[:2]
+    if B * H_KV > MAX_GRID_YZ:  # the decode grid's z dimension, checked before the append writes anything
+        raise ValueError(f"batch {B} x key/value heads {H_KV} must be at most {MAX_GRID_YZ} on the Triton path")
     return launch(q, k_cache, v_cache, k, v, cache_seqlens, max_len, spec, num_splits)
 
 
@@ -524,12 +452,13 @@ def launch(q, k_cache, v_cache, k, v, cache_seqlens, max_len: int, spec, num_spl
     """The Triton launchers after the checks: decode (appending k, v in the same launch), merge the splits.
     ``max_len`` bounds the keys any sequence sees (it sizes the splits)."""
     appends = k is not None and k.shape[2] > 0 and k.shape[0] > 0
-    if appends and (q.numel() == 0 or not FUSE_APPEND):  # nothing to attend, or the old path: the append alone
+    fused = settings.current.fused_append
+    if appends and (q.numel() == 0 or not fused):  # nothing to attend, or the append on its own
         _append_triton(k_cache, v_cache, k, v, cache_seqlens)
     if q.numel() == 0:
         return q.mul(0.0)
     n_new = 0 if k is None else k.shape[2]
-    new = (k, v) if appends and FUSE_APPEND else None
+    new = (k, v) if appends and fused else None
     return _decode_triton(q, k_cache, v_cache, new, n_new, cache_seqlens, max_len, spec, num_splits)
 
 
@@ -648,11 +577,7 @@ def _decode_torch(q, k_cache, v_cache, cache_seqlens, n_new: int, max_len: int, 
             )
         return out
     B, H, N_Q, D = q.shape
-    lengths = (
-        torch.full((B,), cache_seqlens, device=q.device)
-        if isinstance(cache_seqlens, int)
-        else cache_seqlens.to(torch.long)
-    ) + n_new
+    lengths = cache_seqlens.to(torch.long) + n_new  # (B,)
     mask_left, mask_right, left, right = window_flags(spec.causal, (spec.window_left, spec.window_right))
     pos = torch.arange(N_Q, device=q.device)[None, :, None] + (lengths - N_Q)[:, None, None]  # (B, Nq, 1)
     keys = torch.arange(max_len, device=q.device)[None, None, :]  # (1, 1, T)
@@ -686,6 +611,9 @@ def _decode_torch_one_length(q, k_cache, v_cache, n_k: int, spec):
     sees_all = (not mask_right or first + right >= n_k - 1) and (not mask_left or n_k - 1 - left <= 0)
     blind = min(N_Q, max(0, -(first + right))) if mask_right else 0  # leading queries that see no key
     keys, values = k_cache[:, :, :n_k], v_cache[:, :, :n_k]  # (B, Hkv, n_k, D)
+    if q.device.type != "cuda" and eager.may_hide_nonfinite(q, keys, spec):
+        # A NaN or Inf the fused CPU kernel could turn into zeros: the chapter's arithmetic (Nq x n_k scores).
+        return eager.attention_reference(q, keys, values, spec)
     mask = None
     if not sees_all:
         window = (spec.window_left, spec.window_right)

@@ -51,8 +51,9 @@ def attention_reference(q, k, v, spec) -> torch.Tensor:
     seen = visible_mask(N_Q, N_K, causal=spec.causal, window=_window(spec), device=q.device)
     scores = scores.masked_fill(~seen, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
-    # Rows that see no key: softmax gives NaN; the kernel's answer is zeros.
-    weights = torch.nan_to_num(weights, nan=0.0)
+    # Rows that see no key: softmax gives NaN; the kernel's answer is zeros. Only those rows: a NaN or Inf in the
+    # inputs propagates as it does through the chapter's layer.
+    weights = weights.masked_fill(~seen.any(-1, keepdim=True), 0.0)
     if spec.dropout_p > 0.0:
         weights = F.dropout(weights, p=spec.dropout_p, training=True)
     return torch.matmul(weights, v.to(compute)).to(q.dtype)  # (B, Hq, Nq, D)
@@ -69,6 +70,57 @@ def _first_seeing_row(n_q: int, n_k: int, spec) -> int:
     return min(n_q, max(0, n_q - n_k - right)) if mask_right else 0
 
 
+class _Zeros(torch.autograd.Function):
+    """Zeros shaped like q, with zero (not None) gradients for q, k and v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in (k, v)]
+        return torch.zeros_like(q)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (k_shape, k_dtype, device), (v_shape, v_dtype, _) = ctx.shapes
+        return (
+            torch.zeros_like(dout),
+            torch.zeros(k_shape, dtype=k_dtype, device=device),
+            torch.zeros(v_shape, dtype=v_dtype, device=device),
+        )
+
+
+def zeros_attention(q, k, v) -> torch.Tensor:
+    """The answer when no weight survives (no query, no key, dropout_p 1): zeros, and zero gradients for all three
+    inputs (an optimizer skips a parameter whose gradient is None, where the book's layer gives zeros)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Zeros.apply(q, k, v)
+    return torch.zeros_like(q)
+
+
+def shape_only(q, k, v) -> torch.Tensor:
+    """Meta tensors: the output's shape and dtype, as scaled_dot_product_attention infers them (gradients too)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Zeros.apply(q, k, v)
+    return torch.empty_like(q)
+
+
+def may_hide_nonfinite(q, k, spec) -> bool:
+    """Whether PyTorch's fused CPU attention could turn a NaN or Inf of the inputs into zeros: it returns zeros for
+    a row whose scores are all NaN or -inf, where the chapter's softmax gives NaN. That needs a non-finite query
+    row or a non-finite first visible key (a row whose first key is finite has a finite or +inf score, which the
+    fused kernel propagates as the chapter does). Checked with one read of q and of those keys (a float32 sum is
+    finite exactly when no element is NaN or Inf, barring overflow, which only sends a call the exact way)."""
+    if not torch.isfinite(q.sum(dtype=torch.float32)):
+        return True
+    n_q, n_k = q.shape[2], k.shape[2]
+    mask_left, _, left, _ = window_flags(spec.causal, _window(spec))
+    if not mask_left:
+        firsts = k[:, :, :1]  # every row's first visible key is key 0
+    else:
+        rows = torch.arange(n_q) + (n_k - n_q) - left
+        firsts = k[:, :, rows.clamp(0, n_k - 1).unique().to(k.device)]  # (B, Hkv, <= Nq, D)
+    return not torch.isfinite(firsts.sum(dtype=torch.float32))
+
+
 def attention_sdpa(q, k, v, spec) -> torch.Tensor:
     """PyTorch's fused attention with our semantics (see the module docstring)."""
     N_Q, N_K = q.shape[2], k.shape[2]
@@ -76,10 +128,14 @@ def attention_sdpa(q, k, v, spec) -> torch.Tensor:
     if first == N_Q or q.numel() == 0 or spec.dropout_p == 1.0:
         # No row sees a key, nothing to compute, or every weight dropped (nn.Dropout(1.0); SDPA's own dropout
         # would scale by 1 / 0): zeros, and zero gradients.
-        return q.mul(0.0)
+        return zeros_attention(q, k, v)
     q_seen = q[:, :, first:]  # (B, Hq, Nq - first, D): a view
     mask_left, mask_right, _, right = window_flags(spec.causal, _window(spec))
-    if spec.dropout_p > 0.0 and q.device.type != "cuda":
+    if q.device.type != "cuda" and may_hide_nonfinite(q_seen, k, spec):
+        # A NaN or Inf where the fused kernel would return zeros: the exact chunked path, whose arithmetic is the
+        # chapter's (a row that sees a NaN is NaN).
+        out = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device) if spec.dropout_p > 0 else 0)
+    elif spec.dropout_p > 0.0 and q.device.type != "cuda":
         if q_seen.shape[0] * q_seen.shape[1] * q_seen.shape[2] * N_K <= SMALL_DROPOUT_ELEMENTS:
             out = _math_dropout(q_seen, k, v, spec, first, masked=mask_left or mask_right)
         else:
@@ -189,7 +245,8 @@ class _ChunkedAttention(torch.autograd.Function):
             p = _scores(q, k, r0, r1, lo, hi, spec, mask)  # (B, Hq, C, W) float32, one buffer reused below
             lse[:, :, r0:r1] = torch.logsumexp(p, dim=-1)
             p.sub_(lse[:, :, r0:r1, None]).exp_()
-            p.mul_(_keep(p.shape, spec.dropout_p, _generator(q.device, seed, c), q.device)).mul_(scale)
+            if spec.dropout_p > 0.0:
+                p.mul_(_keep(p.shape, spec.dropout_p, _generator(q.device, seed, c), q.device)).mul_(scale)
             out[:, :, r0:r1] = _grouped(p, v[:, :, lo:hi], lambda w, x: w @ x.float()).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.seed = spec, seed
@@ -207,12 +264,17 @@ class _ChunkedAttention(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1)  # (B, Hq, Nq): rowsum(dO * O)
         for c, (r0, r1, lo, hi, mask) in enumerate(_chunks(q, k, spec)):
             p = _scores(q, k, r0, r1, lo, hi, spec, mask).sub_(lse[:, :, r0:r1, None]).exp_()  # (B, Hq, C, W)
-            keep = _keep(p.shape, spec.dropout_p, _generator(q.device, ctx.seed, c), q.device)
             do = dout[:, :, r0:r1].float()
-            dv[:, :, lo:hi] += _grouped_t(p * keep * kept_scale, do, k.shape[1])
             ds = _grouped(do, v[:, :, lo:hi], lambda x, y: x @ y.float().transpose(-2, -1))  # dP, then dS in place
-            ds.mul_(keep).mul_(kept_scale).sub_(delta[:, :, r0:r1, None]).mul_(p)
-            del p, keep
+            if spec.dropout_p > 0.0:
+                keep = _keep(p.shape, spec.dropout_p, _generator(q.device, ctx.seed, c), q.device)
+                dv[:, :, lo:hi] += _grouped_t(p * keep * kept_scale, do, k.shape[1])
+                ds.mul_(keep).mul_(kept_scale)
+                del keep
+            else:
+                dv[:, :, lo:hi] += _grouped_t(p, do, k.shape[1])
+            ds.sub_(delta[:, :, r0:r1, None]).mul_(p)
+            del p
             dq[:, :, r0:r1] = _grouped(ds, k[:, :, lo:hi], lambda w, x: w @ x.float()) * scale
             dk[:, :, lo:hi] += _grouped_t(ds, q[:, :, r0:r1].float(), k.shape[1]) * scale
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None

@@ -56,7 +56,6 @@ from .masks import _key_range, _query_range, _visible, window_flags
 # The interpreter must be chosen before the @triton.jit functions below are defined.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 256
-MAX_GRID_YZ = 65535  # CUDA limit on grid dims y and z (heads, batch)
 MAX_TILE_SPAN = 2**31 // 256  # row and head-dim strides below this keep in-tile offsets in int32
 _LOG2E = 1.4426950408889634
 
@@ -883,8 +882,9 @@ def _plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, softmax_scale,
         INPUT_PRECISION="ieee" if prec == "ieee" else "tf32",
         # The interpreter's tl.dot on bfloat16 operands is wrong; do those dots in float32 there.
         UPCAST=INTERPRET and dtype == torch.bfloat16,
-        # Register-held TF32 operands rounded as cuBLAS rounds them (_tf32); the interpreter's dots are float32.
-        ROUND_TF32=prec == "tf32" and not INTERPRET,
+        # TF32 operands rounded as cuBLAS rounds them (_tf32). On the interpreter too: its dots are exact float32
+        # products, which on rounded operands are what the GPU's TF32 tensor cores compute.
+        ROUND_TF32=prec == "tf32",
     )
     if kernel is not None:
         narrow = mask_left and mask_right and configs.narrow_window(left, right)

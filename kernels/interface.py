@@ -11,17 +11,15 @@ Everything a call computes besides its tensors travels as one ``Spec``.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
 from . import eager
 from . import flash_attn as fa
+from .checks import MAX_GRID_YZ, autocast_dtype, check_deterministic, check_dropout, check_options, check_qkv
 from .flash_attn import Spec
 
-BACKENDS = ("auto", "triton", "sdpa", "torch")
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_head_dims: set[int] = set()
 # The custom ops' namespace: the installed package's, or another for this folder imported under its own name
 # (``import kernels`` from a checkout): two copies of the module must not register one op twice.
@@ -119,63 +117,6 @@ def _attention_triton(q, k, v, spec: Spec) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_qkv(q, k, v) -> None:
-    """Types, ranks, dtypes, devices and shapes of q, k, v: a TypeError / ValueError naming the values."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, Hq, _, D = q.shape
-    Bk, Hkv, _, Dk = k.shape
-    if B != Bk:
-        raise ValueError(f"batch {B} of q does not match batch {Bk} of k and v")
-    if D != Dk:
-        raise ValueError(f"head_dim {D} of q does not match {Dk} of k")
-    if D == 0:
-        raise ValueError(f"head_dim must be at least 1, got shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads {Hq} must be a multiple of key/value heads {Hkv}")
-
-
-def check_options(causal, softmax_scale, window_size, backend) -> tuple[int, int]:
-    """The options every attention function shares; returns the window as two ints."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
-    if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-            raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
-        if not math.isfinite(softmax_scale):
-            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
-    for side, w in zip(("left", "right"), window_size):
-        if isinstance(w, bool) or not isinstance(w, int):
-            raise TypeError(f"window_size {side} must be an int (-1: unbounded), got {w!r}")
-        if w < -1:
-            raise ValueError(f"window_size {side} must be -1 (unbounded) or >= 0, got {w}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return int(window_size[0]), int(window_size[1])
-
-
-def _check_dropout(dropout_p) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float, got {dropout_p!r}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-
-
 def triton_runs_on(t: torch.Tensor) -> bool:
     return t.is_cuda or (fa.INTERPRET and t.device.type == "cpu")
 
@@ -208,8 +149,8 @@ def choose_path(q: torch.Tensor, backend: str) -> str:
 
 
 def _check_triton_limits(q, k, v) -> None:
-    if q.shape[0] > fa.MAX_GRID_YZ or q.shape[1] > fa.MAX_GRID_YZ:
-        raise ValueError(f"batch {q.shape[0]} and heads {q.shape[1]} must each be at most {fa.MAX_GRID_YZ}")
+    if q.shape[0] > MAX_GRID_YZ or q.shape[1] > MAX_GRID_YZ:
+        raise ValueError(f"batch {q.shape[0]} and heads {q.shape[1]} must each be at most {MAX_GRID_YZ}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not fa.tile_offsets_fit(t):
             raise ValueError(
@@ -252,26 +193,28 @@ def flash_attention(
     Returns:
         ``(B, Hq, Nq, D)`` in q's dtype (and, on the Triton path, q's memory layout).
     """
-    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
-        # Like scaled_dot_product_attention, attention runs in autocast's lower precision.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
+    # Checked as given (an int64 q is refused), then cast: like scaled_dot_product_attention, attention runs in
+    # autocast's lower precision.
     check_qkv(q, k, v)
     window = check_options(causal, softmax_scale, window_size, backend)
-    _check_dropout(dropout_p)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    elif not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool or None, got {deterministic!r}")
+    dropout_p = check_dropout(dropout_p)
+    deterministic = check_deterministic(deterministic)
+    dtype = autocast_dtype(q)
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    spec = Spec(causal, float(dropout_p), scale, window[0], window[1], deterministic)
+    spec = Spec(causal, dropout_p, scale, window[0], window[1], deterministic)
+    if q.device.type == "meta":
+        return eager.shape_only(q, k, v)  # shape inference, as scaled_dot_product_attention gives on meta
     path = choose_path(q, backend)
+    if path == "triton":
+        _check_triton_limits(q, k, v)
+    if q.numel() == 0 or k.shape[2] == 0 or spec.dropout_p == 1.0:
+        # No query, no key, or every weight dropped (nn.Dropout(1.0)): zeros, with zero gradients for q, k and v
+        # (not None: an optimizer skips a parameter whose gradient is None), on every path.
+        return eager.zeros_attention(q, k, v)
     if path == "torch":
         return eager.attention_reference(q, k, v, spec)
     if path == "sdpa":
         return eager.attention_sdpa(q, k, v, spec)
-    _check_triton_limits(q, k, v)
-    if q.numel() == 0 or k.shape[2] == 0:
-        # No query or no key: an empty output, or rows that see no key (zeros), as the eager path gives.
-        return q.mul(0.0)
     return _attention_triton(q, k, v, spec)

@@ -22,25 +22,31 @@ A finer key than Triton's costs an extra JIT call, never a wrong kernel; a coars
 specialized for another alignment or divisibility (a wrong address, not an error), so the key errs finer:
 ``tests/kernels/test_launch.py`` checks it against Triton's own specialization, and ``bench/launch_check.py``
 replays our launchers through both paths with Hopper-compiled kernels and compares every launch. Where
-anything could differ from the JIT's path the JIT runs: on another Triton than 3.6-3.9 (``CONVENTION_KNOWN``),
-under the interpreter, while Triton's launch hooks are set (a profiler), when ``run`` was patched on the jit
-function (``bench/sm90.py``), for an argument of another type, and with ``DIRECT = False`` (the benchmarks'
-old-against-new rows; ``KERNELS_DIRECT_LAUNCH=0`` in the environment for a whole run).
+anything could differ from the JIT's path the JIT runs:
+
+- unless ``settings.current.direct_launch`` is on (off by default until a GPU run has checked it bit for bit:
+  ``kernels/settings.py``, ``KERNELS_DIRECT_LAUNCH``);
+- off NVIDIA's backend (AMD's specializes on more, e.g. a tensor's storage under 2 GB, which this key ignores);
+- on another Triton than 3.6-3.9 (``CONVENTION_KNOWN``), and under the interpreter;
+- while any of Triton's per-launch hooks is set (launch enter or exit hooks, a profiler; a stages-inspection
+  hook), or a global a kernel read has changed (the JIT raises for that), or ``run`` was patched on the jit
+  function (``bench/sm90.py``), or the kernel has pre-run hooks;
+- for an argument of another type.
+
+Triton's per-call settings that change the compiled kernel (``knobs.runtime.debug``, the instrumentation mode)
+are part of the key.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
+import functools
 
 import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-# False: every launch through the JIT's dispatch (bench.host measures both in one run). KERNELS_DIRECT_LAUNCH=0 in
-# the environment sets it for a whole run: a switch for anyone who doubts the direct path (bench/gpu_check.sh sets
-# it when its first stage finds the two paths disagree on the GPU).
-DIRECT = os.environ.get("KERNELS_DIRECT_LAUNCH", "1") != "0"
+from . import settings
+
 # The Tritons whose launch convention (every parameter passed, constexprs included, after the grid, stream,
 # function, metadata and hooks) bench/launch_check.py verified: 3.6 and 3.9, and those between. Others launch
 # through the JIT until checked.
@@ -82,20 +88,42 @@ def signature(args, flags) -> tuple | None:
     return tuple(key)
 
 
-@contextlib.contextmanager
-def direct_launches(enabled: bool):
-    """``DIRECT`` set to ``enabled`` inside the block, restored after it (the old-against-new experiments)."""
-    global DIRECT
-    saved, DIRECT = DIRECT, enabled
+def _hook_set(hook) -> bool:
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _jit_must_launch(jit) -> bool:
+    """Whether something per launch (a hook, a changed global) needs the JIT's own path this time."""
+    runtime = triton.knobs.runtime
+    if _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook):
+        return True
+    if getattr(runtime, "add_stages_inspection_hook", None) is not None or jit.pre_run_hooks:
+        return True
+    if "run" in jit.__dict__:
+        return True
+    missing = object()
+    return any(
+        scope.get(name, missing) != value for (name, _), (value, scope) in getattr(jit, "used_global_vals", {}).items()
+    )
+
+
+def _knobs_key() -> tuple:
+    """The global Triton settings the JIT folds into each compile's options."""
+    compilation = triton.knobs.compilation
+    return (
+        bool(triton.knobs.runtime.debug),
+        getattr(compilation, "instrumentation_mode", None),
+        getattr(compilation, "fpsan_homomorphic_casts", None),
+    )
+
+
+@functools.cache
+def _nvidia() -> bool:
+    """Whether Triton's active driver targets NVIDIA GPUs (the backend whose specialization the key mirrors)."""
     try:
-        yield
-    finally:
-        DIRECT = saved
-
-
-def _hooks_set() -> bool:
-    hooks = triton.knobs.runtime.launch_enter_hook
-    return hooks is not None and bool(getattr(hooks, "calls", True))
+        return triton.runtime.driver.active.get_current_target().backend == "cuda"
+    except RuntimeError:  # no GPU driver at all
+        return False
 
 
 class Launcher:
@@ -118,11 +146,11 @@ class Launcher:
             self.defaults = {p.name: p.default for p in jit.params if p.has_default}
 
     def __call__(self, grid: tuple, *args, **kwargs):
-        if not (DIRECT and self.direct) or "run" in self.jit.__dict__ or _hooks_set():
+        if not (settings.current.direct_launch and self.direct and _nvidia()) or _jit_must_launch(self.jit):
             return self.jit[grid](*args, **kwargs)
         active = triton.runtime.driver.active
         device = active.get_current_device()
-        options = tuple(kwargs.items())
+        options = (tuple(kwargs.items()), _knobs_key())
         # The usual call repeats the last one's argument types, and mostly its values: then the key is the
         # values themselves (a tensor by its dtype and alignment), finer than the signature and faster to make.
         exact = None

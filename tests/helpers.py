@@ -35,7 +35,6 @@ import pytest
 import torch
 from chapter3_flash.attention import reference as ref
 from chapter3_flash.kernels import eager, flash_attention
-from chapter3_flash.kernels.masks import visible_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -51,9 +50,39 @@ TF32_FACTOR = 4.0
 
 
 def _factor(t: torch.Tensor) -> float:
-    """How many times PyTorch's error ours may reach: 2, or TF32_FACTOR where our float32 dots run as TF32."""
-    tf32 = t.dtype == torch.float32 and t.is_cuda and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+    """How many times PyTorch's error ours may reach: 2, or TF32_FACTOR where our float32 dots run as TF32 (on a
+    GPU, and under the interpreter, whose launchers round the operands to TF32 as the GPU's do)."""
+    tf32 = t.dtype == torch.float32 and (t.is_cuda or INTERPRETED) and torch.backends.cuda.matmul.allow_tf32
     return TF32_FACTOR if tf32 else 2.0
+
+
+@contextlib.contextmanager
+def allow_tf32(enabled: bool):
+    """PyTorch's float32 matmul setting inside the block, restored after it. (Not monkeypatch: the setting is a
+    property of a module object, and pytest 9.2's monkeypatch cannot restore it, so it leaked into later tests.)"""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def visible(n_q: int, n_k: int, causal: bool, window=(-1, -1), device=None) -> torch.Tensor:
+    """(n_q, n_k) bool: which keys each query sees, written apart from kernels/masks.py (a reference that calls the
+    code under test checks nothing). Query i sits at position i + n_k - n_q (bottom-right alignment); it sees key
+    j when j is at most ``right`` after it (0 when causal, unbounded at -1) and at most ``left`` before it."""
+    left, right = window
+    if causal:
+        right = 0
+    pos = torch.arange(n_q)[:, None] + (n_k - n_q)  # (n_q, 1)
+    key = torch.arange(n_k)[None, :]  # (1, n_k)
+    out = torch.ones(n_q, n_k, dtype=torch.bool)
+    if right >= 0:
+        out &= key - pos <= right
+    if left >= 0:
+        out &= pos - key <= left
+    return out.to(device)
 
 
 def free_port() -> int:
@@ -71,20 +100,54 @@ def make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, device=DEVICE, scale=1.0):
     return q, k, v
 
 
-def attention_eager(q, k, v, causal: bool, scale=None, keep=None, p=0.0, window=(-1, -1)):
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to TF32's 10-bit mantissa, to nearest with ties away from zero (as cuBLAS rounds its
+    operands), by integer arithmetic on the bits; NaN and Inf unchanged."""
+    bits = x.contiguous().view(torch.int32)
+    magnitude = (bits & 0x7FFFFFFF).to(torch.int64)
+    rounded = ((magnitude + (1 << 12)) >> 13) << 13
+    out = (rounded.to(torch.int32) | (bits & -(2**31))).view(torch.float32)
+    return torch.where(torch.isfinite(x), out, x)
+
+
+class _MatmulTF32(torch.autograd.Function):
+    """a @ b as cuBLAS computes it with TF32 allowed: both operands rounded to TF32, exact products, float32 sums;
+    the backward's two matmuls likewise."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return tf32_round(a) @ tf32_round(b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = tf32_round(g)
+        return g @ tf32_round(b).transpose(-2, -1), tf32_round(a).transpose(-2, -1) @ g
+
+
+def emulates_tf32(t: torch.Tensor) -> bool:
+    """Whether our kernels compute float32 ``t`` with TF32 matmuls where PyTorch on the same device would not: under
+    the interpreter on a CPU (a CPU's matmuls are never TF32)."""
+    return t.dtype == torch.float32 and INTERPRETED and not t.is_cuda and torch.backends.cuda.matmul.allow_tf32
+
+
+def attention_eager(q, k, v, causal: bool, scale=None, keep=None, p=0.0, window=(-1, -1), tf32: bool = False):
     """Plain attention in the inputs' own dtype (softmax in float32, as PyTorch users write it), grouped
-    heads, the shared visibility rule (kernels.masks), an optional fixed dropout keep mask."""
+    heads, the tests' own visibility rule, an optional fixed dropout keep mask. ``tf32``: the matmuls as
+    cuBLAS computes them with TF32 allowed (float32 inputs on a CPU, where PyTorch itself never does)."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
+    matmul = _MatmulTF32.apply if tf32 else torch.matmul
     k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, Nk, D)
     v = v.repeat_interleave(H // Hkv, dim=1)
-    s = (q @ k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
-    s = s.masked_fill(~visible_mask(Nq, Nk, causal=causal, window=window, device=q.device), float("-inf"))
+    s = matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
+    s = s.masked_fill(~visible(Nq, Nk, causal, window, device=q.device), float("-inf"))
     w = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
     if keep is not None:
         w = w * keep.to(w.dtype) / (1 - p)
-    return w @ v
+    return matmul(w, v)
 
 
 def assert_close_to_reference(name: str, ours: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor) -> None:
@@ -166,7 +229,8 @@ def check_against_reference(
     grads = {}
     for label, dtype in (("ref64", torch.float64), ("lowp", q.dtype)):
         qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-        o = attention_eager(qq, kk, vv, causal, scale, window=window)
+        tf32 = label == "lowp" and emulates_tf32(q)  # PyTorch's error as it would be on a GPU with TF32
+        o = attention_eager(qq, kk, vv, causal, scale, window=window, tf32=tf32)
         o.backward(dout.to(dtype))
         grads[label] = [o, qq.grad, kk.grad, vv.grad]
     for name, ours, ref64, low in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), *grads.values()):

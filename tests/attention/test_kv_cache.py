@@ -75,6 +75,25 @@ def test_cache_is_allocated_once_and_written_in_place():
         assert ours.cache_k.shape == (2, 3, 3, 4)
 
 
+def test_a_new_batch_size_mid_generation_is_refused_and_changes_nothing():
+    # The book's torch.cat raises here; ours must not restart the cache silently (generation would go on from an
+    # empty cache with no word).
+    ours, theirs = pair()
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 10, 12, device=DEVICE)
+    with torch.no_grad():
+        ours(x[:, :4], use_cache=True)
+        theirs(x[:, :4], use_cache=True)
+        with pytest.raises(RuntimeError):
+            theirs(x[:1, 4:5], use_cache=True)
+        k, v, pos = ours.cache_k.clone(), ours.cache_v.clone(), ours.ptr_current_pos
+        with pytest.raises(ValueError, match="batch of 2, this call has a batch of 1"):
+            ours(x[:1, 4:5], use_cache=True)
+        assert torch.equal(ours.cache_k, k) and torch.equal(ours.cache_v, v) and ours.ptr_current_pos == pos
+        step = ours(x[:, 4:5], use_cache=True)  # the same batch goes on where it was
+        torch.testing.assert_close(step, theirs(x[:, 4:5], use_cache=True), atol=2e-5, rtol=1e-4)
+
+
 def test_a_cache_the_layer_did_not_publish_is_taken_over():
     """The reader's own assignments (the book's reset assigns None), and a cache moved by module.to()."""
     ours, theirs = pair()

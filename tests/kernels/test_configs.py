@@ -12,7 +12,7 @@ import chapter3_flash.kernels.flash_attn as fa
 import pytest
 import torch
 from chapter3_flash.kernels import configs, flash_attention
-from helpers import backward_path, check_against_reference, make_qkv
+from helpers import allow_tf32, backward_path, check_against_reference, make_qkv
 
 from bench.tune import EXPERIMENTS
 
@@ -79,10 +79,10 @@ def _id(case):
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_gpu_tiles_are_correct(case, backward, monkeypatch):
     head_dim, dtype, tf32 = case
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     seen = _as_on_a_gpu(monkeypatch)
     # Grouped heads, Nq < Nk, both ragged against every block size used.
-    check_against_reference(*make_qkv(1, 4, 2, 150, 190, head_dim, dtype), causal=True, backward=backward)
+    with allow_tf32(tf32):
+        check_against_reference(*make_qkv(1, 4, 2, 150, 190, head_dim, dtype), causal=True, backward=backward)
     assert seen and all(ok for _, ok in seen), f"a launch did not use the GPU's tile: {seen}"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from chapter3_flash.kernels import decode, flash_attention_with_kvcache
+from chapter3_flash.kernels import decode, flash_attention_with_kvcache, settings
 from helpers import DEVICE, assert_close_to_reference, attention_eager
 
 BACKENDS = ["triton", "torch"]
@@ -103,9 +103,10 @@ def test_book_layout_and_int_length(backend):
     ],
 )
 def test_both_append_paths(monkeypatch, fused, B, Hq, Hkv, N_new, T, D, lengths, num_splits, window):
-    # The decode kernel appends the step's keys itself (FUSE_APPEND) and reads them from k, v, never from the
-    # cache rows it is writing (check() fills those with NaN); the old path appends in a kernel of its own first.
-    monkeypatch.setattr(decode, "FUSE_APPEND", fused)
+    # The decode kernel appends the step's keys itself (settings' fused_append) and reads them from k, v, never
+    # from the cache rows it is writing (check() fills those with NaN); the other path appends in a kernel of its
+    # own first.
+    monkeypatch.setattr(settings.current, "fused_append", fused)
     q, k_cache, v_cache = make_cache(B, Hq, Hkv, N_new, T, D, torch.float16, book_layout=True)
     k, v = (torch.randn(B, Hkv, N_new, D, device=DEVICE, dtype=torch.float16) for _ in range(2))
     seqlens = torch.tensor(lengths, device=DEVICE)
@@ -229,7 +230,7 @@ def _q(*shape, dtype=torch.float32, **kw):
             (_q(1, 2, 1, 8, dtype=torch.float16), _q(1, 2, 10, 8), _q(1, 2, 10, 8)),
             {"cache_seqlens": 1},
             TypeError,
-            "k_cache is torch.float32",
+            "k_cache is torch.float32 and q is torch.float16",
         ),  # fmt: skip
         (
             (_q(1, 2, 1, 8), _q(1, 2, 10, 8), _q(1, 2, 10, 8)),

@@ -9,8 +9,7 @@ import pytest
 import torch
 from chapter3_flash.kernels import flash_attention
 from chapter3_flash.kernels.dropout import keep_threshold
-from chapter3_flash.kernels.masks import visible_mask
-from helpers import DEVICE, assert_close_to_reference, attention_eager, backward_path, requires_gpu
+from helpers import DEVICE, assert_close_to_reference, attention_eager, backward_path, requires_gpu, visible
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,14 +25,14 @@ def recover_keep_mask(B, Hq, Hkv, Nq, Nk, p, causal, seed, backend="triton", win
     v = torch.eye(Nk, device=DEVICE).expand(B, Hkv, Nk, Nk)
     torch.manual_seed(seed)
     out = flash_attention(q, k, v, causal=causal, dropout_p=p, backend=backend, window_size=window)
-    visible = visible_mask(Nq, Nk, causal=causal, window=window, device=DEVICE)
-    n_visible = visible.sum(-1, keepdim=True).clamp(min=1).float()
+    seen = visible(Nq, Nk, causal, window, device=DEVICE)
+    n_visible = seen.sum(-1, keepdim=True).clamp(min=1).float()
     scaled = out * (1 - p) * n_visible  # 1 where kept, 0 where dropped
     keep = scaled.round()
     # Kept weights are scaled by exactly 1/(1-p): the recovered values sit on 0 and 1 up to rounding.
     assert torch.allclose(scaled, keep, atol=1e-4), "kept weights are not scaled by 1/(1-p)"
-    assert not keep[..., ~visible].any(), "a masked (future) key was kept"
-    return keep.bool() & visible
+    assert not keep[..., ~seen].any(), "a masked (future) key was kept"
+    return keep.bool() & seen
 
 
 # "sdpa": the chunked exact path off CUDA (kernels/eager.py), whose mask comes from PyTorch's generator.

@@ -16,13 +16,16 @@ import triton.language as tl
 from chapter3_flash.kernels import configs, flash_attention
 from helpers import (
     DEVICE,
+    INTERPRETED,
     ON_GPU,
+    allow_tf32,
     assert_close_to_reference,
     attention_eager,
     backward_path,
     check_against_reference,
     make_qkv,
     requires_gpu,
+    tf32_round,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -430,14 +433,40 @@ def test_round_tf32_rounds_strided_inputs_as_the_kernels_do():
     assert fa.round_tf32(x[:, :, :0]).shape == (2, 3, 0, 40)
 
 
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="the Triton launchers run on a GPU or the interpreter")
+def test_the_launchers_hand_the_kernels_tf32_rounded_operands(monkeypatch):
+    # With PyTorch's TF32 setting on, float32 q, k, v reach the forward and backward kernels rounded to TF32, bit
+    # for bit as cuBLAS rounds its operands (on the interpreter too, whose float32 dots then give TF32's products).
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 24, torch.float32)
+    q[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    q[0, 0, 1, 0] = 1.0 + 2**-11  # a tie: rounds away from zero
+    q[0, 0, 1, 1] = -(1.0 + 3 * 2**-11)  # another tie, negative
+    seen = {}
+    real = fa._attn_fwd_launcher
+
+    def spy(grid, *args, **kwargs):
+        seen["q"], seen["k"], seen["v"] = args[:3]
+        return real(grid, *args, **kwargs)
+
+    monkeypatch.setattr(fa, "_attn_fwd_launcher", spy)
+    with allow_tf32(True):
+        flash_attention(q, k, v, causal=True, backend="triton")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        assert torch.equal(seen[name].cpu().view(torch.int32), tf32_round(t.cpu()).view(torch.int32)), name
+    assert seen["q"][0, 0, 1, 0].item() == 1.0 + 2**-10 and seen["q"][0, 0, 1, 1].item() == -(1.0 + 2**-9)
+    with allow_tf32(False):
+        flash_attention(q, k, v, causal=True, backend="triton")
+    assert seen["q"] is q  # TF32 off: the inputs as they are
+
+
 def test_tf32_follows_torch_setting(monkeypatch):
     # float32 runs exact products unless PyTorch's own matmul setting allows TF32: the choice, and its tiles.
     q = torch.zeros(1, 1, 8, 64)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert fa._precision(q) == "ieee" and fa._flags(q, fa.Spec(True, 0.0, 1.0))["INPUT_PRECISION"] == "ieee"
+    with allow_tf32(False):
+        assert fa._precision(q) == "ieee" and fa._flags(q, fa.Spec(True, 0.0, 1.0))["INPUT_PRECISION"] == "ieee"
     ieee = configs.select("fwd", 64, "ieee", dropout=False, interpret=False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert fa._precision(q) == "tf32" and fa._flags(q, fa.Spec(True, 0.0, 1.0))["INPUT_PRECISION"] == "tf32"
+    with allow_tf32(True):
+        assert fa._precision(q) == "tf32" and fa._flags(q, fa.Spec(True, 0.0, 1.0))["INPUT_PRECISION"] == "tf32"
     assert fa._precision(q.half()) == "half"
     assert configs.select("fwd", 64, "tf32", dropout=False, interpret=False) != ieee
 
@@ -509,11 +538,11 @@ def test_tf32_error_is_bounded_by_cublas_tf32(monkeypatch):
     # Our TF32 error at most twice that of the chapter's own eager attention run with TF32 matmuls (cuBLAS).
     q, k, v = make_qkv(1, 4, 4, 512, 512, 64, torch.float32)
     ref = attention_eager(q.double(), k.double(), v.double(), causal=True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    ieee = flash_attention(q, k, v, causal=True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    tf32 = flash_attention(q, k, v, causal=True)
-    cublas_tf32 = attention_eager(q, k, v, causal=True)
+    with allow_tf32(False):
+        ieee = flash_attention(q, k, v, causal=True)
+    with allow_tf32(True):
+        tf32 = flash_attention(q, k, v, causal=True)
+        cublas_tf32 = attention_eager(q, k, v, causal=True)
     err_ieee = (ieee.double() - ref).abs().max().item()
     err_tf32 = (tf32.double() - ref).abs().max().item()
     err_cublas = (cublas_tf32.double() - ref).abs().max().item()

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from chapter3_flash.kernels import launch
+from chapter3_flash.kernels import launch, settings
 from helpers import ON_GPU, make_qkv
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -68,15 +68,52 @@ def test_a_constexpr_is_keyed_by_its_value():
     assert launch.signature([object()], [(True, True)]) is None  # another type: the call goes through the JIT
 
 
-def test_the_environment_switch_turns_direct_launches_off():
-    # KERNELS_DIRECT_LAUNCH=0: every launch of a run through the JIT (bench/gpu_check.sh's fallback).
-    code = "import chapter3_flash.kernels.launch as launch; print(launch.DIRECT)"
-    for value, expected in (("0", "False"), ("1", "True")):
+def test_direct_launches_and_the_fused_append_are_off_by_default():
+    # Neither has passed a GPU run yet (bench/gpu_check.sh's launch stage): a default path must have run on its
+    # hardware. Checked in a fresh interpreter with neither variable set.
+    code = "from chapter3_flash.kernels import settings; print(settings.current)"
+    env = {k: v for k, v in os.environ.items() if k not in ("KERNELS_DIRECT_LAUNCH", "KERNELS_FUSED_APPEND")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "Settings(direct_launch=False, fused_append=False)", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("1", True), ("ON", True), ("yes", True), ("True", True), ("y", True), (" true ", True)]
+    + [("0", False), ("off", False), ("No", False), ("FALSE", False), ("n", False)],
+)
+def test_the_switches_parse_as_pytorch_parses_booleans(monkeypatch, raw, expected):
+    monkeypatch.setenv("KERNELS_DIRECT_LAUNCH", raw)
+    assert settings.env_flag("KERNELS_DIRECT_LAUNCH", not expected) is expected
+
+
+def test_a_value_that_is_no_boolean_warns_and_keeps_the_default(monkeypatch):
+    monkeypatch.setenv("KERNELS_DIRECT_LAUNCH", "maybe")
+    with pytest.warns(UserWarning, match="maybe"):
+        assert settings.env_flag("KERNELS_DIRECT_LAUNCH", False) is False
+
+
+def test_the_environment_sets_the_switches_for_a_run():
+    code = "from chapter3_flash.kernels import settings; print(settings.current.direct_launch)"
+    for value, expected in (("off", "False"), ("on", "True"), ("false", "False")):
         env = {**os.environ, "KERNELS_DIRECT_LAUNCH": value}
         proc = subprocess.run(
             [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
         )
         assert proc.stdout.strip() == expected, proc.stderr[-2000:]
+
+
+def test_override_restores_and_refuses_unknown_settings():
+    before = settings.current.direct_launch
+    with settings.override(direct_launch=not before):
+        assert settings.current.direct_launch is (not before)
+    assert settings.current.direct_launch is before
+    with pytest.raises(TypeError, match="unknown settings"):
+        with settings.override(direct_lunch=True):
+            pass
+    with pytest.raises(TypeError, match="must be a bool"):
+        with settings.override(direct_launch="yes"):
+            pass
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the bit-for-bit test below runs the real launches")
@@ -96,7 +133,7 @@ def _both_paths(fn):
     outs = []
     for direct in (True, False):
         torch.manual_seed(0)
-        with launch.direct_launches(direct):
+        with settings.override(direct_launch=direct):
             outs.append(fn())
     return outs
 

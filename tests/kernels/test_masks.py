@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 from chapter3_flash.kernels.masks import _key_range, _query_range, visible_mask, window_flags
-from helpers import DEVICE
+from helpers import DEVICE, visible
 
 
 @triton.jit
@@ -74,10 +74,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("n_q, n_k, causal, window", CASES + [(5, 9, True, (2, 7)), (9, 5, False, (0, 0))])
+def test_the_host_mask_is_the_documented_rule(n_q, n_k, causal, window):
+    assert torch.equal(visible_mask(n_q, n_k, causal=causal, window=window), visible(n_q, n_k, causal, window))
+
+
 @pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16), (64, 64)])
 @pytest.mark.parametrize("n_q, n_k, causal, window", CASES)
 def test_tile_ranges_follow_the_host_rule(n_q, n_k, causal, window, block_m, block_n):
-    seen = visible_mask(n_q, n_k, causal=causal, window=window)
+    seen = visible(n_q, n_k, causal, window)  # the tests' own rule, not kernels.masks
     keys, queries = ranges(n_q, n_k, causal, window, block_m, block_n)
     for t, (lo, full_lo, full_hi, hi) in enumerate(keys):
         rows = seen[t * block_m : (t + 1) * block_m]  # (<= BLOCK_M, Nk)

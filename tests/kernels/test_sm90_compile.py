@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # dK/dV with dQ atomics).
 KERNELS = {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_attn_bwd_preprocess", "_attn_bwd"}
 MATMUL_KERNELS = KERNELS - {"_attn_bwd_preprocess"}  # the preprocess only sums dO * O per row
-MATMUL_KERNELS |= {"_attn_fwd_tma", "_attn_fwd_tma_persistent"}  # kernels/hopper.py
+MATMUL_KERNELS |= {"_attn_fwd_tma", "_attn_fwd_tma_persistent"}  # bench/hopper.py
 
 # name: (head dim, dtypes, extra flags). Head dim 40 is not a multiple of 16, so the loads cannot assume
 # aligned rows (another specialization). fp32-ieee: PyTorch's default exact float32 products.

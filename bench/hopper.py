@@ -25,11 +25,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from . import configs
-from .dropout import new_seed
-from .flash_attn import _LOG2E, INTERPRET, _cast, _flags, _precision, _tf32
-from .masks import _key_range, _visible
+from chapter3_flash.kernels import configs
+from chapter3_flash.kernels.dropout import new_seed
+from chapter3_flash.kernels.flash_attn import _LOG2E, INTERPRET, _cast, _flags, _precision, _tf32
+from chapter3_flash.kernels.masks import _key_range, _visible
 
 VARIANTS = ("pointer", "tma", "tma_persistent")
 

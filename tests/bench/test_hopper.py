@@ -1,13 +1,14 @@
-"""The Hopper forward variants (kernels/hopper.py: TMA loads, a persistent grid) compute
-the same attention as the pointer kernel: output and log-sum-exp, against float64 by the suite's rule."""
+"""The Hopper forward variants (bench/hopper.py, an experiment outside the package: TMA loads, a persistent grid)
+compute the same attention as the pointer kernel: output and log-sum-exp, against float64 by the suite's rule."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from chapter3_flash.kernels import flash_attn as fa
-from chapter3_flash.kernels import hopper
 from helpers import DEVICE, assert_close_to_reference, attention_eager, make_qkv, requires_gpu
+
+from bench import hopper
 
 
 @pytest.mark.parametrize("variant", hopper.VARIANTS[1:])

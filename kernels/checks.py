@@ -1,0 +1,318 @@
+"""The front door: every check a public entry point makes before any work and any write.
+
+``flash_attention``, ``flash_attention_with_kvcache`` and the functions built on them call these first, so a
+refused call raises a ``TypeError`` / ``ValueError`` naming the values and leaves every tensor as it was. What is
+checked, and why:
+
+- types, ranks, dtypes (``DTYPES``), devices and shapes of the tensors;
+- the options (``causal``, ``softmax_scale``, ``window_size``, ``dropout_p``, ``deterministic``, ``backend`` from
+  ``BACKENDS``); integers must fit the kernels' int32 arithmetic (``MAX_INT``), so ``window_size=(2**70, -1)`` is a
+  ``ValueError`` and not an ``OverflowError`` from deep inside a launch;
+- a KV cache the call writes: no stride-0 (expanded) dimension, no overlap between the two caches or between a
+  cache and the call's q, k, v (the append would read what it writes, or write one row twice), and no inference
+  tensor outside inference mode (PyTorch forbids that in-place write; the Triton path would do it silently);
+- the cache lengths against the cache (one device-to-host read for a tensor, skipped during CUDA graph capture).
+
+Under autocast the tensors are checked as given, before the cast to autocast's dtype (``autocast_dtype``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BACKENDS = ("auto", "triton", "sdpa", "torch")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_INT = 2**31 - 1  # the kernels' sizes, lengths and window bounds are int32
+MAX_GRID_YZ = 65535  # CUDA's limit on launch grid dims y and z
+_DTYPE_NAMES = "float16, bfloat16, float32"
+# Coefficient choices tried by tensors_overlap before it calls a layout too irregular to decide an overlap.
+_OVERLAP_BUDGET = 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# Scalars and options
+# ----------------------------------------------------------------------------------------------
+
+
+def check_int(name: str, value, *, low: int = 0, high: int = MAX_INT) -> int:
+    """An int (not a bool) in [low, high]: a TypeError / ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be at most {high} (the kernels' int32 range), got {value}")
+    return int(value)
+
+
+def check_options(causal, softmax_scale, window_size, backend) -> tuple[int, int]:
+    """The options every attention function shares; returns the window as two ints."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    window = tuple(check_int(f"window_size {side}", w, low=-1) for side, w in zip(("left", "right"), window_size))
+    check_backend(backend)
+    return window
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {dropout_p!r}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_deterministic(deterministic) -> bool:
+    """None follows ``torch.are_deterministic_algorithms_enabled()``."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool or None, got {deterministic!r}")
+    return deterministic
+
+
+def autocast_dtype(t) -> torch.dtype | None:
+    """The dtype autocast runs attention in on ``t``'s device, or None outside autocast (and on devices autocast
+    does not know, such as meta)."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:  # a device type autocast has no state for
+        return None
+    return torch.get_autocast_dtype(t.device.type) if enabled else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors
+# ----------------------------------------------------------------------------------------------
+
+
+def check_tensor(name: str, t, *, rank: int | None = None, layout: str = "(B, H, N, D)") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if rank is not None and t.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {_DTYPE_NAMES}")
+
+
+def check_same(named: dict) -> None:
+    """One dtype and one device for all the given tensors (None entries skipped)."""
+    (first, ref), *rest = ((n, t) for n, t in named.items() if t is not None)
+    for name, t in rest:
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} is {t.dtype} and {first} is {ref.dtype}: one dtype for all of {', '.join(named)}")
+    for name, t in rest:
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} and {first} on {ref.device}: one device for {', '.join(named)}")
+
+
+def check_heads(hq: int, hkv: int) -> None:
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {hkv}")
+
+
+def check_qkv(q, k, v) -> None:
+    """Types, ranks, dtypes, devices and shapes of q, k, v: a TypeError / ValueError naming the values."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, rank=4)
+    check_same({"q": q, "k": k, "v": v})
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, Hq, _, D = q.shape
+    Bk, Hkv, _, Dk = k.shape
+    if B != Bk:
+        raise ValueError(f"batch {B} of q does not match batch {Bk} of k and v")
+    if D != Dk:
+        raise ValueError(f"head_dim {D} of q does not match {Dk} of k")
+    if D == 0:
+        raise ValueError(f"head_dim must be at least 1, got shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
+    check_heads(Hq, Hkv)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a call writes: caches
+# ----------------------------------------------------------------------------------------------
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] element offsets of ``t`` in its storage."""
+    lo = hi = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride()):
+        if size > 1:
+            reach = (size - 1) * stride
+            lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return lo, hi
+
+
+def tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether some element of ``a`` and some element of ``b`` share memory. Exact for the layouts tensors have in
+    practice (views of one buffer interleaved by strides, such as a packed ``(B, T, 2, H, D)`` cache's k and v
+    halves, do not overlap); a layout too irregular to decide within a small search counts as overlapping.
+
+    An element of ``a`` sits at ``off_a + sum_d i_d * s_d`` with ``0 <= i_d < n_d``, one of ``b`` at
+    ``off_b + sum_e j_e * t_e``: they meet when ``sum_d i_d s_d - sum_e j_e t_e = off_b - off_a``, a bounded integer
+    equation searched term by term, largest stride first, pruned by what the remaining terms can still reach."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    size_a, size_b = a.element_size(), b.element_size()
+    if size_a != size_b:  # views of one storage as two dtypes: decide by bytes
+        lo_a, hi_a = (x * size_a for x in _extent(a))
+        lo_b, hi_b = (x * size_b for x in _extent(b))
+        return lo_a <= hi_b + size_b - 1 and lo_b <= hi_a + size_a - 1
+    (lo_a, hi_a), (lo_b, hi_b) = _extent(a), _extent(b)
+    if hi_a < lo_b or hi_b < lo_a:
+        return False
+    # Terms (stride, count): coefficient c in [0, count - 1] times stride; b's strides negated.
+    terms = [(s, n) for n, s in zip(a.shape, a.stride()) if n > 1 and s != 0]
+    terms += [(-s, n) for n, s in zip(b.shape, b.stride()) if n > 1 and s != 0]
+    terms.sort(key=lambda term: -abs(term[0]))
+    # reach[i]: (min, max) of what terms i.. can add.
+    reach = [(0, 0)] * (len(terms) + 1)
+    for i in range(len(terms) - 1, -1, -1):
+        s, n = terms[i]
+        lo, hi = reach[i + 1]
+        step = s * (n - 1)
+        reach[i] = (lo + min(0, step), hi + max(0, step))
+    budget = [_OVERLAP_BUDGET]
+
+    def search(i: int, target: int) -> bool:
+        lo, hi = reach[i]
+        if not lo <= target <= hi:
+            return False
+        if i == len(terms):
+            return target == 0
+        budget[0] -= 1
+        if budget[0] < 0:
+            return True  # undecided: treated as overlapping
+        s, n = terms[i]
+        rest_lo, rest_hi = reach[i + 1]
+        lo, hi = target - rest_hi, target - rest_lo  # c * s must land in [lo, hi]
+        if s < 0:
+            lo, hi = hi, lo  # dividing by a negative stride flips the bounds
+        c_lo, c_hi = max(0, -((-lo) // s)), min(n - 1, hi // s)  # ceil(lo / s), floor(hi / s)
+        return any(search(i + 1, target - c * s) for c in range(c_lo, c_hi + 1))
+
+    return search(0, b.storage_offset() - a.storage_offset())
+
+
+def _check_writable(name: str, t: torch.Tensor) -> None:
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        if size > 1 and stride == 0:
+            raise ValueError(
+                f"{name} has stride 0 in dim {dim} (shape {tuple(t.shape)}, strides {t.stride()}): an expanded "
+                f"tensor shares one row between {size} entries, so writing one entry's keys would write them all; "
+                f"pass {name}.contiguous() or a cache of its own per entry"
+            )
+    if torch._debug_has_internal_overlap(t) == 1:
+        raise ValueError(f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) has elements that share memory")
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{name} is an inference tensor (made under torch.inference_mode()) and cannot be written outside "
+            "inference mode: call under torch.inference_mode(), or allocate the cache outside it"
+        )
+
+
+def check_cache_writes(caches: dict, others: dict) -> None:
+    """The caches a call writes: each writable (no stride 0, no internal overlap, no inference tensor outside
+    inference mode), no two overlapping, and none overlapping the call's other tensors (q, k, v)."""
+    for name, t in caches.items():
+        _check_writable(name, t)
+    names = list(caches)
+    for i, name in enumerate(names):
+        for other in names[i + 1 :]:
+            if tensors_overlap(caches[name], caches[other]):
+                raise ValueError(
+                    f"{name} and {other} share memory: the keys and values would be written over each other; "
+                    "pass two separate caches (or two non-overlapping views of one buffer)"
+                )
+        for other, t in others.items():
+            if t is not None and tensors_overlap(caches[name], t):
+                raise ValueError(
+                    f"{other} shares memory with {name}, which this call writes: {other} would change while it "
+                    f"is read; pass {other}.clone()"
+                )
+
+
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, num_splits, backend) -> None:
+    """flash_attention_with_kvcache's arguments, the cache writes included."""
+    check_tensor("q", q, rank=4)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, rank=4)
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (the step's new keys and values) or neither")
+    for name, t in (("k", k), ("v", v)):
+        if t is not None:
+            check_tensor(name, t, rank=4)
+    check_same({"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
+    B, H, _, D = q.shape
+    Bc, H_KV, _, Dc = k_cache.shape
+    if B != Bc or D != Dc:
+        raise ValueError(f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} differ in batch or head_dim")
+    if D == 0:
+        raise ValueError("head_dim must be at least 1")
+    check_heads(H, H_KV)
+    if k is not None and (k.shape != v.shape or k.shape[0] != B or k.shape[1] != H_KV or k.shape[3] != D):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Hkv={H_KV}, N_new, D={D})")
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
+        raise TypeError(f"cache_seqlens must be an int or an int32/int64 tensor of shape (B,), got {cache_seqlens!r}")
+    if isinstance(cache_seqlens, torch.Tensor):
+        if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.shape != (B,):
+            raise TypeError(
+                f"cache_seqlens must be an int32/int64 tensor of shape ({B},), got {cache_seqlens.dtype} "
+                f"{tuple(cache_seqlens.shape)}"
+            )
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
+    else:
+        check_int("cache_seqlens", cache_seqlens)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
+    check_backend(backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
+        raise ValueError(
+            "flash_attention_with_kvcache is forward only (generation): call it under torch.no_grad() or "
+            "torch.inference_mode(), or use flash_attention for training"
+        )
+    if k is not None and k.shape[2] > 0 and B > 0:
+        check_cache_writes({"k_cache": k_cache, "v_cache": v_cache}, {"q": q, "k": k, "v": v})
+
+
+def check_cache_lengths(cache_seqlens, n_new: int, t_max: int) -> int:
+    """The longest sequence after the step; raises if any would run past the cache. A tensor costs one
+    device-to-host read, skipped while a CUDA graph is being captured (the caller vouches for the lengths)."""
+    if isinstance(cache_seqlens, int):
+        lengths_min = lengths_max = cache_seqlens
+    elif cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return t_max
+    elif cache_seqlens.device.type == "meta":
+        return t_max
+    else:
+        lengths_min, lengths_max = (int(x) for x in torch.aminmax(cache_seqlens)) if cache_seqlens.numel() else (0, 0)
+    if lengths_min < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lengths_min}")
+    if lengths_max + n_new > t_max:
+        raise ValueError(
+            f"writing {n_new} new key(s) after cache_seqlens {lengths_max} runs past the cache's {t_max} positions"
+        )
+    return lengths_max + n_new
