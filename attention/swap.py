@@ -23,6 +23,7 @@ code, or ours from ``attention.reference``):
 | Tiny Aya (ch05/15, both notebooks)     | ``GroupedQueryAttention``    | ``attention.tiny_aya``             |
 | Qwen3.5 gated attention (ch05/16)      | ``GroupedQueryAttention``    | ``attention.qwen3_5``              |
 | Gemma 4 (ch05/17, both notebooks)      | ``Gemma4Attention``          | ``attention.gemma4``               |
+| ch04/05_mla                            | ``MultiHeadLatentAttention`` | ``attention.mla``                  |
 
 Projections may be any module that maps the same widths (the book's LoRA wrapper, quantized linears):
 the fused layers call them as the book's code does. The pkg package's cached variants, whose forward takes
@@ -50,6 +51,7 @@ from . import (
     kv_cache_optimized,
     kv_cache_pkg,
     llama3,
+    mla,
     olmo3,
     qwen3,
     qwen3_5,
@@ -86,6 +88,7 @@ FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     olmo3.GroupedQueryAttention,
     qwen3_5.GroupedQueryAttention,
     gemma4.Gemma4Attention,
+    mla.MultiHeadLatentAttention,
 )
 
 
@@ -232,8 +235,15 @@ _GEMMA4 = {
 }
 _KINDS["gemma4"] = _Kind("Gemma 4 (ch05/17)", gemma4.Gemma4Attention, **_GEMMA4)
 _KINDS["gemma4:kv"] = _Kind("Gemma 4 with a KV cache (ch05/17)", gemma4.KVGemma4Attention, **_GEMMA4)
+_KINDS["MultiHeadLatentAttention"] = _Kind(
+    "ch04/05_mla",
+    mla.MultiHeadLatentAttention,
+    children=("W_query", "W_DKV", "W_UK", "W_UV", "out_proj", "dropout"),
+    buffers=("cache_c_kv",),
+    attrs=("d_out", "num_heads", "head_dim", "latent_dim", "ptr_current_pos"),
+)
 _NAMES = {"MultiHeadAttention", "GroupedQueryAttention", "MultiHeadAttentionWithSWA", *_CHAPTER}
-_NAMES |= {"PyTorchMultiHeadAttention", "GroupedQueryAttentionFast", "Gemma4Attention"}
+_NAMES |= {"PyTorchMultiHeadAttention", "GroupedQueryAttentionFast", "Gemma4Attention", "MultiHeadLatentAttention"}
 
 
 def _refuse(name: str, module: nn.Module, why: str) -> ValueError:
@@ -369,6 +379,9 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
     if key.startswith("gemma4"):
         _check_gemma4(name, module)
         return
+    if key == "MultiHeadLatentAttention":
+        _check_mla(name, module)
+        return
     d_in, q_out = widths(module.W_query)
     if key == "SelfAttention_v2":
         for attr in _PROJECTIONS:
@@ -452,6 +465,25 @@ def _check_gemma4(name: str, module: nn.Module) -> None:
     _check_projection(name, module, "k_proj", d_in, kv_heads * head_dim)
     _check_projection(name, module, "v_proj", d_in, kv_heads * head_dim)
     _check_projection(name, module, "o_proj", heads * head_dim, d_in)
+
+
+def _check_mla(name: str, module: nn.Module) -> None:
+    """ch04/05_mla: queries, keys (up from the latent) and values of one head_dim, d_out wide; out_proj d_out to
+    d_out. The kernel takes one head_dim for q, k and v: a variant with other widths would need padding the
+    book's layer does not have, so it is refused."""
+    d_out, heads, head_dim, latent = module.d_out, module.num_heads, module.head_dim, module.latent_dim
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (d_out, heads, head_dim, latent)):
+        raise _refuse(name, module, f"d_out {d_out!r}, num_heads {heads!r}, head_dim {head_dim!r}, latent {latent!r}")
+    if heads * head_dim != d_out:
+        raise _refuse(name, module, f"num_heads {heads} x head_dim {head_dim} != d_out {d_out}")
+    d_in, _ = widths(module.W_query)
+    _check_projection(name, module, "W_query", d_in, d_out)
+    _check_projection(name, module, "W_DKV", d_in, latent)
+    _check_projection(name, module, "W_UK", latent, d_out)
+    _check_projection(name, module, "W_UV", latent, d_out)
+    _check_projection(name, module, "out_proj", d_out, d_out)
+    if type(module.dropout) is not nn.Dropout:
+        raise _refuse(name, module, "dropout is not nn.Dropout")
 
 
 def _check_fused_qkv(name: str, module: nn.Module) -> None:

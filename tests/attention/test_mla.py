@@ -4,6 +4,8 @@ keeps the latents, as the book's does), and the MLA GPT's logits, training loss,
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from chapter3_flash.attention import mla
@@ -11,6 +13,7 @@ from helpers import DEVICE, assert_same_outputs_and_grads, assert_same_training_
 
 from bench.book import mla as book
 from bench.book.kv_cache import generate_text_simple_cached
+from chapter3_flash import attention
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CFG = {
@@ -73,3 +76,18 @@ def test_model_cached_logits_and_greedy_tokens(backend):
             chunk = tokens[1][:, a:b]
             torch.testing.assert_close(ours(chunk, use_cache=True), theirs(chunk, use_cache=True), **TOL)
 
+
+def test_swap_converts_mla():
+    ours, theirs = models(33)
+    swapped = attention.swap_attention(copy.deepcopy(theirs))
+    assert {type(b.att) for b in swapped.trf_blocks} == {mla.MultiHeadLatentAttention}
+    prompt = torch.randint(0, CFG["vocab_size"], (1, 6), device=DEVICE)
+    assert torch.equal(generate_text_simple_cached(swapped, prompt, 8), generate_text_simple_cached(theirs, prompt, 8))
+
+
+def test_swap_refuses_an_mla_whose_keys_and_values_differ_in_width():
+    layer = book.MultiHeadLatentAttention(32, 32, 0.0, 4)
+    layer.W_UV = torch.nn.Linear(16, 48)  # values of another head_dim than queries and keys
+    with pytest.raises(ValueError, match=r"W_UV maps 16 -> 48, expected 16 -> 32"):
+        attention.swap_attention(torch.nn.Sequential(layer))
+    assert type(layer) is book.MultiHeadLatentAttention
