@@ -214,21 +214,28 @@ _KINDS = {
         attrs=("d_out", "num_heads", "head_dim", "num_kv_groups"),
     ),
 }
-# The newer models of ch05 (13 to 16): GroupedQueryAttention again, told apart by what their constructors keep.
-_NEWER_GQA_ATTRS = ("d_out", "num_heads", "head_dim", "num_kv_groups")
-for _key, _book, _target, _extra, _norms in (
-    ("tiny_aya", "Tiny Aya (ch05/15)", tiny_aya.GroupedQueryAttention, ("attn_type",), "optional"),
-    ("tiny_aya:kv", "Tiny Aya with a KV cache (ch05/15)", tiny_aya.KVGroupedQueryAttention, ("attn_type",), "optional"),
-    ("olmo3", "OLMo 3 (ch05/13)", olmo3.GroupedQueryAttention, ("attn_type", "sliding_window"), "required"),
-    ("olmo3:kv", "OLMo 3 with a KV cache (ch05/13)", olmo3.KVGroupedQueryAttention, ("attn_type",), "required"),
-    ("qwen3_5", "Qwen3.5 gated attention (ch05/16)", qwen3_5.GroupedQueryAttention, (), "optional"),
-    ("qwen3_5:kv", "Qwen3.5 gated attention with a KV cache", qwen3_5.KVGroupedQueryAttention, (), "optional"),
-):
-    _norm_kw = {"children": _PROJECTIONS + ("out_proj",) + (("q_norm", "k_norm") if _norms == "required" else ())}
-    if _norms == "optional":
-        _norm_kw["optional_children"] = ("q_norm", "k_norm")
-    _KINDS[_key] = _Kind(_book, _target, attrs=_NEWER_GQA_ATTRS + _extra, **_norm_kw)
-del _key, _book, _target, _extra, _norms, _norm_kw
+
+
+def _newer_gqa_kind(book: str, target: type, extra: tuple = (), qk_norm_required: bool = False) -> _Kind:
+    """A ch05/13-16 GroupedQueryAttention: the Qwen3 layout (projections, out_proj, QK-norms) plus ``extra``
+    attributes; OLMo 3 always builds its QK-norms, the others only with ``qk_norm=True``."""
+    norms = ("q_norm", "k_norm")
+    children = _PROJECTIONS + ("out_proj",) + (norms if qk_norm_required else ())
+    optional = () if qk_norm_required else norms
+    attrs = ("d_out", "num_heads", "head_dim", "num_kv_groups") + extra
+    return _Kind(book, target, children=children, optional_children=optional, attrs=attrs)
+
+
+# The newer models of ch05, told apart by what their constructors keep (_newer_gqa); ":kv": the KV-cache notebook's.
+_OLMO3_ATTRS = ("attn_type", "sliding_window")
+_KINDS |= {
+    "tiny_aya": _newer_gqa_kind("Tiny Aya (ch05/15)", tiny_aya.GroupedQueryAttention, ("attn_type",)),
+    "tiny_aya:kv": _newer_gqa_kind("Tiny Aya with a KV cache", tiny_aya.KVGroupedQueryAttention, ("attn_type",)),
+    "olmo3": _newer_gqa_kind("OLMo 3 (ch05/13)", olmo3.GroupedQueryAttention, _OLMO3_ATTRS, True),
+    "olmo3:kv": _newer_gqa_kind("OLMo 3 with a KV cache", olmo3.KVGroupedQueryAttention, _OLMO3_ATTRS, True),
+    "qwen3_5": _newer_gqa_kind("Qwen3.5 gated attention (ch05/16)", qwen3_5.GroupedQueryAttention),
+    "qwen3_5:kv": _newer_gqa_kind("Qwen3.5 gated attention with a KV cache", qwen3_5.KVGroupedQueryAttention),
+}
 _GEMMA4 = {
     "children": ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "v_norm"),
     "attrs": ("head_dim", "num_heads", "num_kv_heads", "num_key_value_groups", "is_kv_shared_layer"),
