@@ -8,7 +8,8 @@ Parameters to them; LoRA wraps them, appendix E) and the attention itself is one
 ``kernels.flash_attention`` call, with no ``(b, num_heads, T, T)`` tensor and no copies around it.
 
 Which path runs is ``kernels.flash_attention``'s ``"auto"``: the Triton kernels on CUDA, PyTorch's fused
-SDPA kernels elsewhere. ``use_backend`` picks another for a block of code (tests, comparisons).
+SDPA kernels elsewhere. ``use_backend`` picks another for a block of code (tests, comparisons); the choice
+lives in the kernels' one settings object (``chapter3_flash.kernels.settings``, field ``backend``).
 """
 
 from __future__ import annotations
@@ -18,36 +19,22 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from chapter3_flash.kernels import flash_attention, flash_attention_with_kvcache
-from chapter3_flash.kernels.checks import BACKENDS
+from chapter3_flash.kernels import flash_attention, flash_attention_with_kvcache, settings
 from torch import nn
 
 from . import reference
 from .reference import _check_context, _check_projected, _check_rank, _check_width, in_features
 
-_backend = "auto"
-
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run every fused layer's attention on ``name`` ("auto", "triton", "sdpa" or "torch") inside the block."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous, _backend = _backend, name
-    try:
+    with settings.override(backend=name):
         yield
-    finally:
-        _backend = previous
 
 
 def current_backend() -> str:
-    return _backend
-
-
-def current_backend_for_decode() -> str:
-    """The KV-cache decode function's backend for the layers' choice (it has no separate SDPA path)."""
-    return "torch" if _backend in ("sdpa", "torch") else _backend
+    return settings.current.backend
 
 
 # New tokens per cached call up to which the cached layers run the split-KV decode kernel; a longer chunk (a
@@ -73,7 +60,7 @@ def attend_newest(
     ``flash_attention``. ``kw``: softmax_scale, window_size."""
     n = q.shape[2]
     if n <= k.shape[2] and decodes(n, dropout_p, needs_grad(q, k, v)):
-        backend = current_backend_for_decode()
+        backend = current_backend()
         return flash_attention_with_kvcache(q, k, v, cache_seqlens=k.shape[2], causal=causal, backend=backend, **kw)
     return _attend(q, k, v, causal=causal, dropout_p=dropout_p, **kw)
 
@@ -87,7 +74,7 @@ def project_heads(layer: nn.Module, x: torch.Tensor, name: str, heads: int) -> t
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float, **kw) -> torch.Tensor:
-    return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=_backend, **kw)
+    return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=settings.current.backend, **kw)
 
 
 def _dropout_p(dropout: nn.Dropout) -> float:

@@ -139,7 +139,7 @@ class KVCacheMixin:
         if self._newest_aligned() and fused.decodes(n, dropout_p, grad):
             context = flash_attention_with_kvcache(
                 queries, k_cache, v_cache, keys_new.transpose(1, 2), values_new.transpose(1, 2),
-                cache_seqlens=length, causal=True, window_size=window, backend=fused.current_backend_for_decode(),
+                cache_seqlens=length, causal=True, window_size=window, backend=fused.current_backend(),
             )  # fmt: skip
         else:
             if grad:

@@ -79,7 +79,7 @@ class MultiHeadAttention(nn.Module):
         if fused.decodes(n, dropout_p, fused.needs_grad(queries, keys_new, values_new)):
             return flash_attention_with_kvcache(
                 queries, self.cache_k, self.cache_v, keys_new, values_new,
-                cache_seqlens=start, causal=True, backend=fused.current_backend_for_decode(),
+                cache_seqlens=start, causal=True, backend=fused.current_backend(),
             )  # fmt: skip
         # The book's in-place write: with a gradient, the cache joins the graph exactly as the book's does.
         self.cache_k[:, :, start : self.ptr_cur] = keys_new

@@ -86,7 +86,7 @@ class GraphedDecoder:
             split("W_value"),
             cache_seqlens=self.pos,
             causal=True,
-            backend=attention.fused.current_backend_for_decode(),  # the layers' choice (PyTorch's on a CPU)
+            backend=attention.fused.current_backend(),  # the layers' choice (PyTorch's on a CPU)
         )  # (b, nh, 1, hs); appends this token's key and value at pos, in the graph
         return att.out_proj(context.transpose(1, 2).reshape(b, 1, att.d_out))
 

@@ -151,12 +151,16 @@ def check_qkv(q, k, v) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _extent(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last] element offsets of ``t`` in its storage."""
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] element offsets ``t`` spans in its storage."""
     lo = hi = t.storage_offset()
-    for size, stride in zip(t.shape, t.stride()):
-        if size > 1:
-            reach = (size - 1) * stride
+    for n, stride in zip(t.shape, t.stride()):
+        if n > 1:
+            reach = (n - 1) * stride
             lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
     return lo, hi
 
@@ -166,32 +170,41 @@ def tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     practice (views of one buffer interleaved by strides, such as a packed ``(B, T, 2, H, D)`` cache's k and v
     halves, do not overlap); a layout too irregular to decide within a small search counts as overlapping.
 
-    An element of ``a`` sits at ``off_a + sum_d i_d * s_d`` with ``0 <= i_d < n_d``, one of ``b`` at
-    ``off_b + sum_e j_e * t_e``: they meet when ``sum_d i_d s_d - sum_e j_e t_e = off_b - off_a``, a bounded integer
-    equation searched term by term, largest stride first, pruned by what the remaining terms can still reach."""
-    if a.numel() == 0 or b.numel() == 0:
+    Tensors of different storages (the usual case) do not overlap. In one storage, an element of ``a`` sits at
+    ``sum_d i_d * s_d`` past a's first, one of ``b`` at ``delta + sum_e j_e * t_e``, ``0 <= i_d < n_d``: they
+    meet when the terms solve ``sum_d i_d s_d - sum_e j_e t_e = delta``. Terms of one stride merge into one
+    coefficient range (a's and b's same-strided dims: ``i - j``), and the bounded equation is searched largest
+    stride first, each coefficient limited to what the smaller terms can still make up."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or _storage(a) != _storage(b):
         return False
-    if a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    size_a, size_b = a.element_size(), b.element_size()
-    if size_a != size_b:  # views of one storage as two dtypes: decide by bytes
-        lo_a, hi_a = (x * size_a for x in _extent(a))
-        lo_b, hi_b = (x * size_b for x in _extent(b))
-        return lo_a <= hi_b + size_b - 1 and lo_b <= hi_a + size_a - 1
-    (lo_a, hi_a), (lo_b, hi_b) = _extent(a), _extent(b)
+    return _elements_meet(a, b)
+
+
+def _elements_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """tensors_overlap's search, for two non-empty tensors of one storage."""
+    if a.element_size() != b.element_size():  # one memory seen as two dtypes: compare byte spans
+        (lo_a, hi_a), (lo_b, hi_b) = _span(a), _span(b)
+        sa, sb = a.element_size(), b.element_size()
+        return lo_a * sa <= hi_b * sb + sb - 1 and lo_b * sb <= hi_a * sa + sa - 1
+    (lo_a, hi_a), (lo_b, hi_b) = _span(a), _span(b)
     if hi_a < lo_b or hi_b < lo_a:
         return False
-    # Terms (stride, count): coefficient c in [0, count - 1] times stride; b's strides negated.
-    terms = [(s, n) for n, s in zip(a.shape, a.stride()) if n > 1 and s != 0]
-    terms += [(-s, n) for n, s in zip(b.shape, b.stride()) if n > 1 and s != 0]
-    terms.sort(key=lambda term: -abs(term[0]))
+    # Coefficient range per stride (in elements): a's dims add [0, n - 1], b's subtract them.
+    ranges: dict[int, list[int]] = {}
+    for sign, t in ((1, a), (-1, b)):
+        for n, s in zip(t.shape, t.stride()):
+            if n > 1 and s != 0:
+                c_lo, c_hi = (0, n - 1) if (s > 0) == (sign > 0) else (-(n - 1), 0)
+                cur = ranges.setdefault(abs(s), [0, 0])
+                cur[0] += c_lo
+                cur[1] += c_hi
+    terms = sorted(((s, lo, hi) for s, (lo, hi) in ranges.items()), reverse=True)
     # reach[i]: (min, max) of what terms i.. can add.
     reach = [(0, 0)] * (len(terms) + 1)
     for i in range(len(terms) - 1, -1, -1):
-        s, n = terms[i]
+        s, c_lo, c_hi = terms[i]
         lo, hi = reach[i + 1]
-        step = s * (n - 1)
-        reach[i] = (lo + min(0, step), hi + max(0, step))
+        reach[i] = (lo + c_lo * s, hi + c_hi * s)
     budget = [_OVERLAP_BUDGET]
 
     def search(i: int, target: int) -> bool:
@@ -203,13 +216,11 @@ def tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         budget[0] -= 1
         if budget[0] < 0:
             return True  # undecided: treated as overlapping
-        s, n = terms[i]
+        s, c_lo, c_hi = terms[i]
         rest_lo, rest_hi = reach[i + 1]
-        lo, hi = target - rest_hi, target - rest_lo  # c * s must land in [lo, hi]
-        if s < 0:
-            lo, hi = hi, lo  # dividing by a negative stride flips the bounds
-        c_lo, c_hi = max(0, -((-lo) // s)), min(n - 1, hi // s)  # ceil(lo / s), floor(hi / s)
-        return any(search(i + 1, target - c * s) for c in range(c_lo, c_hi + 1))
+        # c * s within [target - rest_hi, target - rest_lo], s > 0
+        first, last = max(c_lo, -((rest_hi - target) // s)), min(c_hi, (target - rest_lo) // s)
+        return any(search(i + 1, target - c * s) for c in range(first, last + 1))
 
     return search(0, b.storage_offset() - a.storage_offset())
 
@@ -222,7 +233,7 @@ def _check_writable(name: str, t: torch.Tensor) -> None:
                 f"tensor shares one row between {size} entries, so writing one entry's keys would write them all; "
                 f"pass {name}.contiguous() or a cache of its own per entry"
             )
-    if torch._debug_has_internal_overlap(t) == 1:
+    if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
         raise ValueError(f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) has elements that share memory")
     if t.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(
@@ -236,16 +247,24 @@ def check_cache_writes(caches: dict, others: dict) -> None:
     inference mode), no two overlapping, and none overlapping the call's other tensors (q, k, v)."""
     for name, t in caches.items():
         _check_writable(name, t)
+    # Each tensor's storage once: separate allocations (the usual case) are told apart by these alone.
+    storages = {name: _storage(t) for name, t in {**caches, **others}.items() if t is not None and t.numel()}
+
+    def overlap(x: str, y: str, tensors: dict) -> bool:
+        if x not in storages or y not in storages or storages[x] != storages[y]:
+            return False
+        return caches[x].device == tensors[y].device and _elements_meet(caches[x], tensors[y])
+
     names = list(caches)
     for i, name in enumerate(names):
         for other in names[i + 1 :]:
-            if tensors_overlap(caches[name], caches[other]):
+            if overlap(name, other, caches):
                 raise ValueError(
                     f"{name} and {other} share memory: the keys and values would be written over each other; "
                     "pass two separate caches (or two non-overlapping views of one buffer)"
                 )
         for other, t in others.items():
-            if t is not None and tensors_overlap(caches[name], t):
+            if t is not None and overlap(name, other, others):
                 raise ValueError(
                     f"{other} shares memory with {name}, which this call writes: {other} would change while it "
                     f"is read; pass {other}.clone()"

@@ -4,6 +4,7 @@
 |---|---|---|---|
 | ``direct_launch`` | off | ``KERNELS_DIRECT_LAUNCH`` | after a signature's first launch, call the compiled kernel without Triton's per-call dispatch (``kernels/launch.py``); NVIDIA GPUs only |
 | ``fused_append`` | off | ``KERNELS_FUSED_APPEND`` | the decode kernel writes the step's keys and values into the cache itself, one launch fewer per step (``kernels/decode.py``) |
+| ``backend`` | ``"auto"`` | | the path the fused layers of ``attention`` ask the kernels for (``attention.use_backend``) |
 
 Both are off until a GPU run has passed their bit-for-bit tests (bench/gpu_check.sh's ``launch`` stage, then
 bench/NOTES.md): a default path that has never run on the hardware it targets is not a default. The environment
@@ -22,6 +23,8 @@ import contextlib
 import dataclasses
 import os
 import warnings
+
+from .checks import check_backend
 
 _TRUE = ("1", "on", "yes", "true", "y")
 _FALSE = ("0", "off", "no", "false", "n")
@@ -48,6 +51,7 @@ def env_flag(name: str, default: bool) -> bool:
 class Settings:
     direct_launch: bool = False
     fused_append: bool = False
+    backend: str = "auto"
 
     @classmethod
     def from_environment(cls) -> Settings:
@@ -67,7 +71,9 @@ def override(**changes):
     if unknown:
         raise TypeError(f"unknown settings {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(Settings)]}")
     for name, value in changes.items():
-        if not isinstance(value, bool):
+        if name == "backend":
+            check_backend(value)
+        elif not isinstance(value, bool):
             raise TypeError(f"setting {name} must be a bool, got {value!r}")
     saved = dataclasses.asdict(current)
     for name, value in changes.items():
