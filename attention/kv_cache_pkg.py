@@ -58,6 +58,19 @@ def _grow(cache, keys_new: torch.Tensor, values_new: torch.Tensor) -> tuple[torc
     return torch.cat([prev_k, keys_new], dim=2), torch.cat([prev_v, values_new], dim=2)
 
 
+def grow_unrotated(cache, queries, keys_new, values_new, cos, sin, start_pos: int, **rope):
+    """The notebooks whose cache holds keys before RoPE (Gemma 3, OLMo 3, Qwen3.5): the caller's cache grown by this
+    call's keys and values, then queries rotated from ``start_pos`` and all keys from ``start_pos - len(cache)``
+    (a trimmed sliding-window cache starts there). ``rope``: apply_rope's options. Returns the rotated queries
+    and keys, the values and ``next_cache`` (unrotated, as the book's)."""
+    prev_len = 0
+    if cache is not None and cache[0] is not None:
+        prev_len = cache[0].shape[2]
+    keys, values = next_cache = _grow(cache if prev_len else None, keys_new, values_new)
+    queries = apply_rope(queries, cos, sin, start_pos, **rope)
+    return queries, apply_rope(keys, cos, sin, start_pos - prev_len, **rope), values, next_cache
+
+
 class MultiHeadAttention(nn.Module):
     """pkg kv_cache/gpt2.py's MultiHeadAttention: ``forward(x, use_cache=False, start_pos=0, cache=None)`` ->
     ``(context, next_cache)``; ``next_cache`` is None without ``use_cache``."""
@@ -171,12 +184,6 @@ class Gemma3GroupedQueryAttention(gemma3.GroupedQueryAttention):
     def forward(self, x: torch.Tensor, mask, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, cache=None):
         _check_call(self, start_pos, cache)
         b, n = x.shape[0], x.shape[1]
-        queries, keys, values = self._qkv_normed(x)
-        prev_len = 0
-        if cache is not None and cache[0] is not None:
-            prev_len = cache[0].shape[2]
-        keys, values = next_cache = _grow(cache if prev_len else None, keys, values)  # unrotated, as the book's
-        queries = apply_rope(queries, cos, sin, start_pos)
-        rotated = apply_rope(keys, cos, sin, start_pos - prev_len)
+        queries, rotated, values, next_cache = grow_unrotated(cache, *self._qkv_normed(x), cos, sin, start_pos)
         context = attend_cached(queries, rotated, values, mask, self.scaling, type(self).__qualname__)
         return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out)), next_cache

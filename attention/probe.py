@@ -233,6 +233,52 @@ def pkg_batched(layer: nn.Module, inp: Inputs) -> list:
     return out
 
 
+def _shared_kv(layer: nn.Module, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (BATCH, num_kv_heads, n, head_dim) as an earlier Gemma 4 layer hands a KV-shared one, drawn
+    from a generator of their own (the same tensors for both forwards)."""
+    gen = torch.Generator().manual_seed(4321)
+    shape = (BATCH, layer.num_kv_heads, inp.n, layer.head_dim)
+    return torch.randn(shape, generator=gen).to(inp.device), torch.randn(shape, generator=gen).to(inp.device)
+
+
+def gemma4(local_window: int) -> Callable[[nn.Module, Inputs], list]:
+    """Gemma 4's forward(x, mask, cos, sin, shared_kv=None, return_kv=False) -> (output, kv): its masks are 2-D
+    (n, n) (its forward adds the batch and head dimensions itself); the causal and a sliding-window mask with the
+    keys and values it computes returned, then a call on keys and values shared from another layer."""
+
+    def calls(layer: nn.Module, inp: Inputs) -> list:
+        out = [
+            layer.forward(inp.x, inp.mask(0, inp.n, window), inp.cos, inp.sin, return_kv=True)
+            for window in (None, local_window)
+        ]
+        out.append(layer.forward(inp.x, inp.mask(0, inp.n), inp.cos, inp.sin, shared_kv=_shared_kv(layer, inp)))
+        return out
+
+    return calls
+
+
+def gemma4_cached(local_window: int) -> Callable[[nn.Module, Inputs], list]:
+    """Gemma 4's KV-cache notebook: forward(chunk, mask, cos, sin, start_pos, cache) -> (output, next_cache) over
+    the tokens, 2-D masks (n_chunk, end) causal and sliding, each call given the cache the previous one returned;
+    then the last token on keys and values shared from another layer (no cache of its own: None returned)."""
+
+    def calls(layer: nn.Module, inp: Inputs) -> list:
+        out = []
+        for window in (None, local_window):
+            cache = None
+            for a, b in chunks(inp.n, inp.n):
+                context, cache = layer.forward(inp.x[:, a:b], inp.mask(a, b, window), inp.cos, inp.sin, a, cache)
+                out += [context, cache]
+        last = inp.n - 1
+        shared = _shared_kv(layer, inp)
+        out.append(
+            layer.forward(inp.x[:, last:], inp.mask(last, inp.n), inp.cos, inp.sin, last, None, shared_kv=shared)
+        )
+        return out
+
+    return calls
+
+
 # --- comparing --------------------------------------------------------------------------------------------------
 
 

@@ -25,6 +25,11 @@ must agree on a probe (``attention.probe``) before any layer is converted:
 | PyTorch                                | ``nn.MultiheadAttention``    | ``attention.bonus``                |
 | ch06/02 additional experiments         | ``MultiHeadAttention``,      | ``attention.noncausal``            |
 |                                        | ``disable_causal_mask=True`` |                                    |
+| OLMo 3 (ch05/13, both notebooks)       | ``GroupedQueryAttention``    | ``attention.olmo3``                |
+| Tiny Aya (ch05/15, both notebooks)     | ``GroupedQueryAttention``    | ``attention.tiny_aya``             |
+| Qwen3.5 gated attention (ch05/16)      | ``GroupedQueryAttention``    | ``attention.qwen3_5``              |
+| Gemma 4 (ch05/17, both notebooks)      | ``Gemma4Attention``          | ``attention.gemma4``               |
+| ch04/05_mla                            | ``MultiHeadLatentAttention`` | ``attention.mla``                  |
 
 The notebook's variants: ``MultiHeadAttentionCombinedQKV``, ``MHAEinsum``, ``MHAPyTorchScaledDotProduct``,
 ``MHAPyTorchSDPAWithoutFlash`` (as written it is not causal: refused by the probe, with that reason) and
@@ -57,16 +62,21 @@ from . import (
     fast,
     fused,
     gemma3,
+    gemma4,
     gqa,
     kv_cache,
     kv_cache_optimized,
     kv_cache_pkg,
     llama3,
+    mla,
     noncausal,
+    olmo3,
     probe,
     qwen3,
+    qwen3_5,
     reference,
     swa,
+    tiny_aya,
 )
 
 log = logging.getLogger(__name__)
@@ -103,6 +113,11 @@ FUSED_CLASSES = tuple(_CHAPTER.values()) + (
     bonus.MultiheadAttention,
     bonus.CausalAttentionWithBuffer,
     bonus.CausalAttentionWithoutBuffers,
+    tiny_aya.GroupedQueryAttention,
+    olmo3.GroupedQueryAttention,
+    qwen3_5.GroupedQueryAttention,
+    gemma4.Gemma4Attention,
+    mla.MultiHeadLatentAttention,
 )
 
 
@@ -256,6 +271,51 @@ _KINDS = {
         probe="rope_causal",
     ),
 }
+
+
+def _newer_gqa_kind(book: str, target: type, probe: str, extra: tuple = (), qk_norm_required: bool = False) -> _Kind:
+    """A ch05/13-16 GroupedQueryAttention: the Qwen3 layout (projections, out_proj, QK-norms) plus ``extra``
+    attributes, checked by the ``probe`` family; OLMo 3 always builds its QK-norms, the others only with
+    ``qk_norm=True``."""
+    norms = ("q_norm", "k_norm")
+    children = _PROJECTIONS + ("out_proj",) + (norms if qk_norm_required else ())
+    optional = () if qk_norm_required else norms
+    attrs = ("d_out", "num_heads", "head_dim", "num_kv_groups") + extra
+    return _Kind(book, target, children=children, optional_children=optional, attrs=attrs, probe=probe)
+
+
+# The newer models of ch05, told apart by what their constructors keep (_newer_gqa); ":kv": the KV-cache notebook's.
+_OLMO3_ATTRS = ("attn_type", "sliding_window")
+# Probes: the layer's calls with the causal and a sliding-window mask (OLMo 3 and Tiny Aya have sliding layers),
+# the KV-cache notebooks' over a prompt, a token and chunks with the caches they return.
+_KINDS |= {
+    "tiny_aya": _newer_gqa_kind("Tiny Aya (ch05/15)", tiny_aya.GroupedQueryAttention, "rope_local", ("attn_type",)),
+    "tiny_aya:kv": _newer_gqa_kind(
+        "Tiny Aya with a KV cache", tiny_aya.KVGroupedQueryAttention, "pkg_rope_local", ("attn_type",)
+    ),
+    "olmo3": _newer_gqa_kind("OLMo 3 (ch05/13)", olmo3.GroupedQueryAttention, "rope_local", _OLMO3_ATTRS, True),
+    "olmo3:kv": _newer_gqa_kind(
+        "OLMo 3 with a KV cache", olmo3.KVGroupedQueryAttention, "pkg_rope_local", _OLMO3_ATTRS, True
+    ),
+    "qwen3_5": _newer_gqa_kind("Qwen3.5 gated attention (ch05/16)", qwen3_5.GroupedQueryAttention, "rope"),
+    "qwen3_5:kv": _newer_gqa_kind(
+        "Qwen3.5 gated attention with a KV cache", qwen3_5.KVGroupedQueryAttention, "pkg_rope"
+    ),
+}
+_GEMMA4 = {
+    "children": ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "v_norm"),
+    "attrs": ("head_dim", "num_heads", "num_kv_heads", "num_key_value_groups", "is_kv_shared_layer"),
+}
+_KINDS["gemma4"] = _Kind("Gemma 4 (ch05/17)", gemma4.Gemma4Attention, **_GEMMA4, probe="gemma4")
+_KINDS["gemma4:kv"] = _Kind("Gemma 4 with a KV cache (ch05/17)", gemma4.KVGemma4Attention, **_GEMMA4, probe="gemma4_kv")
+_KINDS["MultiHeadLatentAttention"] = _Kind(
+    "ch04/05_mla",
+    mla.MultiHeadLatentAttention,
+    children=("W_query", "W_DKV", "W_UK", "W_UV", "out_proj", "dropout"),
+    buffers=("cache_c_kv",),
+    attrs=("d_out", "num_heads", "head_dim", "latent_dim", "ptr_current_pos"),
+    probe="cached",
+)
 _NAMES = {"MultiHeadAttention", "GroupedQueryAttention", "MultiHeadAttentionWithSWA", *_CHAPTER}
 _NAMES |= {"PyTorchMultiHeadAttention", "GroupedQueryAttentionFast"}
 _BONUS = "ch03/02_bonus_efficient-multihead-attention"
@@ -313,7 +373,8 @@ _KINDS.update(
         ),
     }
 )
-_NAMES |= {k for k in _KINDS if not k.startswith("nn.")} - {k for k in _KINDS if ":" in k}
+_NAMES |= {k for k in _KINDS if k[0].isupper() and ":" not in k}  # the class names among the keys
+_NAMES |= {"PyTorchMultiHeadAttention", "GroupedQueryAttentionFast", "Gemma4Attention", "MultiHeadLatentAttention"}
 
 
 def _refuse(name: str, module: nn.Module, why: str) -> ValueError:
@@ -336,9 +397,21 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
         # add_bias_kv); its fused class runs PyTorch's forward, exactly, for every call the kernel does not compute.
         fusable = module.batch_first and module._qkv_same_embed_dim and module.bias_k is None
         return "nn.MultiheadAttention" if fusable else None
+    if "GatedDeltaNet" in cls.__name__ and not isinstance(module, FUSED_CLASSES):
+        log.info(
+            "swap_attention: %s (%s) left as the book's: Qwen3.5's Gated DeltaNet is linear attention (a recurrent "
+            "state, no softmax over keys), which this kernel does not compute",
+            name or "<root>",
+            cls.__qualname__,
+        )
+        return None
     if isinstance(module, FUSED_CLASSES) or cls.__name__ not in _NAMES:
         return None
     args = _forward_args(module)
+    if cls.__name__ == "Gemma4Attention":
+        return "gemma4:kv" if "start_pos" in args or "cache" in args else "gemma4"
+    if cls.__name__ == "GroupedQueryAttention" and (newer := _newer_gqa(module)) is not None:
+        return newer + (":kv" if "start_pos" in args or "cache" in args else "")
     if "start_pos" in args or "cache" in args:  # the pkg's variants: the caller holds the cache
         if "batched" in cls.__module__:
             if cls.__name__ == "GroupedQueryAttention" and hasattr(module, "q_norm") and not hasattr(module, "scaling"):
@@ -400,6 +473,19 @@ def _structural_kind(module: nn.Module) -> str | None:
             and all(hasattr(module, a) for a in kind.attrs)
         ):
             return key
+    return None
+
+
+def _newer_gqa(module: nn.Module) -> str | None:
+    """The ch05/13-16 layer a GroupedQueryAttention is, by what only its constructor keeps: OLMo 3 an
+    ``attn_type`` and a ``sliding_window``, Tiny Aya an ``attn_type`` alone, Qwen3.5 a query projection twice
+    ``d_out`` wide (its output gate); None for the older ones (Llama 3.2, Qwen3, Gemma 3, ch04's)."""
+    if hasattr(module, "attn_type"):
+        return "olmo3" if hasattr(module, "sliding_window") else "tiny_aya"
+    d_out = getattr(module, "d_out", None)
+    query = getattr(module, "W_query", None)
+    if isinstance(d_out, int) and isinstance(query, nn.Module) and widths(query)[1] == 2 * d_out:
+        return "qwen3_5"
     return None
 
 
@@ -506,6 +592,12 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
     if key in _BONUS_CHECKS:
         _BONUS_CHECKS[key](name, module)
         return
+    if key.startswith("gemma4"):
+        _check_gemma4(name, module)
+        return
+    if key == "MultiHeadLatentAttention":
+        _check_mla(name, module)
+        return
     d_in, q_out = widths(module.W_query)
     if key == "SelfAttention_v2":
         for attr in _PROJECTIONS:
@@ -530,15 +622,20 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
             f"num_heads {heads} x head_dim {head_dim} = {heads * head_dim}, expected d_out {d_out}: the fused forward "
             "splits d_out into the heads",
         )
-    _check_norms(name, module, head_dim)
-    _check_projection(name, module, "W_query", d_in, d_out)
+    newer = key.split(":")[0] in _NEWER_MODELS
+    if not newer:
+        _check_norms(name, module, head_dim)
+    gated = key.startswith("qwen3_5")  # its query projection also yields the output gate: twice d_out
+    _check_projection(name, module, "W_query", d_in, 2 * d_out if gated else d_out)
     _check_projection(name, module, "W_key", d_in, kv_heads * head_dim)
     _check_projection(name, module, "W_value", d_in, kv_heads * head_dim)
     if "out_proj" in kind.children:  # back to d_out (the chapter, ch04) or to d_in (Qwen3, Gemma 3)
         qwen_like = ("qwen3:GroupedQueryAttention", "gemma3:GroupedQueryAttention", "pkgkv:qwen3", "pkgkv:gemma3")
         qwen_like += ("pkgkvb:qwen3",)
-        back = d_in if key in qwen_like else d_out
+        back = d_in if key in qwen_like or newer else d_out
         _check_projection(name, module, "out_proj", d_out, back)
+    if key.split(":")[0] in _NEWER_MODELS:
+        _check_newer_norms(name, module, key, head_dim, kv_heads)
     if "dropout" in kind.children and type(module.dropout) is not nn.Dropout:
         raise _refuse(
             name,
@@ -571,6 +668,67 @@ def _check_layout(name: str, module: nn.Module, key: str) -> None:
             raise _refuse(
                 name, module, f"{err}: the fused layer hands the kernel that window, which must be a rule it has"
             ) from None
+
+
+_NEWER_MODELS = ("tiny_aya", "olmo3", "qwen3_5")
+
+
+def _check_newer_norms(name: str, module: nn.Module, key: str, head_dim: int, kv_heads: int) -> None:
+    """QK-norm widths: OLMo 3 normalises q and k over the whole projected width (all heads), Tiny Aya and Qwen3.5
+    each head. A norm of the other width would be applied where the book does not."""
+    whole = key.startswith("olmo3")
+    for attr, width in (("q_norm", module.num_heads * head_dim), ("k_norm", kv_heads * head_dim)):
+        norm = module._modules.get(attr)
+        weight = getattr(norm, "weight", None)
+        want = width if whole else head_dim
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) != (want,):
+            over = "the whole projected width" if whole else "each head"
+            raise _refuse(
+                name,
+                module,
+                f"{attr} has width {tuple(weight.shape)}; the {_KINDS[key].book} layer norms over {over} ({want})",
+            )
+    if not isinstance(getattr(module, "attn_type", ""), str):
+        raise _refuse(name, module, f"attn_type must be a str, got {module.attn_type!r}")
+
+
+def _check_gemma4(name: str, module: nn.Module) -> None:
+    """Gemma4Attention: head counts that split, projections of num_heads (q) and num_kv_heads (k, v) heads of
+    head_dim, o_proj back to the input width."""
+    heads, kv_heads, head_dim = module.num_heads, module.num_kv_heads, module.head_dim
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (heads, kv_heads, head_dim)):
+        raise _refuse(name, module, f"num_heads {heads!r}, num_kv_heads {kv_heads!r}, head_dim {head_dim!r}")
+    if heads % kv_heads or module.num_key_value_groups != heads // kv_heads:
+        raise _refuse(
+            name,
+            module,
+            f"num_heads {heads}, num_kv_heads {kv_heads}, num_key_value_groups "
+            f"{module.num_key_value_groups} do not split",
+        )
+    d_in, _ = widths(module.q_proj)
+    _check_projection(name, module, "q_proj", d_in, heads * head_dim)
+    _check_projection(name, module, "k_proj", d_in, kv_heads * head_dim)
+    _check_projection(name, module, "v_proj", d_in, kv_heads * head_dim)
+    _check_projection(name, module, "o_proj", heads * head_dim, d_in)
+
+
+def _check_mla(name: str, module: nn.Module) -> None:
+    """ch04/05_mla: queries, keys (up from the latent) and values of one head_dim, d_out wide; out_proj d_out to
+    d_out. The kernel takes one head_dim for q, k and v: a variant with other widths would need padding the
+    book's layer does not have, so it is refused."""
+    d_out, heads, head_dim, latent = module.d_out, module.num_heads, module.head_dim, module.latent_dim
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (d_out, heads, head_dim, latent)):
+        raise _refuse(name, module, f"d_out {d_out!r}, num_heads {heads!r}, head_dim {head_dim!r}, latent {latent!r}")
+    if heads * head_dim != d_out:
+        raise _refuse(name, module, f"num_heads {heads} x head_dim {head_dim} != d_out {d_out}")
+    d_in, _ = widths(module.W_query)
+    _check_projection(name, module, "W_query", d_in, d_out)
+    _check_projection(name, module, "W_DKV", d_in, latent)
+    _check_projection(name, module, "W_UK", latent, d_out)
+    _check_projection(name, module, "W_UV", latent, d_out)
+    _check_projection(name, module, "out_proj", d_out, d_out)
+    if type(module.dropout) is not nn.Dropout:
+        raise _refuse(name, module, "dropout is not nn.Dropout")
 
 
 def _check_fused_qkv(name: str, module: nn.Module) -> None:
@@ -761,6 +919,8 @@ def _probe_of(name: str, module: nn.Module, key: str) -> tuple:
         d_in = module.multihead_attn.embed_dim
     elif key == "nn.MultiheadAttention":
         d_in = module.embed_dim
+    elif key.startswith("gemma4"):
+        d_in = widths(module.q_proj)[0]
     else:
         d_in = widths(module.W_query)[0]
     if d_in is None:
@@ -796,9 +956,16 @@ def _probe_of(name: str, module: nn.Module, key: str) -> tuple:
         "pkg_rope_local": probe.pkg_rope(_LOCAL_WINDOW),
         "mha": probe.multihead,
         "pkg_batched": probe.pkg_batched,
+        "gemma4": probe.gemma4(_LOCAL_WINDOW),
+        "gemma4_kv": probe.gemma4_cached(_LOCAL_WINDOW),
     }[kind.probe]
     head_dim = getattr(module, "head_dim", None)  # for RoPE tables, where the family takes them
-    return calls, probe.Inputs(d_in, n, device, head_dim)
+    inputs = probe.Inputs(d_in, n, device, head_dim)
+    if key.startswith("qwen3_5") and isinstance(head_dim, int) and head_dim >= 4:
+        # Qwen3.5 rotates only the first dims its model's tables cover (partial RoPE): tables narrower than the
+        # head, so that the dims left as they are are probed too.
+        inputs.cos, inputs.sin = probe.rope_tables(head_dim // 4 * 2, n, device)
+    return calls, inputs
 
 
 _HINTS = {  # what is known to differ, for the classes the book itself writes that way

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from chapter3_flash.attention import kv_cache, qwen3
+from chapter3_flash.attention import kv_cache, qwen3, tiny_aya
 from chapter3_flash.attention import reference as ref
 from helpers import DEVICE
 from torch import nn
@@ -26,6 +26,7 @@ from bench.book import mha_variants as book_variants
 from bench.book import noncausal as book_noncausal
 from bench.book import qwen3 as book_qwen3
 from bench.book import swa as book_swa
+from bench.book import tiny_aya as book_tiny_aya
 from chapter3_flash import attention
 
 # One small layer of every family swap_attention converts: (name, constructor).
@@ -172,16 +173,18 @@ def rope_interleaved(x, cos, sin):
 
 
 class TinyAyaLikeAttention(book_qwen3.GroupedQueryAttention):
-    def __init__(self, *args, attn_type="sliding_attention", **kwargs):
+    def __init__(self, *args, attn_type="sliding_attention", qwen3_layout=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.attn_type = attn_type
+        self.rule = attn_type
+        if not qwen3_layout:  # without its attn_type it is laid out exactly as Qwen3's layer
+            self.attn_type = attn_type
 
     def forward(self, x, mask, cos, sin):
         b, n, _ = x.shape
         queries = self.W_query(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         keys = self.W_key(x).view(b, n, self.num_kv_groups, self.head_dim).transpose(1, 2)
         values = self.W_value(x).view(b, n, self.num_kv_groups, self.head_dim).transpose(1, 2)
-        if self.attn_type == "sliding_attention":
+        if self.rule == "sliding_attention":
             queries, keys = rope_interleaved(queries, cos, sin), rope_interleaved(keys, cos, sin)
         keys = keys.repeat_interleave(self.group_size, dim=1)
         values = values.repeat_interleave(self.group_size, dim=1)
@@ -196,10 +199,20 @@ TinyAyaLikeAttention.__name__ = "GroupedQueryAttention"
 @pytest.mark.parametrize("attn_type", ["sliding_attention", "full_attention"])
 def test_tiny_aya_look_alike_is_refused(attn_type):
     torch.manual_seed(0)
-    layer = TinyAyaLikeAttention(32, 4, 2, 8, attn_type=attn_type).to(DEVICE)
+    # Laid out as Qwen3's (no attn_type: how Tiny Aya looked before it was recognised), it is refused by the probe.
+    layer = TinyAyaLikeAttention(32, 4, 2, 8, attn_type=attn_type, qwen3_layout=True).to(DEVICE)
     with pytest.raises(ValueError, match=r"as the Qwen3 class, but its forward and the fused one disagree"):
         attention.swap_attention(nn.ModuleDict({"att": layer}))
     assert type(layer) is TinyAyaLikeAttention
+    # With its attn_type it is Tiny Aya's layer, written independently of attention.tiny_aya: the probe agrees.
+    layer = TinyAyaLikeAttention(32, 4, 2, 8, attn_type=attn_type).to(DEVICE)
+    x = torch.randn(2, 6, 32, device=DEVICE)
+    mask = torch.triu(torch.ones(6, 6, dtype=torch.bool, device=DEVICE), diagonal=1)
+    cos, sin = (t.to(DEVICE) for t in book_tiny_aya.compute_rope_params(8, context_length=6))
+    expected = layer(x, mask, cos, sin)
+    attention.swap_attention(nn.ModuleDict({"att": layer}))
+    assert type(layer) is tiny_aya.GroupedQueryAttention
+    torch.testing.assert_close(layer(x, mask, cos, sin), expected, atol=2e-5, rtol=1e-4)
 
 
 def test_the_probe_leaves_the_model_exactly_as_it_was():
