@@ -14,8 +14,9 @@ on a small probe input and their outputs are compared:
   the fused side on the backend the fused layers run now (``use_backend``; "auto": Triton on CUDA, SDPA elsewhere);
 - inputs drawn from a generator of their own (the caller's random stream is untouched): batch 2, a few tokens
   (7: not a multiple of any tile), the call arguments the family takes (the model's causal mask, a sliding-window
-  mask, RoPE cos/sin tables, start positions), and where the layer caches keys and values, an uncached call and
-  a cached sequence (a prompt, one token, a chunk) with its returned caches.
+  mask, RoPE cos/sin tables, start positions; Gemma 4's 2-D masks and keys and values shared from another layer),
+  and where the layer caches keys and values (or MLA's latents), an uncached call and a cached sequence (a prompt,
+  one token, a chunk) with its returned caches.
 
 Tolerance: float32 rounding, scaled by the output's magnitude: ``max|ours - theirs| <= 1e-5 * max(1, max|theirs|)``
 for every output tensor. Two summation orders of one attention differ by about 1e-7 of the output's magnitude;

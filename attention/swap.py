@@ -519,8 +519,9 @@ def _check_projection(name, module, attr, d_in, d_out) -> None:
                 module,
                 f"W_query maps {got_in} -> {got_out}, twice the {d_out} of its heads (expected {d_in} -> {d_out}): "
                 "the query projection also produces an output gate, as Qwen3.5's gated attention (ch05/16) does, "
-                "whose context is multiplied by sigmoid(gate) before out_proj. The fused layers have no output "
-                "gate, so converting it would drop the gate (and misread half the queries); it is left to the book",
+                "whose context is multiplied by sigmoid(gate) before out_proj. Only Qwen3.5's GroupedQueryAttention "
+                "(attention.qwen3_5) has a fused output gate; converting this class to one without it would drop "
+                "the gate (and misread half the queries), so it is left to the book",
             )
         raise _refuse(
             name,
@@ -686,10 +687,17 @@ def _check_newer_norms(name: str, module: nn.Module, key: str, head_dim: int, kv
             raise _refuse(
                 name,
                 module,
-                f"{attr} has width {tuple(weight.shape)}; the {_KINDS[key].book} layer norms over {over} ({want})",
+                f"{attr} has width {tuple(weight.shape)}; the {_KINDS[key].book} layer norms over {over} ({want}): "
+                "the fused layer normalises where the book's does, so a norm of another width would be applied "
+                "over the wrong axis",
             )
     if not isinstance(getattr(module, "attn_type", ""), str):
-        raise _refuse(name, module, f"attn_type must be a str, got {module.attn_type!r}")
+        raise _refuse(
+            name,
+            module,
+            f"attn_type is {module.attn_type!r}, expected a str ('sliding_attention' or 'full_attention'): the fused "
+            "layer reads it to decide where RoPE applies",
+        )
 
 
 def _check_gemma4(name: str, module: nn.Module) -> None:
@@ -697,13 +705,19 @@ def _check_gemma4(name: str, module: nn.Module) -> None:
     head_dim, o_proj back to the input width."""
     heads, kv_heads, head_dim = module.num_heads, module.num_kv_heads, module.head_dim
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (heads, kv_heads, head_dim)):
-        raise _refuse(name, module, f"num_heads {heads!r}, num_kv_heads {kv_heads!r}, head_dim {head_dim!r}")
+        raise _refuse(
+            name,
+            module,
+            f"found num_heads {heads!r}, num_kv_heads {kv_heads!r}, head_dim {head_dim!r}; expected positive ints: "
+            "the fused forward splits the projections into those heads",
+        )
     if heads % kv_heads or module.num_key_value_groups != heads // kv_heads:
         raise _refuse(
             name,
             module,
-            f"num_heads {heads}, num_kv_heads {kv_heads}, num_key_value_groups "
-            f"{module.num_key_value_groups} do not split",
+            f"found num_heads {heads}, num_kv_heads {kv_heads}, num_key_value_groups {module.num_key_value_groups}; "
+            "expected num_heads a multiple of num_kv_heads and num_key_value_groups their quotient: the fused "
+            "forward hands the kernel num_kv_heads key heads, each shared by that many query heads",
         )
     d_in, _ = widths(module.q_proj)
     _check_projection(name, module, "q_proj", d_in, heads * head_dim)
@@ -718,9 +732,19 @@ def _check_mla(name: str, module: nn.Module) -> None:
     book's layer does not have, so it is refused."""
     d_out, heads, head_dim, latent = module.d_out, module.num_heads, module.head_dim, module.latent_dim
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (d_out, heads, head_dim, latent)):
-        raise _refuse(name, module, f"d_out {d_out!r}, num_heads {heads!r}, head_dim {head_dim!r}, latent {latent!r}")
+        raise _refuse(
+            name,
+            module,
+            f"found d_out {d_out!r}, num_heads {heads!r}, head_dim {head_dim!r}, latent_dim {latent!r}; expected "
+            "positive ints: the fused forward splits the up-projected keys and values into those heads",
+        )
     if heads * head_dim != d_out:
-        raise _refuse(name, module, f"num_heads {heads} x head_dim {head_dim} != d_out {d_out}")
+        raise _refuse(
+            name,
+            module,
+            f"num_heads {heads} x head_dim {head_dim} = {heads * head_dim}, expected d_out {d_out}: the fused "
+            "forward splits d_out into the heads",
+        )
     d_in, _ = widths(module.W_query)
     _check_projection(name, module, "W_query", d_in, d_out)
     _check_projection(name, module, "W_DKV", d_in, latent)
@@ -728,7 +752,12 @@ def _check_mla(name: str, module: nn.Module) -> None:
     _check_projection(name, module, "W_UV", latent, d_out)
     _check_projection(name, module, "out_proj", d_out, d_out)
     if type(module.dropout) is not nn.Dropout:
-        raise _refuse(name, module, "dropout is not nn.Dropout")
+        raise _refuse(
+            name,
+            module,
+            f"dropout is {type(module.dropout).__name__}, expected nn.Dropout: the fused kernel drops attention "
+            "weights itself with dropout.p, so what another module does would be lost",
+        )
 
 
 def _check_fused_qkv(name: str, module: nn.Module) -> None:

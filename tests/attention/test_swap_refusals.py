@@ -34,14 +34,27 @@ def refused(layer, *words):
     return message
 
 
-def test_qwen3_5_gated_attention_says_the_query_projection_also_makes_the_gate():
+def test_a_gated_query_projection_says_the_query_projection_also_makes_the_gate():
+    # Qwen3.5's GroupedQueryAttention is fused (attention.qwen3_5); another class whose W_query is twice as wide
+    # is refused with the reason.
+    layer = ref.MultiHeadAttention(8, 8, 10, 0.0, 2)
+    layer.W_query = nn.Linear(8, 16)
+    refused(
+        layer,
+        "cannot swap att (MultiHeadAttention)",
+        "W_query maps 8 -> 16, twice the 8 of its heads (expected 8 -> 8)",
+        "also produces an output gate, as Qwen3.5's gated attention (ch05/16) does",
+        "would drop the gate",
+    )
+    assert type(layer) is ref.MultiHeadAttention
+    # Laid out as Qwen3.5's (the gate's width) but with Qwen3's forward, which cannot split that projection: the
+    # probe runs it and refuses, saying its own forward failed.
     layer = GatedQueryAttention(32, 4, 2, 8)
     refused(
         layer,
         "cannot swap att (GroupedQueryAttention)",
-        "W_query maps 32 -> 64, twice the 32 of its heads (expected 32 -> 32)",
-        "also produces an output gate, as Qwen3.5's gated attention (ch05/16) does",
-        "would drop the gate",
+        "laid out as the Qwen3.5 gated attention (ch05/16) class",
+        "its own forward failed on the probe",
     )
     assert type(layer) is GatedQueryAttention
 

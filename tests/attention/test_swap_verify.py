@@ -268,7 +268,7 @@ def test_a_bfloat16_model_is_probed_in_float32_and_keeps_its_weights():
     assert type(layer) is qwen3.GroupedQueryAttention
     for k, p in layer.named_parameters():
         assert p is params[k][0] and p.dtype == torch.bfloat16 and torch.equal(p, params[k][1])
-    bad = TinyAyaLikeAttention(32, 4, 2, 8, dtype=torch.bfloat16).to(DEVICE)
+    bad = TinyAyaLikeAttention(32, 4, 2, 8, dtype=torch.bfloat16, qwen3_layout=True).to(DEVICE)
     with pytest.raises(ValueError, match="disagree"):
         attention.swap_attention(bad)
 
