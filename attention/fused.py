@@ -140,6 +140,7 @@ class CausalAttention(reference.CausalAttention):
 class MultiHeadAttentionWrapper(reference.MultiHeadAttentionWrapper):
     """All heads in one kernel launch; the heads stay separate CausalAttention modules (same state_dict)."""
 
+    @reference.takes_block_size
     def __init__(
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
     ):

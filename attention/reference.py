@@ -9,6 +9,9 @@ with an assertion or an indexing error.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
@@ -62,6 +65,32 @@ def _check_groups(num_heads: int, num_kv_groups: int, d_out: int | None = None) 
         _check_heads(d_out, num_heads)
     if num_heads < 1 or num_kv_groups < 1 or num_heads % num_kv_groups:
         raise ValueError(f"num_heads {num_heads} must be divisible by num_kv_groups {num_kv_groups}")
+
+
+def takes_block_size(init):
+    """Let ``__init__`` take ``block_size=``, the name the book's 2024 text gives ``context_length``, as a keyword.
+
+    Positional calls and everything the constructor does are unchanged (so are the weights a seed gives); passing
+    both names is a TypeError, and passing neither is Python's own TypeError for the missing ``context_length``."""
+    signature = inspect.signature(init)
+    position = list(signature.parameters).index("context_length") - 1  # its index in the call's args (no self)
+
+    @functools.wraps(init)
+    def __init__(self, *args, block_size=None, **kwargs):
+        if block_size is not None:
+            if len(args) > position or "context_length" in kwargs:
+                given = args[position] if len(args) > position else kwargs["context_length"]
+                raise TypeError(
+                    f"{type(self).__name__}() got both context_length={given!r} and block_size={block_size!r}; "
+                    "block_size is the book's earlier name for context_length: pass one of them"
+                )
+            kwargs["context_length"] = block_size
+        init(self, *args, **kwargs)
+
+    keyword = inspect.Parameter("block_size", inspect.Parameter.KEYWORD_ONLY, default=None)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    __init__.__signature__ = signature.replace(parameters=[*params, keyword])
+    return __init__
 
 
 def init_heads(module: nn.Module, d_in: int, d_out: int, num_heads: int, dropout: float, qkv_bias: bool) -> None:
@@ -146,6 +175,7 @@ class SelfAttention_v2(nn.Module):
 class CausalAttention(nn.Module):
     """Step 3 (section 3.5): a causal mask above the diagonal, dropout on the attention weights."""
 
+    @takes_block_size
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, qkv_bias: bool = False):
         super().__init__()
         self.d_out = d_out
@@ -173,6 +203,7 @@ class CausalAttention(nn.Module):
 class MultiHeadAttentionWrapper(nn.Module):
     """Step 4a (section 3.6.1): several causal heads side by side, outputs concatenated."""
 
+    @takes_block_size
     def __init__(
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
     ):
@@ -188,6 +219,7 @@ class MultiHeadAttentionWrapper(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Step 4b (section 3.6.2): one projection of width d_out split into num_heads heads."""
 
+    @takes_block_size
     def __init__(
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
     ):

@@ -24,23 +24,48 @@ from .reference import _check_rank
 _warned_masks: set[str] = set()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """The book's split-halves RoPE: x (b, heads, n, head_dim) rotated by positions offset + [0, n)."""
+def apply_rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offset: int = 0,
+    *,
+    interleaved: bool = False,
+    partial: bool = False,
+) -> torch.Tensor:
+    """RoPE of x (b, heads, n, head_dim) for positions offset + [0, n), as the book's models apply it.
+
+    Default: the book's split-halves rotation (feature i pairs with i + head_dim/2), tables (context, head_dim).
+    ``interleaved``: Tiny Aya's (Cohere's) even/odd pairs (feature 2i pairs with 2i + 1), its tables holding each
+    angle twice in a row, computed in float32 and cast back as Tiny Aya does. ``partial``: Qwen3.5's partial
+    rotary, tables narrower than head_dim: the first ``cos.shape[1]`` features rotate (split halves), the rest
+    pass through unchanged."""
     n, head_dim = x.shape[2], x.shape[3]
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim:
+    rot = cos.shape[1] if cos.dim() == 2 else -1
+    fits = rot == head_dim or (partial and 2 <= rot < head_dim and rot % 2 == 0)
+    if cos.dim() != 2 or cos.shape != sin.shape or not fits:
+        want = f"at most head_dim {head_dim}, even" if partial else f"head_dim {head_dim}"
         raise ValueError(
-            f"RoPE tables cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be (context_length, head_dim "
-            f"{head_dim})"
+            f"RoPE tables cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be (context_length, {want})"
         )
     if offset < 0 or offset + n > cos.shape[0]:
         raise ValueError(f"RoPE positions {offset} to {offset + n} are outside the tables' {cos.shape[0]} positions")
-    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
-    cos = cos[offset : offset + n][None, None]  # (1, 1, n, head_dim)
+    cos = cos[offset : offset + n][None, None]  # (1, 1, n, rot)
     sin = sin[offset : offset + n][None, None]
+    if interleaved:
+        xf = x.float()
+        # (-x1, x0, -x3, x2, ...): each even/odd pair turned a quarter, stacked to (..., head_dim / 2, 2) and flattened
+        rotated = torch.stack((-xf[..., 1::2], xf[..., ::2]), dim=-1).flatten(-2)
+        return (xf * cos + rotated * sin).to(dtype=x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
     rotated = torch.cat((-x2, x1), dim=-1)
-    return ((x * cos) + (rotated * sin)).to(dtype=x.dtype)
+    out = (x_rot * cos) + (rotated * sin)
+    if rot < head_dim:
+        out = torch.cat([out, x_pass], dim=-1)  # (b, heads, n, head_dim): the unrotated tail kept
+    return out.to(dtype=x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,6 @@
-"""Each chapter layer, the chapter's eager version against ours, on real text.
+"""Each chapter layer, the chapter's eager version against ours, on real text; then the ch03 bonus notebook's
+variants (ch03/02_bonus_efficient-multihead-attention: the ways of computing the chapter's attention it charts),
+a reader's copy of each against ours.
 
 The input is the built-in English text as GPT-2 BPE tokens, embedded at GPT-2's width (768), so every
 layer sees what chapter 4 feeds it. For each layer: the max error of both versions against the
@@ -8,11 +10,14 @@ reference layer run in float64, forward and forward+backward median time, peak m
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
+from chapter3_flash.attention import bonus
 from chapter3_flash.attention import reference as ref
 from chapter3_flash.attention.text import text_to_embeddings
 
+from bench.book import mha_variants as book
 from bench.common import is_oom, measure, peak_memory
 from chapter3_flash import attention
 
@@ -30,6 +35,41 @@ def layer_specs(context_length: int) -> list[tuple[str, tuple, int]]:
         ("MultiHeadAttentionWrapper", (WIDTH, HEAD_DIM, context_length, 0.0, HEADS), 3),
         ("MultiHeadAttention", (WIDTH, WIDTH, context_length, 0.0, HEADS), 3),
     ]
+
+
+def variant_specs(context_length: int) -> list[tuple[str, type, type, tuple]]:
+    """The ch03 bonus notebook's variants at GPT-2's width: (name, the reader's copy, ours, constructor args).
+    MHAPyTorchSDPAWithoutFlash as the notebook writes it attends to later tokens (its mask read as "attend"); the
+    row times the causal attention it means (the reader's copy with the mask's complement), which ours computes."""
+    n = context_length
+    return [
+        ("MultiHeadAttentionCombinedQKV", book.MultiHeadAttentionCombinedQKV, bonus.MultiHeadAttentionCombinedQKV),
+        ("MHAEinsum", book.MHAEinsum, bonus.MHAEinsum, (WIDTH, WIDTH, n, 0.0, HEADS)),
+        ("MHAPyTorchScaledDotProduct", book.MHAPyTorchScaledDotProduct, bonus.MHAPyTorchScaledDotProduct),
+        (
+            "MHAPyTorchSDPAWithoutFlash",
+            functools.partial(book.MHAPyTorchSDPAWithoutFlash, keep_below=True),
+            bonus.MHAPyTorchSDPAWithoutFlash,
+        ),
+        ("MHAPyTorchClass", book.MHAPyTorchClass, bonus.MHAPyTorchClass),
+        (
+            "MHAPyTorchClass no weights",
+            functools.partial(book.MHAPyTorchClass, need_weights=False),
+            functools.partial(bonus.MHAPyTorchClass, need_weights=False),
+        ),
+    ]
+
+
+def _all_specs(context_length: int) -> list[tuple[str, type, type, tuple, int]]:
+    """(name, eager class, fused class, args, input rank): the chapter's layers, then the notebook's variants (whose
+    constructors take (d_in, d_out, num_heads, context_length) unless their spec says otherwise)."""
+    specs = [
+        (name, getattr(ref, name), getattr(attention, name), args, rank)
+        for name, args, rank in layer_specs(context_length)
+    ]
+    for name, theirs, ours, *args in variant_specs(context_length):
+        specs.append((name, theirs, ours, args[0] if args else (WIDTH, WIDTH, HEADS, context_length), 3))
+    return specs
 
 
 def _time_layer(layer, x, device: str) -> dict:
@@ -60,22 +100,22 @@ def _time_layer(layer, x, device: str) -> dict:
 def run(
     *, batch: int, num_tokens: int, device: str, dtype: torch.dtype = torch.float32, only: tuple[str, ...] = ()
 ) -> list[dict]:
-    """One row per chapter layer (or per layer named in ``only``): errors against float64, times and
-    memory of reference and fused."""
+    """One row per chapter layer and notebook variant (or per layer named in ``only``): errors against float64,
+    times and memory of reference and fused."""
     x3 = text_to_embeddings(width=WIDTH, num_tokens=num_tokens, batch=batch).to(device, dtype)  # (b, T, 768)
     x2 = x3[0]  # (T, 768): v1/v2 take the chapter's 2-D input
     rows = []
     if dtype == torch.float32 and device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        for name, args, rank in layer_specs(context_length=num_tokens):
+        for name, theirs_cls, ours_cls, args, rank in _all_specs(context_length=num_tokens):
             if only and name not in only:
                 continue
             x = x2 if rank == 2 else x3
             torch.manual_seed(123)
-            theirs = getattr(ref, name)(*args).to(device, dtype)
+            theirs = theirs_cls(*args).to(device, dtype)
             torch.manual_seed(123)
-            ours = getattr(attention, name)(*args).to(device, dtype)
+            ours = ours_cls(*args).to(device, dtype)
             with torch.no_grad():
                 exact = copy.deepcopy(theirs).double()(x.double())
                 err_ref = (theirs(x).double() - exact).abs().max().item()
@@ -105,7 +145,7 @@ def interpreter_agreement(num_tokens: int = 48) -> dict:
 
 def table(rows: list[dict]) -> list[str]:
     head = (
-        f"{'layer':<26} {'input':>15} {'err ref':>9} {'err ours':>9} "
+        f"{'layer':<30} {'input':>15} {'err ref':>9} {'err ours':>9} "
         f"{'fwd ms ref/ours':>17} {'fwd+bwd ms ref/ours':>21} {'speedup':>8} {'peak mem ref/ours':>22} {'mem ratio':>9}"
     )
     lines = [head]
@@ -113,7 +153,7 @@ def table(rows: list[dict]) -> list[str]:
         a, b = r["reference"], r["fused"]
         if "error" in a or "error" in b:
             lines.append(
-                f"{r['layer']:<26} {'x'.join(map(str, r['shape'])):>15}  {a.get('error', '')} {b.get('error', '')}"
+                f"{r['layer']:<30} {'x'.join(map(str, r['shape'])):>15}  {a.get('error', '')} {b.get('error', '')}"
             )
             continue
         speed = a["fwd_bwd_ms"] / b["fwd_bwd_ms"]
@@ -123,5 +163,5 @@ def table(rows: list[dict]) -> list[str]:
         shape = "x".join(map(str, r["shape"]))
         errs = f"{r['max_err_reference']:>9.1e} {r['max_err_fused']:>9.1e}"
         times = f"{a['fwd_ms']:>8.2f}/{b['fwd_ms']:<8.2f} {a['fwd_bwd_ms']:>10.2f}/{b['fwd_bwd_ms']:<10.2f}"
-        lines.append(f"{r['layer']:<26} {shape:>15} {errs} {times} {speed:>7.2f}x {mem} {ratio}")
+        lines.append(f"{r['layer']:<30} {shape:>15} {errs} {times} {speed:>7.2f}x {mem} {ratio}")
     return lines

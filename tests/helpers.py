@@ -386,3 +386,61 @@ def cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:
     for n in lengths:
         out.append(out[-1] + n)
     return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole book models against the same models with fused layers (the newer models' tests)
+# ---------------------------------------------------------------------------------------------
+
+
+def fused_copy(model: torch.nn.Module, targets: dict) -> torch.nn.Module:
+    """A deep copy of ``model`` with each layer whose class is a key of ``targets`` turned into the value's class,
+    as swap_attention does (same objects, same weights); at least one must be."""
+    import copy
+
+    ours = copy.deepcopy(model)
+    turned = 0
+    for m in ours.modules():
+        if type(m) in targets:
+            m.__class__ = targets[type(m)]
+            turned += 1
+    assert turned, f"no layer of {sorted(c.__name__ for c in targets)} in the model"
+    return ours
+
+
+def assert_same_training_step(ours, theirs, ids: torch.Tensor, targets: torch.Tensor, tol: dict) -> None:
+    """Logits, the cross-entropy loss and every parameter's gradient of one training step (dropout 0)."""
+    results = []
+    for model in (ours, theirs):
+        model.train()
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        results.append((logits, loss, {k: p.grad for k, p in model.named_parameters()}))
+    (lo, loss_o, grads_o), (lt, loss_t, grads_t) = results
+    torch.testing.assert_close(lo, lt, **tol)
+    torch.testing.assert_close(loss_o, loss_t, **tol)
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def greedy(model, ids: torch.Tensor, steps: int, n_layers: int | None = None):
+    """Greedy tokens after ``ids``: without a cache (the whole sequence each step) when ``n_layers`` is None,
+    else as the book's KV-cache notebooks run it (``reset_kv_cache``, a list of per-layer caches, the prompt then
+    one token per call). Returns the tokens and, cached, every call's logits concatenated on the token dim."""
+    model.eval()
+    with torch.no_grad():
+        if n_layers is None:
+            for _ in range(steps):
+                ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+            return ids, None
+        model.reset_kv_cache()
+        cache = [None] * n_layers
+        logits = model(ids, cache=cache)
+        every = [logits]
+        for _ in range(steps):
+            token = logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, token], dim=1)
+            logits = model(token, cache=cache)
+            every.append(logits)
+        return ids, torch.cat(every, dim=1)

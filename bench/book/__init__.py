@@ -12,4 +12,8 @@ name and layout without importing ours. One module per book file, since the book
   Gemma 3's local layers) and a block of each;
 - ``fast``: the SDPA variants (pkg ch03's ``PyTorchMultiHeadAttention`` of ``GPTModelFast``, Llama 3.2's
   ``GroupedQueryAttentionFast``).
+- ``mha_variants``: the ch03 bonus notebook's variants (``Ch03_MHA``, ``Ch03_MHA_Wrapper``,
+  ``MultiHeadAttentionCombinedQKV``, ``MHAEinsum``, the SDPA ones, ``MHAPyTorchClass``);
+- ``buffers``: ch03/03_understanding-buffers' ``CausalAttentionWithBuffer`` and ``CausalAttentionWithoutBuffers``;
+- ``noncausal``: ch06/02_bonus_additional-experiments' ``MultiHeadAttention(..., disable_causal_mask=...)``.
 """

@@ -114,9 +114,9 @@ def test_swap_converts_the_fast_layers_and_keeps_outputs():
     "edit, words",
     [
         (lambda m: setattr(m, "qkv", nn.Linear(32, 64)), "qkv maps 32 -> 64, expected 32 -> 96"),
-        (lambda m: setattr(m, "dropout", "0.1"), "dropout must be a probability"),
-        (lambda m: setattr(m, "dropout", nn.Dropout(0.1)), r"found \[\], \['dropout', 'proj', 'qkv'\]"),  # a module
-        (lambda m: setattr(m, "num_heads", 3), "num_heads 3 x head_dim 8 != d_out 32"),
+        (lambda m: setattr(m, "dropout", "0.1"), "dropout is '0.1', expected a probability in \\[0, 1\\]"),
+        (lambda m: setattr(m, "dropout", nn.Dropout(0.1)), r"submodules \['dropout', 'proj', 'qkv'\]"),  # a module
+        (lambda m: setattr(m, "num_heads", 3), "num_heads 3 x head_dim 8 = 24, expected d_out 32"),
         (lambda m: m.register_buffer("mask", torch.ones(2, 2)), "expected the pkg ch03 bonus"),
     ],
 )

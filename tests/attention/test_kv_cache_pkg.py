@@ -122,7 +122,9 @@ def test_swap_converts_the_pkg_layers():
         same(model[0](x, use_cache=True), before[0](x, use_cache=True))
 
 
-def test_the_batched_variant_is_refused_and_its_call_form_is_an_error():
+def test_a_batched_look_alike_is_refused_and_the_batched_call_form_is_an_error_here():
+    # A class of the batched package whose forward is the non-batched one: the probe's batched calls fail on it.
+    # (The batched layer itself is converted: tests/attention/test_kv_cache_batched.py.)
     layer = book.Qwen3GroupedQueryAttention(32, 4, 2, head_dim=16)
     batched = type("GroupedQueryAttention", (book.Qwen3GroupedQueryAttention,), {})
     batched.__module__ = "llms_from_scratch.kv_cache_batched.qwen3"
