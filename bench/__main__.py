@@ -15,7 +15,10 @@ Parts (``--parts``), each saved into ``report.json`` as soon as it is measured:
 - ``varlen``: packed batches of mixed lengths, ``flash_attention_varlen`` against the padded batch (ours and SDPA
   with its mask), each sequence alone, FlexAttention's document mask (GPU), softcap and lse costs; on a CPU a
   scaled-down workload (``bench/varlen.py``);
-- ``host`` (GPU): the host path per call, the Hopper forward variants, the two backward paths (``bench/host.py``).
+- ``host`` (GPU): the host path per call, the Hopper forward variants, the two backward paths (``bench/host.py``);
+- ``hf``: a Llama-3.2-1B-shaped Hugging Face model on ``attention.hf`` against HF's sdpa and eager: a packed
+  training step, generation, a padded batch's peak memory on a CPU (``bench/hf.py``; scaled down on a CPU;
+  skipped with a note where transformers is not installed).
 
 Writes a table to stdout, ``report.json`` and PNG plots under ``bench/results/<device-slug>/``. Exits
 non-zero if any measurement of ours failed (a peer's missing kernel is "n/a", not a failure).
@@ -35,14 +38,14 @@ if not torch.cuda.is_available():
     # Set before anything imports kernels: the Triton interpreter checks agreement on a CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench import cpu, decode, e2e, generate, host, layers, sweep, varlen, window  # noqa: E402
+from bench import cpu, decode, e2e, generate, hf, host, layers, sweep, varlen, window  # noqa: E402
 from bench.common import RESULTS, device_slug, metadata, write_json  # noqa: E402
 from bench.plots import plot_sweep  # noqa: E402
 from chapter3_flash import attention  # noqa: E402
 
-PARTS = ("layers", "cpu", "sweep", "e2e", "generate", "decode", "window", "varlen", "host")
-GPU_PARTS = ("layers", "sweep", "e2e", "generate", "decode", "window", "varlen", "host")
-CPU_PARTS = ("layers", "cpu", "e2e", "generate", "varlen")
+PARTS = ("layers", "cpu", "sweep", "e2e", "generate", "decode", "window", "varlen", "host", "hf")
+GPU_PARTS = ("layers", "sweep", "e2e", "generate", "decode", "window", "varlen", "host", "hf")
+CPU_PARTS = ("layers", "cpu", "e2e", "generate", "varlen", "hf")
 
 
 def _csv(kind):
@@ -211,6 +214,19 @@ def _main(args: argparse.Namespace, device: str) -> int:
         report["host"] = {"host": host_rows, "variants": variant_rows, "profile": profile}
         print("\n" + "\n".join(host.table(host_rows, variant_rows)))
         failures += [f"host {r}" for r in host_rows + variant_rows if r.get("ours_failed")]
+        save()
+
+    if "hf" in parts:
+        if hf.transformers_available():
+            print("\nA Llama-3.2-1B-shaped Hugging Face model (random weights): attention.hf against HF's sdpa, eager")
+            hf_path = out_dir / "hf.json"
+            result = hf.run(device, hf.PARTS, smoke=False, on_rows=lambda r: write_json(hf_path, {**meta, **r}))
+            print("\n".join(hf.table(result["rows"])))
+            report["hf"] = result
+            report["notes"] += result["notes"]
+            failures += hf.failures(result)
+        else:
+            report["notes"].append("hf: transformers is not installed (pip install -e .[hf]); not measured")
         save()
 
     for note in report["notes"]:

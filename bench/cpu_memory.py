@@ -21,6 +21,8 @@ import subprocess
 import sys
 
 LAYERS = ("chapter", "ours", "sdpa")
+# For the measuring process: glibc serves every allocation above 64 KiB by mmap and returns it at once.
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 def _rss_bytes() -> int:
@@ -46,9 +48,19 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def call_peak_bytes(fn) -> int:
+    """Peak resident bytes of one call of fn above what was resident before it, in a process started with
+    ``MMAP_ENV`` (so freed tensors leave the resident set at once)."""
+    if not _reset_peak():
+        raise OSError("cannot reset the peak resident set (/proc/self/clear_refs)")
+    before = _rss_bytes()
+    fn()
+    return _peak_rss_bytes() - before
+
+
 def peak_bytes(layer: str, tokens: int, dropout: float, batch: int = 2, width: int = 768, heads: int = 12) -> int:
     """Run the measurement in a subprocess and return the peak bytes above what existed before the call."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    env = {**os.environ, **MMAP_ENV}
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "bench.cpu_memory", "--layer", layer, "--tokens", str(tokens)]
     cmd += ["--dropout", str(dropout), "--batch", str(batch), "--width", str(width), "--heads", str(heads)]

@@ -24,6 +24,13 @@
 #             host profile of ours through the book's loop
 #   varlen    packed batches (issue 26): flash_attention_varlen against the padded batch, each sequence alone,
 #             SDPA with the mask and FlexAttention's document mask; softcap and lse costs (bench/varlen.py)
+#   gluon     the Gluon forward (bench/gluon_attention.py, opt-in, never run on hardware): its exactness tests first,
+#             and only if they pass, its timings against our pointer forward and SDPA cuDNN / flash (bf16 causal,
+#             D 64 / 128, N 1k-16k); last of the default STAGES, after limits that already fill a 600 s call, so
+#             in practice a call of its own: STAGES=gluon
+#   hf        a Llama-3.2-1B-shaped HF model on attention.hf against HF's sdpa and eager: a packed 8x2048 bf16
+#             training step (and the documents padded), generation at batch 1 and 8 (bench/hf.py); not in the
+#             default STAGES, whose limits already fill a 600 s call: a call of its own, STAGES=hf
 #   kernels   the compiler's registers and spills on the real GPU (bench/kernel_report.py)
 #   sanitizer compute-sanitizer memcheck on ragged / grouped / dropout / decode launches
 #
@@ -35,7 +42,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-"launch tests host sweep window tune e2e dropout decode splits append generate"}
+STAGES=${STAGES:-"launch tests host sweep window tune e2e dropout decode splits append generate gluon"}
 RES="$OUT/results"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -75,8 +82,10 @@ else
   echo "== launch failed: the defaults (JIT dispatch, separate append) for every stage below" | tee -a "$OUT/summary.log"
 fi
 
+# The Gluon forward's tests run in their own stage (gluon, below): a hang there (a wrong barrier phase) must not
+# cost this stage its time.
 # shellcheck disable=SC2086
-stage tests "${TESTS_LIMIT:-105}" $PY -m pytest ${TESTS:-tests} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
+stage tests "${TESTS_LIMIT:-105}" $PY -m pytest ${TESTS:-tests --ignore=tests/bench/test_gluon_attention.py} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
   -p no:benchmark
 grep -E "(FAILED|ERROR) " "$RES/tests.log" | head -20 | tee -a "$OUT/summary.log"
 stage host "${HOST_LIMIT:-40}" $PY -m bench.host --parts "${HOST_PARTS:-host}" --json "$RES/host.json"
@@ -94,6 +103,11 @@ stage append "${APPEND_LIMIT:-15}" $PY -m bench.decode --append --json "$RES/app
 stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
 # Not in the default STAGES (their limits already fill the call): STAGES="varlen" for issue 26's packed batches.
 stage varlen "${VARLEN_LIMIT:-90}" $PY -m bench.varlen --json "$RES/varlen.json"
+# The Gluon forward: a wrong result (barrier phases, TMA boxes: nothing an offline compile can check) stops the stage
+# before any timing. A hung kernel never returns to Python, so the per-test timeout uses a thread, not a signal.
+stage gluon "${GLUON_LIMIT:-240}" bash -c "$PY -m pytest tests/bench/test_gluon_attention.py -n 8 -p no:cacheprovider \
+  --timeout 120 --timeout-method thread -rfE --tb=short -p no:benchmark && $PY -m bench.gluon_attention --json '$RES/gluon.json'"
+stage hf "${HF_LIMIT:-240}" $PY -m bench.hf --json "$RES/hf.json"
 stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
 stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"

@@ -84,6 +84,9 @@ KERNELS = {
 def report_name(name: str, kwargs: dict) -> str:
     if name == "_attn_bwd_kv":
         return "_attn_bwd" if kwargs.get("DQ_ATOMIC") else "_attn_bwd_dkdv"
+    if name.startswith("_attn_fwd_gluon"):  # bench/gluon_attention.py
+        overlap = kwargs.get("OVERLAP") and name == "_attn_fwd_gluon"  # the persistent kernel always overlaps
+        return name + ("_overlap" if overlap else "") + ("" if kwargs.get("CAUSAL") else "_noncausal")
     if name == "_attn_fwd_tma":
         return (
             "_attn_fwd_ws"
@@ -117,13 +120,15 @@ class _OfflineDriver:
 
 
 @contextlib.contextmanager
-def compile_only(found: dict[str, list]):
-    """Every launch of the module's kernels compiles for sm_90 and records the kernel; none runs."""
+def compile_only(found: dict[str, list], kernels: dict | None = None):
+    """Every launch of the module's kernels (``kernels``: name -> module, default KERNELS) compiles for sm_90 and
+    records the kernel; none runs."""
+    kernels = KERNELS if kernels is None else kernels
     driver = triton.runtime.driver
     active = driver._active  # reset_active() would look for a real GPU driver, which may not exist
     driver.set_active(_OfflineDriver())
     saved = {}
-    for name, module in KERNELS.items():
+    for name, module in kernels.items():
         jit = getattr(module, name)
         saved[name] = jit.__dict__.get("run")
 
@@ -136,7 +141,7 @@ def compile_only(found: dict[str, list]):
     try:
         yield
     finally:
-        for name, module in KERNELS.items():
+        for name, module in kernels.items():
             jit = getattr(module, name)
             if saved[name] is None:
                 del jit.run
@@ -159,6 +164,13 @@ class Report:
     setmaxnreg: int  # register reallocation between warp groups (USETMAXREG): warp specialization took effect
     convert_layout: int  # layout conversions in the Triton GPU IR (each one a trip through shared memory or shuffles)
     sass: dict[str, int]
+    # wgmma waits by how many groups they leave in flight ({"0": n, "1": m}: a "1" lets a wgmma run on past the wait,
+    # the async overlap), and the register counts setmaxnreg sets (one per warp-specialized partition).
+    wgmma_waits: dict[str, int] = dataclasses.field(default_factory=dict)
+    maxnreg: list[int] = dataclasses.field(default_factory=list)
+    # Exponentials (MUFU.EX2) placed while a wgmma group is in flight, reading the SASS in address order (after an
+    # HGMMA that closes a group, before the wait for none): the softmax overlapping a matrix product, as scheduled.
+    exp_under_wgmma: int = 0
 
     def line(self) -> str:
         return (
@@ -184,6 +196,16 @@ def read_cubin(case: str, name: str, kernel) -> Report:
     reg = re.search(r"REG:(\d+)", usage)
     spill = [int(x) for x in re.findall(r"(?:STACK|LOCAL):(\d+)", usage)]
     ops = collections.Counter(m.split(".")[0] for m in _SASS_OP.findall(sass))
+    waits = collections.Counter(str(int(n, 16)) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass))
+    maxnreg = sorted({int(n, 16) for n in re.findall(r"USETMAXREG\.\S+ (?:UP\d, )?(0x[0-9a-f]+)", sass)})
+    in_flight, exp_under_wgmma = False, 0
+    for line in sass.splitlines():
+        if "HGMMA" in line and "gsb0" in line:
+            in_flight = True
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            in_flight = False
+        elif "MUFU.EX2" in line and in_flight:
+            exp_under_wgmma += 1
     meta = kernel.metadata
     return Report(
         case=case,
@@ -198,6 +220,9 @@ def read_cubin(case: str, name: str, kernel) -> Report:
         setmaxnreg=ops.get("USETMAXREG", 0),
         convert_layout=kernel.asm["ttgir"].count("ttg.convert_layout"),
         sass=dict(ops.most_common()),
+        wgmma_waits=dict(sorted(waits.items())),
+        maxnreg=maxnreg,
+        exp_under_wgmma=exp_under_wgmma,
     )
 
 
@@ -244,6 +269,28 @@ def reports(head_dims, dtypes, dropouts, causal=True, window=(-1, -1)) -> list[R
     return out
 
 
+def gluon_reports(head_dims, dtypes, causal=True) -> list[Report]:
+    """The Gluon forward (bench/gluon_attention.py), each of its variants, per head dim and dtype,
+    at a ragged N (bottom-right causal when causal). Raises what the compiler raised."""
+    from bench import gluon_attention as ga
+
+    if ga.GLUON_MISSING is not None:
+        raise RuntimeError(ga.GLUON_MISSING)
+    out = []
+    for D in head_dims:
+        for dname in dtypes:
+            q = torch.zeros(1, 2, 300, D, dtype=DTYPES[dname])
+            kv = torch.zeros(1, 1, 333, D, dtype=DTYPES[dname])  # grouped: two query heads per key/value head
+            found: dict[str, list] = {}
+            with compile_only(found, {f"_attn_fwd_gluon{k}": ga for k in ("", "_pingpong", "_persistent")}):
+                for variant in ga.VARIANTS:
+                    ga.launch(q, kv, kv, causal, D**-0.5, variant)
+            for name, compiled in found.items():
+                distinct = list({id(kernel): kernel for kernel in compiled}.values())
+                out += [read_cubin(f"D{D} {dname} gluon", name, kernel) for kernel in distinct]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.sm90", description=__doc__.split("\n")[0])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
@@ -253,17 +300,31 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"), help="sliding window")
     ap.add_argument("--sass", action="store_true", help="print each kernel's SASS histogram too")
     ap.add_argument("--json", help="write the reports to this file")
+    ap.add_argument("--gluon", action="store_true", help="only the Gluon forward (bench/gluon_attention.py)")
     args = ap.parse_args(argv)
     if _MISSING is not None:
         print(f"triton {triton.__version__}: cannot compile offline here, it lacks {_MISSING}")
         return UNSUPPORTED
     print(f"triton {triton.__version__}, target {SM90}")
-    found = reports(args.head_dims, args.dtypes, args.dropout, causal=not args.non_causal, window=tuple(args.window))
+    if args.gluon:
+        from bench import gluon_attention as ga
+
+        if ga.GLUON_MISSING is not None:
+            print(f"cannot compile the Gluon forward here: {ga.GLUON_MISSING}")
+            return UNSUPPORTED
+        found = gluon_reports(args.head_dims, [d for d in args.dtypes if d in ("bf16", "fp16")], not args.non_causal)
+    else:
+        found = reports(args.head_dims, args.dtypes, args.dropout, not args.non_causal, tuple(args.window))
     bad = []
     for r in found:
         print(r.line())
         if args.sass:
             print("    " + ", ".join(f"{op} {n}" for op, n in r.sass.items() if n >= 4))
+        if args.gluon:
+            print(
+                f"    wgmma waits (groups left in flight: count) {r.wgmma_waits}, setmaxnreg {r.maxnreg}, "
+                f"exp2 under an in-flight wgmma {r.exp_under_wgmma}"
+            )
         if r.shared_bytes > SMEM_LIMIT:
             bad.append(f"{r.case} {r.kernel}: {r.shared_bytes} B of shared memory > {SMEM_LIMIT}")
     if args.json:

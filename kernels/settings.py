@@ -4,6 +4,7 @@
 |---|---|---|---|
 | ``direct_launch`` | off | ``KERNELS_DIRECT_LAUNCH`` | after a signature's first launch, call the compiled kernel without Triton's per-call dispatch (``kernels/launch.py``); NVIDIA GPUs only |
 | ``fused_append`` | off | ``KERNELS_FUSED_APPEND`` | the decode kernel writes the step's keys and values into the cache itself, one launch fewer per step (``kernels/decode.py``) |
+| ``check_cu_seqlens`` | off | ``KERNELS_CHECK_CU_SEQLENS`` | varlen's ``cu_seqlens`` values checked on CUDA too, at one device-to-host sync per call (on a CPU they always are; FlashAttention-2 trusts them) |
 | ``backend`` | ``"auto"`` | | the path the fused layers of ``attention`` ask the kernels for (``attention.use_backend``) |
 
 Both are off until a GPU run has passed their bit-for-bit tests (bench/gpu_check.sh's ``launch`` stage, then
@@ -51,6 +52,7 @@ def env_flag(name: str, default: bool) -> bool:
 class Settings:
     direct_launch: bool = False
     fused_append: bool = False
+    check_cu_seqlens: bool = False
     backend: str = "auto"
 
     @classmethod
@@ -58,6 +60,7 @@ class Settings:
         return cls(
             direct_launch=env_flag("KERNELS_DIRECT_LAUNCH", cls.direct_launch),
             fused_append=env_flag("KERNELS_FUSED_APPEND", cls.fused_append),
+            check_cu_seqlens=env_flag("KERNELS_CHECK_CU_SEQLENS", cls.check_cu_seqlens),
         )
 
 

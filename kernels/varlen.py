@@ -19,8 +19,8 @@ What is checked: types, ranks, shapes, dtypes (``cu_seqlens`` of another dtype t
 devices always. The VALUES of ``cu_seqlens`` (starts at 0, never decreases, ends at the token count, no
 sequence longer than ``max_seqlen``) are checked on the host when they live there (CPU tensors: free). On CUDA
 they are trusted, as FlashAttention-2 trusts them (checking needs a device-to-host copy, a sync per call); set
-``CHECK_CU_SEQLENS = True`` here, or ``KERNELS_CHECK_CU_SEQLENS=1`` in the environment, to check them there
-too, at one sync per call. Wrong values on CUDA unchecked read and write outside a sequence's rows.
+``settings.current.check_cu_seqlens`` (``KERNELS_CHECK_CU_SEQLENS=1`` in the environment, or
+``settings.override(check_cu_seqlens=True)``) checks them there too, at one sync per call. Wrong values on CUDA unchecked read and write outside a sequence's rows.
 
 Paths: the PyTorch path (``backend="sdpa"`` / ``"torch"``, what ``"auto"`` takes off CUDA) loops over the
 sequences and runs ``flash_attention``'s path of that name on each: exact, and never a ``(total, total)``
@@ -36,11 +36,9 @@ PyTorch path's loop is a graph break; the values of ``cu_seqlens`` are not check
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import eager, interface
+from . import eager, interface, settings
 from . import flash_attn as fa
 from .checks import (
     MAX_GRID_YZ,
@@ -55,8 +53,6 @@ from .checks import (
     check_varlen,
 )
 from .flash_attn import Spec, Varlen
-
-CHECK_CU_SEQLENS = os.environ.get("KERNELS_CHECK_CU_SEQLENS", "0") == "1"
 
 
 def flash_attention_varlen(
@@ -96,7 +92,7 @@ def flash_attention_varlen(
     check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         # Under torch.compile the values are data the trace cannot read: not checked there (run once eagerly).
-        check_values=(isinstance(q, torch.Tensor) and q.device.type == "cpu" or CHECK_CU_SEQLENS)
+        check_values=(isinstance(q, torch.Tensor) and q.device.type == "cpu" or settings.current.check_cu_seqlens)
         and not torch.compiler.is_compiling(),
     )  # fmt: skip
     window = check_options(causal, softmax_scale, window_size, backend)
@@ -131,7 +127,9 @@ def _varlen_per_sequence(
     the host (free on a CPU; one sync on a device)."""
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     total_q, H = q.shape[0], q.shape[1]
-    if q.device.type != "cpu" and not CHECK_CU_SEQLENS:  # read anyway: checked for free (on a CPU: done)
+    if (
+        q.device.type != "cpu" and not settings.current.check_cu_seqlens
+    ):  # read anyway: checked for free (on a CPU: done)
         check_cu_seqlens_values("cu_seqlens_q", starts_q, total_q, max_seqlen_q)
         check_cu_seqlens_values("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)
     gen = _generator_of(q.device) if spec.dropout_p > 0.0 else None

@@ -25,7 +25,7 @@ def run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "module", ["decode", "decode --splits", "decode --append", "generate", "window", "host", "tune", "varlen"]
+    "module", ["decode", "decode --splits", "decode --append", "generate", "window", "host", "tune", "hf", "varlen"]
 )
 def test_gpu_benchmark_module_runs(module, tmp_path):
     out = tmp_path / "rows.json"

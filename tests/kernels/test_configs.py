@@ -50,8 +50,8 @@ def _as_on_a_gpu(monkeypatch, override: dict | None = None):
     seen = []
     real_plan = _PLAN
 
-    def plan_spy(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, scale, left=-1, right=-1):
-        out = real_plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, scale, left, right)
+    def plan_spy(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, scale, left=-1, right=-1, softcap=0.0):
+        out = real_plan(kernel, head_dim, dtype, allow_tf32, causal, dropout_p, scale, left, right, softcap)
         if kernel is not None:
             prec = configs.precision(dtype, allow_tf32)
             narrow = 0 <= left and (causal or 0 <= right) and configs.narrow_window(left, 0 if causal else right)

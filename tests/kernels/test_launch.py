@@ -74,9 +74,10 @@ def test_direct_launches_and_the_fused_append_are_off_by_default():
     code = "from chapter3_flash.kernels import settings; print(settings.current)"
     env = {k: v for k, v in os.environ.items() if k not in ("KERNELS_DIRECT_LAUNCH", "KERNELS_FUSED_APPEND")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.stdout.strip() == "Settings(direct_launch=False, fused_append=False, backend='auto')", proc.stderr[
-        -2000:
-    ]
+    assert (
+        proc.stdout.strip()
+        == "Settings(direct_launch=False, fused_append=False, check_cu_seqlens=False, backend='auto')"
+    ), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from chapter3_flash.kernels import eager, flash_attention, flash_attention_varlen, pad_input, unpad_input, varlen
+from chapter3_flash.kernels import (
+    eager,
+    flash_attention,
+    flash_attention_varlen,
+    pad_input,
+    settings,
+    unpad_input,
+    varlen,
+)
 from helpers import DEVICE, assert_close_to_reference, backward_path, cu_seqlens, varlen_ref
 
 BACKENDS = ["triton", "sdpa", "torch"]
@@ -259,7 +267,7 @@ def test_cuda_values_are_trusted_unless_the_debug_switch_is_on(monkeypatch):
 
     monkeypatch.setattr(varlen, "check_varlen", spy)
     for device, switch in (("meta", False), ("meta", True), ("cpu", False)):
-        monkeypatch.setattr(varlen, "CHECK_CU_SEQLENS", switch)
+        monkeypatch.setattr(settings.current, "check_cu_seqlens", switch)
         q = torch.empty(8, 2, 16, device=device)
         cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
         with pytest.raises(Stop):
