@@ -24,7 +24,14 @@ they are trusted, as FlashAttention-2 trusts them (checking needs a device-to-ho
 
 Paths: the PyTorch path (``backend="sdpa"`` / ``"torch"``, what ``"auto"`` takes off CUDA) loops over the
 sequences and runs ``flash_attention``'s path of that name on each: exact, and never a ``(total, total)``
-matrix (the largest is one sequence's chunk, or its ``(Nq, Nk)`` on the ``"torch"`` reference).
+matrix (the largest is one sequence's chunk, or its ``(Nq, Nk)`` on the ``"torch"`` reference). The Triton path
+(``"triton"``, what ``"auto"`` takes on CUDA) is one launch per kernel for the whole batch: programs over (query
+tiles of the longest sequence, heads, sequences), each reading its sequence's bounds from ``cu_seqlens``; a program
+whose tile lies past its own sequence returns at once (an early exit: such programs are launched and cost a few
+loads, as FlashAttention-2's varlen grid does; a precomputed list of real tiles would launch none).
+
+Under ``torch.compile`` the Triton path runs as two custom ops (no graph break, as ``flash_attention``); the
+PyTorch path's loop is a graph break; the values of ``cu_seqlens`` are not checked inside a compiled region.
 """
 
 from __future__ import annotations
@@ -84,7 +91,9 @@ def flash_attention_varlen(
     """
     check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        check_values=isinstance(q, torch.Tensor) and q.device.type == "cpu" or settings.current.check_cu_seqlens,
+        # Under torch.compile the values are data the trace cannot read: not checked there (run once eagerly).
+        check_values=(isinstance(q, torch.Tensor) and q.device.type == "cpu" or settings.current.check_cu_seqlens)
+        and not torch.compiler.is_compiling(),
     )  # fmt: skip
     window = check_options(causal, softmax_scale, window_size, backend)
     dropout_p = check_dropout(dropout_p)
@@ -109,6 +118,8 @@ def flash_attention_varlen(
     )
 
 
+# A loop over host-read offsets: under torch.compile a graph break here (the Triton path compiles whole).
+@torch.compiler.disable
 def _varlen_per_sequence(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec: Spec, sinks, return_lse: bool, path: str
 ):
@@ -185,8 +196,93 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, grads[3] if sinks is not None else None, None, None
 
 
-# Not traced by torch.compile: a graph break there (the dense path's custom ops do not take a packed batch yet).
-@torch.compiler.disable
+@torch.library.custom_op(f"{interface._OPS}::varlen_fwd", mutates_args=())
+def _varlen_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    dropout_p: float,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    deterministic: bool,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under torch.compile: the forward as an op opaque to the compiler, as the dense path's. Returns the kernels'
+    (1, H, total_q, D) output, (1, H, total_q) lse and the seed."""
+    spec = Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return fa.forward(_view(q), _view(k), _view(v), spec, sinks=sinks, varlen=varlen)
+
+
+@_varlen_fwd_op.register_fake
+def _(q, k, v, sinks, *rest):
+    H, T = q.shape[1], q.shape[0]
+    o = torch.empty_like(_view(q))  # the kernels' output takes q's layout
+    return o, q.new_empty((1, H, T), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{interface._OPS}::varlen_bwd", mutates_args=())
+def _varlen_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    seed: torch.Tensor,
+    sinks: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    dropout_p: float,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    deterministic: bool,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv as (1, H, total, D) and dsinks (an empty tensor without sinks). ``do`` and ``o`` (1, H, total_q,
+    D); q, k, v as the user passed them."""
+    spec = Spec(causal, dropout_p, softmax_scale, window_left, window_right, deterministic, softcap)
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    grads = fa.backward(do, _view(q), _view(k), _view(v), o, lse, seed, spec, sinks=sinks, varlen=varlen)
+    dq, dk, dv = (g.clone() if g._base is not None else g for g in grads[:3])  # no output may alias another
+    return dq, dk, dv, (grads[3] if sinks is not None else q.new_empty(0))
+
+
+@_varlen_bwd_op.register_fake
+def _(do, q, k, v, o, lse, seed, sinks, *rest):
+    dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
+    return torch.empty_like(_view(q)), torch.empty_like(_view(k)), torch.empty_like(_view(v)), dsinks
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, sinks, cu_q, cu_k, *rest = inputs
+    o, lse, seed = output
+    ctx.save_for_backward(q, k, v, o, lse, seed, sinks, cu_q, cu_k)
+    ctx.rest = rest  # max_seqlen_q, max_seqlen_k, then the spec's fields
+    ctx.mark_non_differentiable(lse, seed)
+
+
+def _varlen_backward(ctx, do, _dlse, _dseed):
+    q, k, v, o, lse, seed, sinks, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv, dsinks = _varlen_bwd_op(do, q, k, v, o, lse, seed, sinks, cu_q, cu_k, *ctx.rest)
+    grads = (_unview(dq), _unview(dk), _unview(dv), dsinks if sinks is not None else None)
+    return grads + (None,) * (2 + len(ctx.rest))
+
+
+_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
 def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse):
     """One launch per kernel for the whole packed batch: programs over (query tiles of the longest sequence, heads,
     sequences); a program whose tile lies past its sequence's own rows returns at once (kernels/flash_attn.py)."""
@@ -196,6 +292,10 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         lse = q.new_full((H, total_q), float("-inf"), dtype=torch.float32)
         return (out, lse) if return_lse else out
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if torch.compiler.is_compiling():  # custom ops, opaque to the compiler: no graph break
+        o, lse, _ = _varlen_fwd_op(q, k, v, sinks, *varlen, *spec)
+        out, lse = _unview(o), lse[0]
+        return (out, interface.natural_lse(lse)) if return_lse else out
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad)
     if torch.is_grad_enabled() and needs_grad:
         out, lse = _VarlenAttention.apply(q, k, v, sinks, varlen, spec)

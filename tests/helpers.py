@@ -329,10 +329,11 @@ def assert_same_outputs_and_grads(ours, theirs, *inputs, tol: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def attention_ref(q, k, v, *, causal, scale=None, window=(-1, -1), softcap=0.0, sinks=None):
+def attention_ref(q, k, v, *, causal, scale=None, window=(-1, -1), softcap=0.0, sinks=None, keep=None, p=0.0):
     """One problem (B, H, N, D), written out from the definitions, apart from kernels/: grouped heads by
     repetition, bottom-right alignment (query i at position i + Nk - Nq), the window, Gemma 2's cap, GPT-OSS's
-    sink in the denominator. Computes in the inputs' dtype (softmax in float32 for half inputs, as PyTorch
+    sink in the denominator; ``keep`` a fixed dropout mask (B, H, Nq, Nk) with probability ``p``. Computes in the
+    inputs' dtype (softmax in float32 for half inputs, as PyTorch
     users write it; float64 in, float64 throughout). Returns (out, lse): lse the natural log-sum-exp of the
     visible capped scores (sink excluded), -inf for a row that sees no key."""
     B, H, Nq, D = q.shape
@@ -362,6 +363,8 @@ def attention_ref(q, k, v, *, causal, scale=None, window=(-1, -1), softcap=0.0, 
     if sinks is not None:
         den = den + torch.exp(sinks.to(work)[None, :, None, None] - m[..., None])
     w = num / torch.where(den == 0, 1.0, den)
+    if keep is not None:
+        w = w * keep.to(w.dtype) / (1 - p)  # dropout after the softmax, its normalizer untouched
     return (w.to(q.dtype) @ v), lse.detach().float()
 
 

@@ -228,3 +228,36 @@ def test_compiles_without_graph_break(sinks):
     torch.testing.assert_close(loss, ref)
     for a, b in zip(leaves, twins):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backward", ["one-pass", "two-kernel"])
+def test_triton_dropout_with_softcap_and_sinks(backward):
+    """Dropout's mask depends on the seed and positions only: read it through a plain call (q = 0, v = I: the output
+    row is the kept weights), then check a call with softcap, sinks and the same seed, forward and all gradients,
+    against attention_ref with that mask."""
+    B, Hq, Hkv, Nq, Nk, D, p = 1, 2, 1, 20, 24, 16, 0.3
+    seed = 99
+    zeros, eye = torch.zeros(B, Hq, Nq, Nk, device=DEVICE), torch.eye(Nk, device=DEVICE).expand(B, Hkv, Nk, Nk)
+    torch.manual_seed(seed)  # then the call draws its seed first, as the call below does
+    probe = flash_attention(zeros, eye, eye, causal=True, dropout_p=p, backend="triton")
+    seen = torch.ones(Nq, Nk, dtype=torch.bool, device=DEVICE).tril(Nk - Nq)
+    n_visible = seen.sum(-1, keepdim=True).float()
+    keep = (probe * (1 - p) * n_visible).round().bool() & seen  # (B, Hq, Nq, Nk)
+    q, k, v = (t.requires_grad_() for t in make_qkv(B, Hq, Hkv, Nq, Nk, D, torch.float32, scale=2.0))
+    sinks = _sinks(Hq).requires_grad_()
+    from helpers import backward_path
+
+    torch.manual_seed(seed)
+    with backward_path(backward):
+        out = flash_attention(q, k, v, causal=True, dropout_p=p, softcap=2.0, sinks=sinks, backend="triton")
+        dout = torch.randn_like(out)
+        out.backward(dout)
+    refs = {}
+    for label, dtype in (("ref64", torch.float64), ("lowp", torch.float32)):
+        qq, kk, vv, ss = (t.detach().to(dtype).requires_grad_() for t in (q, k, v, sinks))
+        o, _ = attention_ref(qq, kk, vv, causal=True, softcap=2.0, sinks=ss, keep=keep, p=p)
+        o.backward(dout.to(dtype))
+        refs[label] = [o, qq.grad, kk.grad, vv.grad, ss.grad]
+    ours = (out, q.grad, k.grad, v.grad, sinks.grad)
+    for name, mine, ref64, low in zip(("out", "dq", "dk", "dv", "dsinks"), ours, *refs.values()):
+        assert_close_to_reference(name, mine, ref64, low)

@@ -273,3 +273,29 @@ def test_cuda_values_are_trusted_unless_the_debug_switch_is_on(monkeypatch):
         with pytest.raises(Stop):
             flash_attention_varlen(q, q, q, cu, cu, 8, 8, causal=True)
     assert seen == [False, True, True]
+
+
+@pytest.mark.parametrize("sinks", [True, False], ids=["sinks", "no-sinks"])
+def test_compiles_without_graph_break(sinks):
+    """Under torch.compile the Triton varlen path runs as two custom ops (fullgraph: no graph break), with the
+    sinks' gradient and the lse."""
+    q, k, v, cu_q, cu_k, mq, mk = packed([(5, 9), (0, 2), (11, 11)], 4, 2, 16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    s = (torch.randn(4, device=DEVICE) * 2).requires_grad_() if sinks else None
+
+    def f(q, k, v, s):
+        out, lse = flash_attention_varlen(
+            q, k, v, cu_q, cu_k, mq, mk, causal=True, softcap=2.0, sinks=s, return_lse=True, backend="triton"
+        )
+        return out.sin().sum() + lse.nan_to_num(0.0, 0.0, 0.0).sum().detach()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    loss = compiled(q, k, v, s)
+    loss.backward()
+    leaves = [q, k, v] + ([s] if sinks else [])
+    twins = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = f(*twins[:3], twins[3] if sinks else None)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(leaves, twins):
+        torch.testing.assert_close(a.grad, b.grad)
