@@ -31,6 +31,8 @@
 #   hf        a Llama-3.2-1B-shaped HF model on attention.hf against HF's sdpa and eager: a packed 8x2048 bf16
 #             training step (and the documents padded), generation at batch 1 and 8 (bench/hf.py); not in the
 #             default STAGES, whose limits already fill a 600 s call: a call of its own, STAGES=hf
+#   swap      swap_attention's verification cost on the GPU: 28 Qwen3-0.6B-sized layers, with and without the
+#             probe (bench/swap_cost.py)
 #   kernels   the compiler's registers and spills on the real GPU (bench/kernel_report.py)
 #   sanitizer compute-sanitizer memcheck on ragged / grouped / dropout / decode launches
 #
@@ -42,7 +44,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
-STAGES=${STAGES:-"launch tests host sweep window tune e2e dropout decode splits append generate gluon"}
+# Issue 28's order for the next call: what never ran on hardware (launch, with the GPU suite), then the open
+# predictions (host path, decode compiles and the append, the narrow-window rows), then this round's new paths
+# (varlen, the swap's verification cost, sanitizer on the varlen and decode kernels). Their limits sum to 485 s;
+# the rest runs if the call has time left. hf and gluon need a call of their own each: STAGES=hf, STAGES=gluon.
+STAGES=${STAGES:-"launch tests host decode append window varlen swap sanitizer sweep tune e2e dropout splits generate"}
 RES="$OUT/results"
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -69,46 +75,59 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $RES/NAME.
   return $rc
 }
 
-# First: the direct launches (kernels/launch.py) against the JIT's, bit for bit, and the decode kernel's append.
-# If every test passes, every stage below launches directly and appends inside the decode kernel (the candidate
-# defaults); otherwise the rest runs with the defaults (the JIT's dispatch, the separate append).
-stage launch "${LAUNCH_LIMIT:-45}" $PY -m pytest tests/kernels/test_launch.py tests/kernels/test_decode.py -n 16 \
-  -p no:cacheprovider --timeout 60 -rfE --tb=short -p no:benchmark
-if [ $? -eq 0 ]; then
-  export KERNELS_DIRECT_LAUNCH=1 KERNELS_FUSED_APPEND=1
-  echo "== launch passed: KERNELS_DIRECT_LAUNCH=1 KERNELS_FUSED_APPEND=1 for every stage below" | tee -a "$OUT/summary.log"
-else
-  export KERNELS_DIRECT_LAUNCH=0 KERNELS_FUSED_APPEND=0
-  echo "== launch failed: the defaults (JIT dispatch, separate append) for every stage below" | tee -a "$OUT/summary.log"
-fi
+# One stage by name; the stages run in the order STAGES lists them.
+# shellcheck disable=SC2086
+run_stage() {
+  case $1 in
+  launch)
+    # The direct launches (kernels/launch.py) against the JIT's, bit for bit, and the decode kernel's append. If
+    # every test passes, every later stage launches directly and appends inside the decode kernel (the candidate
+    # defaults); otherwise the rest runs with the defaults (the JIT's dispatch, the separate append).
+    if stage launch "${LAUNCH_LIMIT:-45}" $PY -m pytest tests/kernels/test_launch.py tests/kernels/test_decode.py -n 16 \
+      -p no:cacheprovider --timeout 60 -rfE --tb=short -p no:benchmark; then
+      export KERNELS_DIRECT_LAUNCH=1 KERNELS_FUSED_APPEND=1
+      echo "== launch passed: KERNELS_DIRECT_LAUNCH=1 KERNELS_FUSED_APPEND=1 for every stage below" | tee -a "$OUT/summary.log"
+    else
+      export KERNELS_DIRECT_LAUNCH=0 KERNELS_FUSED_APPEND=0
+      echo "== launch failed: the defaults (JIT dispatch, separate append) for every stage below" | tee -a "$OUT/summary.log"
+    fi ;;
+  tests)
+    # The Gluon forward's tests run in their own stage (gluon): a hang there (a wrong barrier phase) must not cost
+    # this stage its time.
+    stage tests "${TESTS_LIMIT:-105}" $PY -m pytest ${TESTS:-tests --ignore=tests/bench/test_gluon_attention.py} -v -n 16 \
+      -p no:cacheprovider --timeout 90 -rfE --tb=short -p no:benchmark
+    grep -E "(FAILED|ERROR) " "$RES/tests.log" | head -20 | tee -a "$OUT/summary.log" ;;
+  host) stage host "${HOST_LIMIT:-40}" $PY -m bench.host --parts "${HOST_PARTS:-host}" --json "$RES/host.json" ;;
+  sweep)
+    stage sweep "${SWEEP_LIMIT:-85}" $PY -m bench --parts sweep --budget "${SWEEP_BUDGET:-65}" --no-progress \
+      --out "$RES/sweep" --seq-lens 1024,2048,4096,8192,16384 \
+      --providers ours,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,chapter ${BENCH_ARGS:-} ;;
+  window) stage window "${WINDOW_LIMIT:-60}" $PY -m bench.window --json "$RES/window.json" ;;
+  tune) stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-45}" --json "$RES/tune.json" ${TUNE_ARGS:-} ;;
+  e2e) stage e2e "${E2E_LIMIT:-55}" $PY -m bench --parts "${E2E_PARTS:-e2e}" --out "$RES/e2e" --no-progress ;;
+  dropout) stage dropout "${DROPOUT_LIMIT:-35}" $PY -m bench.dropout_cost --json "$RES/dropout.json" ;;
+  decode) stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json" ;;
+  splits) stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json" ;;
+  append) stage append "${APPEND_LIMIT:-15}" $PY -m bench.decode --append --json "$RES/append.json" ;;
+  generate) stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-} ;;
+  varlen) stage varlen "${VARLEN_LIMIT:-90}" $PY -m bench.varlen --json "$RES/varlen.json" ;;
+  gluon)
+    # The Gluon forward: a wrong result (barrier phases, TMA boxes: nothing an offline compile can check) stops the
+    # stage before any timing. A hung kernel never returns to Python, so the per-test timeout uses a thread.
+    stage gluon "${GLUON_LIMIT:-240}" bash -c "$PY -m pytest tests/bench/test_gluon_attention.py -n 8 -p no:cacheprovider \
+      --timeout 120 --timeout-method thread -rfE --tb=short -p no:benchmark && $PY -m bench.gluon_attention --json '$RES/gluon.json'" ;;
+  hf) stage hf "${HF_LIMIT:-240}" $PY -m bench.hf --json "$RES/hf.json" ;;
+  swap) stage swap "${SWAP_LIMIT:-20}" $PY -m bench.swap_cost --device cuda --json "$RES/swap_cost.json" ;;
+  kernels) stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report ;;
+  sanitizer)
+    stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY \
+      tests/kernels/sanitize_cases.py ;;
+  *) echo "== unknown stage $1" | tee -a "$OUT/summary.log" ;;
+  esac
+}
 
-# The Gluon forward's tests run in their own stage (gluon, below): a hang there (a wrong barrier phase) must not
-# cost this stage its time.
-# shellcheck disable=SC2086
-stage tests "${TESTS_LIMIT:-105}" $PY -m pytest ${TESTS:-tests --ignore=tests/bench/test_gluon_attention.py} -v -n 16 -p no:cacheprovider --timeout 90 -rfE --tb=short \
-  -p no:benchmark
-grep -E "(FAILED|ERROR) " "$RES/tests.log" | head -20 | tee -a "$OUT/summary.log"
-stage host "${HOST_LIMIT:-40}" $PY -m bench.host --parts "${HOST_PARTS:-host}" --json "$RES/host.json"
-# shellcheck disable=SC2086
-stage sweep "${SWEEP_LIMIT:-85}" $PY -m bench --parts sweep --budget "${SWEEP_BUDGET:-65}" --no-progress \
-  --out "$RES/sweep" --seq-lens 1024,2048,4096,8192,16384 \
-  --providers ours,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,chapter ${BENCH_ARGS:-}
-stage window "${WINDOW_LIMIT:-60}" $PY -m bench.window --json "$RES/window.json"
-stage tune "${TUNE_LIMIT:-60}" $PY -m bench.tune --deadline "${TUNE_DEADLINE:-45}" --json "$RES/tune.json" ${TUNE_ARGS:-}
-stage e2e "${E2E_LIMIT:-55}" $PY -m bench --parts "${E2E_PARTS:-e2e}" --out "$RES/e2e" --no-progress
-stage dropout "${DROPOUT_LIMIT:-35}" $PY -m bench.dropout_cost --json "$RES/dropout.json"
-stage decode "${DECODE_LIMIT:-50}" $PY -m bench.decode --json "$RES/decode.json"
-stage splits "${SPLITS_LIMIT:-15}" $PY -m bench.decode --splits --json "$RES/splits.json"
-stage append "${APPEND_LIMIT:-15}" $PY -m bench.decode --append --json "$RES/append.json"
-stage generate "${GENERATE_LIMIT:-45}" $PY -m bench.generate --json "$RES/generate.json" ${GENERATE_ARGS:-}
-# Not in the default STAGES (their limits already fill the call): STAGES="varlen" for issue 26's packed batches.
-stage varlen "${VARLEN_LIMIT:-90}" $PY -m bench.varlen --json "$RES/varlen.json"
-# The Gluon forward: a wrong result (barrier phases, TMA boxes: nothing an offline compile can check) stops the stage
-# before any timing. A hung kernel never returns to Python, so the per-test timeout uses a thread, not a signal.
-stage gluon "${GLUON_LIMIT:-240}" bash -c "$PY -m pytest tests/bench/test_gluon_attention.py -n 8 -p no:cacheprovider \
-  --timeout 120 --timeout-method thread -rfE --tb=short -p no:benchmark && $PY -m bench.gluon_attention --json '$RES/gluon.json'"
-stage hf "${HF_LIMIT:-240}" $PY -m bench.hf --json "$RES/hf.json"
-stage kernels "${KERNELS_LIMIT:-60}" $PY -m bench.kernel_report
-stage sanitizer "${SANITIZER_LIMIT:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/kernels/sanitize_cases.py
+for name in $STAGES; do
+  run_stage "$name"
+done
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"
 ls -la "$OUT"
