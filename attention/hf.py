@@ -30,28 +30,17 @@ transformers is an optional dependency (``pip install .[hf]``) imported only whe
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
-import inspect
-import os
-import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
-from chapter3_flash.kernels import checks, flash_attention, flash_attention_with_kvcache
+from chapter3_flash.kernels import checks, flash_attention_with_kvcache
 
 from . import fused
 
 DEFAULT_NAME = "chapter3"
 
 _warned: set[str] = set()
-
-# Whether the decode kernel takes cache_leftpad, softcap and sinks (issue 26, step 4). Without them a padded step
-# against a cache runs the varlen kernel, and a softcapped or sinked step flash_attention (bottom-right causal).
-_DECODE_TAKES_ALL = {"cache_leftpad", "softcap", "sinks"} <= set(
-    inspect.signature(flash_attention_with_kvcache).parameters
-)
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -298,7 +287,7 @@ def _padded(causal, window, q_length, kv_used, queries: torch.Tensor, keys: torc
     if window != (-1, -1) and not (causal and all_gapless):
         return None
     step = kv_used > q_length and q_length <= fused.DECODE_MAX_TOKENS  # a few new tokens against a cache
-    if _DECODE_TAKES_ALL and step and min_q == q_length and all_suffix and min_k > 0:
+    if step and min_q == q_length and all_suffix and min_k > 0:
         return Layout(causal, window, q_length, kv_used, leftpad=first_k, padding=(queries, keys))
     return Layout(causal, window, q_length, kv_used, ragged=_ragged(queries, keys, lens_q, lens_k, max_q, max_k))
 
@@ -313,12 +302,6 @@ def _ragged(queries, keys, lens_q, lens_k, max_q: int, max_k: int) -> Ragged:
 # ----------------------------------------------------------------------------------------------
 # The attention function
 # ----------------------------------------------------------------------------------------------
-
-
-def _decode_backend() -> str:
-    """The layers' backend for the decode function, whose PyTorch path is named "torch" ("sdpa" too on main)."""
-    backend = fused.current_backend()
-    return "torch" if backend == "sdpa" else backend
 
 
 def _kernel_options(scaling, softcap, sinks) -> dict:
@@ -492,53 +475,20 @@ def attention_forward(
             cache_leftpad=layout.leftpad,
             causal=layout.causal,
             window_size=layout.window,
-            backend=_decode_backend(),
-            **options,
-        )
-    elif _DECODE_TAKES_ALL or len(options) == 1:  # the decode kernel takes every option given
-        out = fused.attend_newest(
-            query, k, v, causal=layout.causal, dropout_p=dropout, window_size=layout.window, **options
-        )  # (B, Hq, Nq, D)
-    else:
-        out = flash_attention(
-            query,
-            k,
-            v,
-            causal=layout.causal,
-            dropout_p=dropout,
-            window_size=layout.window,
             backend=fused.current_backend(),
             **options,
+        )
+    else:  # a few new tokens against a cache go to the decode kernel, a longer chunk to flash_attention
+        out = fused.attend_newest(
+            query, k, v, causal=layout.causal, dropout_p=dropout, window_size=layout.window, **options
         )  # (B, Hq, Nq, D)
     return out.transpose(1, 2), None  # (B, Nq, Hq, D)
 
 
-def _load_hub_kernels_first() -> None:
-    """In a checkout of this repository whose root is on sys.path (tests and benchmarks run from there), the
-    folder ``kernels/`` (ours, installed as ``chapter3_flash.kernels``) shadows Hugging Face's top-level package
-    ``kernels``, which transformers 5 installs and imports (``from kernels import get_kernel``, ...): transformers
-    would fail to import. Import Hugging Face's first, from the rest of sys.path, where it is installed; an
-    installed copy of this project (no ``kernels/`` on sys.path) needs nothing."""
-    if "kernels" in sys.modules:
-        return
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # attention/.. : the checkout's root
-    spec = importlib.util.find_spec("kernels")
-    if spec is None or spec.origin is None or os.path.dirname(os.path.dirname(spec.origin)) != checkout:
-        return
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != checkout]
-    try:
-        importlib.import_module("kernels")  # Hugging Face's, where installed
-    except ImportError:
-        pass  # not installed: transformers finds no version for our folder and leaves hub kernels off
-    finally:
-        sys.path[:] = saved
-
-
 def import_transformers():
-    """``import transformers`` (ImportError where it is not installed), safe from a checkout's root: see
-    ``_load_hub_kernels_first``. Tests and benchmarks import it through here."""
-    _load_hub_kernels_first()
+    """``import transformers`` (ImportError where it is not installed). From a checkout's root, where our
+    ``kernels/`` folder could shadow Hugging Face's ``kernels`` package that transformers imports, the folder hands
+    the bare name over to Hugging Face's (kernels/__init__.py)."""
     import transformers
 
     return transformers
