@@ -296,13 +296,7 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, num_splits, backend)
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(f"cache_seqlens must be an int or an int32/int64 tensor of shape (B,), got {cache_seqlens!r}")
     if isinstance(cache_seqlens, torch.Tensor):
-        if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.shape != (B,):
-            raise TypeError(
-                f"cache_seqlens must be an int32/int64 tensor of shape ({B},), got {cache_seqlens.dtype} "
-                f"{tuple(cache_seqlens.shape)}"
-            )
-        if cache_seqlens.device != q.device:
-            raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
+        _check_per_sequence("cache_seqlens", cache_seqlens, q)
     else:
         check_int("cache_seqlens", cache_seqlens)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
@@ -315,6 +309,15 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, num_splits, backend)
         )
     if k is not None and k.shape[2] > 0 and B > 0:
         check_cache_writes({"k_cache": k_cache, "v_cache": v_cache}, {"q": q, "k": k, "v": v})
+
+
+def _check_per_sequence(name: str, t: torch.Tensor, q) -> None:
+    """A ``(B,)`` int32/int64 tensor of one value per sequence, on q's device."""
+    B = q.shape[0]
+    if t.dtype not in (torch.int32, torch.int64) or t.shape != (B,):
+        raise TypeError(f"{name} must be an int32/int64 tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
 
 def check_cache_lengths(cache_seqlens, n_new: int, t_max: int) -> int:
@@ -432,13 +435,7 @@ def check_leftpad(cache_leftpad, cache_seqlens, n_new: int, q) -> None:
     B = q.shape[0]
     if not isinstance(cache_leftpad, torch.Tensor):
         raise TypeError(f"cache_leftpad must be an int32/int64 tensor of shape ({B},) or None, got {cache_leftpad!r}")
-    if cache_leftpad.dtype not in (torch.int32, torch.int64) or cache_leftpad.shape != (B,):
-        raise TypeError(
-            f"cache_leftpad must be an int32/int64 tensor of shape ({B},), got {cache_leftpad.dtype} "
-            f"{tuple(cache_leftpad.shape)}"
-        )
-    if cache_leftpad.device != q.device:
-        raise ValueError(f"cache_leftpad is on {cache_leftpad.device}, q on {q.device}")
+    _check_per_sequence("cache_leftpad", cache_leftpad, q)
     if cache_leftpad.device.type == "cpu" and (isinstance(cache_seqlens, int) or cache_seqlens.device.type == "cpu"):
         pads = cache_leftpad.tolist()
         lengths = [cache_seqlens] * B if isinstance(cache_seqlens, int) else cache_seqlens.tolist()
