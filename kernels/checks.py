@@ -226,7 +226,8 @@ def _elements_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _check_writable(name: str, t: torch.Tensor) -> None:
-    for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
+    strides = t.stride()
+    for dim, (size, stride) in enumerate(zip(t.shape, strides) if 0 in strides else ()):
         if size > 1 and stride == 0:
             raise ValueError(
                 f"{name} has stride 0 in dim {dim} (shape {tuple(t.shape)}, strides {t.stride()}): an expanded "
