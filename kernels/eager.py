@@ -29,6 +29,8 @@ draws): the log-sum-exp comes from one more chunked pass of ``q k^T``. The seman
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -130,8 +132,6 @@ def may_hide_nonfinite(q, k, spec) -> bool:
     row or a non-finite first visible key (a row whose first key is finite has a finite or +inf score, which the
     fused kernel propagates as the chapter does). Checked with one read of q and of those keys (a float32 sum is
     finite exactly when no element is NaN or Inf, barring overflow, which only sends a call the exact way)."""
-    if not torch.isfinite(q.sum(dtype=torch.float32)):
-        return True
     n_q, n_k = q.shape[2], k.shape[2]
     mask_left, _, left, _ = window_flags(spec.causal, _window(spec))
     if not mask_left:
@@ -139,7 +139,8 @@ def may_hide_nonfinite(q, k, spec) -> bool:
     else:
         rows = torch.arange(n_q) + (n_k - n_q) - left
         firsts = k[:, :, rows.clamp(0, n_k - 1).unique().to(k.device)]  # (B, Hkv, <= Nq, D)
-    return not torch.isfinite(firsts.sum(dtype=torch.float32))
+    # One number (a NaN or Inf anywhere makes the sum non-finite; +inf + -inf is NaN), read once.
+    return not math.isfinite((q.sum(dtype=torch.float32) + firsts.sum(dtype=torch.float32)).item())
 
 
 def attention_sdpa(q, k, v, spec, sinks=None, return_lse: bool = False):
