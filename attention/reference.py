@@ -58,6 +58,23 @@ def _check_heads(d_out: int, num_heads: int) -> None:
         raise ValueError(f"d_out {d_out} must be divisible by num_heads {num_heads}")
 
 
+def init_head_layout(layer, d_in: int, num_heads: int, num_kv_groups: int, head_dim: int | None) -> int:
+    """The head attributes the ch05 grouped-query layers set before their projections (Qwen3, Qwen3.5, Tiny Aya):
+    ``num_heads``, ``num_kv_groups``, ``group_size``, ``head_dim`` (``d_in // num_heads`` when not given) and
+    ``d_out``; returns the head dim. Creates no parameter, so the layers' creation order (and seeded weights) stay."""
+    _check_groups(num_heads, num_kv_groups)
+    layer.num_heads = num_heads
+    layer.num_kv_groups = num_kv_groups
+    layer.group_size = num_heads // num_kv_groups
+    if head_dim is None:
+        if d_in % num_heads:
+            raise ValueError(f"d_in {d_in} must be divisible by num_heads {num_heads} when head_dim is not set")
+        head_dim = d_in // num_heads
+    layer.head_dim = head_dim
+    layer.d_out = num_heads * head_dim
+    return head_dim
+
+
 def _check_groups(num_heads: int, num_kv_groups: int, d_out: int | None = None) -> None:
     """Grouped-query attention's head counts (the bonus models): ``d_out`` (when the layer takes one) splits
     into num_heads, and num_heads into num_kv_groups."""

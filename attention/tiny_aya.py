@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .kv_cache_pkg import _check_call, _grow
-from .reference import _check_groups
+from .reference import init_head_layout
 from .rope import RopeAttentionMixin, apply_rope, attend_cached, attend_with_mask
 
 
@@ -44,16 +44,7 @@ class GroupedQueryAttention(RopeAttentionMixin, nn.Module):
         attn_type: str = "full_attention",
     ):
         super().__init__()
-        _check_groups(num_heads, num_kv_groups)
-        self.num_heads = num_heads
-        self.num_kv_groups = num_kv_groups
-        self.group_size = num_heads // num_kv_groups
-        if head_dim is None:
-            if d_in % num_heads:
-                raise ValueError(f"d_in {d_in} must be divisible by num_heads {num_heads} when head_dim is not set")
-            head_dim = d_in // num_heads
-        self.head_dim = head_dim
-        self.d_out = num_heads * head_dim
+        head_dim = init_head_layout(self, d_in, num_heads, num_kv_groups, head_dim)
         self.attn_type = attn_type
         self.W_query = nn.Linear(d_in, self.d_out, bias=attention_bias, dtype=dtype)
         self.W_key = nn.Linear(d_in, num_kv_groups * head_dim, bias=attention_bias, dtype=dtype)
