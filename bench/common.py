@@ -79,6 +79,10 @@ def smoke_mode() -> None:
     _smoke = True
 
 
+def smoke_mode_on() -> bool:
+    return _smoke
+
+
 _clocks_raised = False
 
 

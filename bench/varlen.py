@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from chapter3_flash.kernels import flash_attention, flash_attention_varlen
 
 from bench import providers
-from bench.common import RESULTS, device_slug, measure, metadata, save_json, smoke_mode
+from bench.common import RESULTS, device_slug, measure, metadata, save_json, smoke_mode, smoke_mode_on
 
 GPU_WORKLOAD = dict(num_seqs=32, min_len=64, max_len=4096, heads=16, head_dim=128, dtype=torch.bfloat16)
 CPU_WORKLOAD = dict(num_seqs=8, min_len=16, max_len=256, heads=4, head_dim=64, dtype=torch.float32)
@@ -133,6 +134,14 @@ def flex_document(data: dict, device: str):
     return run
 
 
+# Rounds: on a CPU every provider is timed once per round (at least MIN_REPS calls, ROUND_MS long), the rounds in
+# alternating order, and a row reports the median of its rounds' medians (p20 / p80: the 20th and 80th percentile of
+# those). A shared 2-core machine drifts by tens of percent within seconds; short rounds put every provider under the
+# same drift. A GPU's timings hold still: one round of measure's usual length.
+CPU_ROUNDS = 15
+ROUND_MS = 20
+
+
 def rows(workload: dict, device: str, flex: bool) -> list[dict]:
     lens = lengths(workload["num_seqs"], workload["min_len"], workload["max_len"])
     data = build(lens, workload["heads"], workload["head_dim"], workload["dtype"], device)
@@ -140,36 +149,69 @@ def rows(workload: dict, device: str, flex: bool) -> list[dict]:
         num_seqs=len(lens), total_tokens=sum(lens), longest=max(lens), heads=workload["heads"],
         head_dim=workload["head_dim"], dtype=str(workload["dtype"]).removeprefix("torch."), causal=True,
     )  # fmt: skip
-    out = []
-    for name, (fn, inputs) in providers_for(data, device, flex).items():
-        row = dict(provider=name, **common)
+    table = providers_for(data, device, flex)
+    out = {name: dict(provider=name, **common) for name in table}
+    timings: dict[str, dict[str, dict]] = {name: {"fwd": {}, "fwd_bwd": {}} for name in table}  # round -> Timing
+    for name, (fn, _) in table.items():
         if isinstance(fn, Exception):
-            row["error"] = f"n/a: {fn}"
-            out.append(row)
+            out[name]["error"] = f"n/a: {fn}"
+    if "flex document" in table and device != "cuda":
+        # Trying its backward raises, and afterwards the compiled forward runs ~9x slower (recompiled): not tried.
+        out["flex document"]["fwd_bwd_error"] = "n/a: FlexAttention has no backward on a CPU"
+    rounds = 1 if device == "cuda" or smoke_mode_on() else CPU_ROUNDS
+    kw = dict(rep_ms=ROUND_MS) if rounds > 1 else {}
+    for r in range(rounds):
+        names = [n for n in table if "error" not in out[n]]
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn, inputs = table[name]
+            try:
+                if "fwd_error" not in out[name]:
+                    with torch.no_grad():
+                        timings[name]["fwd"][r] = measure(lambda fn=fn, inputs=inputs: fn(*inputs), device, **kw)
+                if "fwd_bwd_error" not in out[name]:
+                    timings[name]["fwd_bwd"][r] = measure(_fwd_bwd(fn, inputs), device, **kw)
+            except providers.Unavailable as err:
+                out[name]["error"] = f"n/a: {err}"
+            except Exception as err:
+                # A forward that ran keeps its time (FlexAttention has no CPU backward, for one).
+                key = "fwd_bwd_error" if timings[name]["fwd"] and not timings[name]["fwd_bwd"] else "error"
+                out[name][key] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                out[name]["ours_failed"] = name.startswith("ours")
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    packed = timings.get("ours packed")
+    for name, row in out.items():
+        if "error" in row:
             continue
-        try:
-            with torch.no_grad():
-                f = measure(lambda fn=fn, inputs=inputs: fn(*inputs), device)
-            grads = [t.detach().requires_grad_() for t in inputs]
-            do = torch.randn_like(fn(*inputs))
+        for mode in ("fwd", "fwd_bwd"):
+            got = timings[name][mode]
+            if not got:
+                continue
+            if len(got) == 1:
+                (t,) = got.values()
+                row.update({f"{mode}_ms": t.ms, f"{mode}_p20": t.p20, f"{mode}_p80": t.p80})
+                continue
+            medians = [t.ms for t in got.values()]
+            q = statistics.quantiles(medians, n=10, method="inclusive")
+            row.update({f"{mode}_ms": statistics.median(medians), f"{mode}_p20": q[1], f"{mode}_p80": q[7]})
+            # The comparison that drift cannot bias: this row against ours packed within each round, the median.
+            ratios = [t.ms / packed[mode][r].ms for r, t in got.items() if packed and r in packed[mode]]
+            if ratios:
+                row[f"{mode}_vs_packed"] = statistics.median(ratios)
+        row["rounds"] = rounds
+    return list(out.values())
 
-            def fwd_bwd(fn=fn, grads=grads, do=do):
-                for t in grads:
-                    t.grad = None
-                fn(*grads).backward(do)
 
-            fb = measure(fwd_bwd, device)
-            row.update(fwd_ms=f.ms, fwd_p20=f.p20, fwd_p80=f.p80)
-            row.update(fwd_bwd_ms=fb.ms, fwd_bwd_p20=fb.p20, fwd_bwd_p80=fb.p80)
-        except providers.Unavailable as err:
-            row["error"] = f"n/a: {err}"
-        except Exception as err:
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-            row["ours_failed"] = name.startswith("ours")
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        out.append(row)
-    return out
+def _fwd_bwd(fn, inputs):
+    grads = [t.detach().requires_grad_() for t in inputs]
+    do = torch.randn_like(fn(*inputs))
+
+    def run():
+        for t in grads:
+            t.grad = None
+        fn(*grads).backward(do)
+
+    return run
 
 
 def table(result_rows: list[dict]) -> list[str]:
@@ -181,21 +223,30 @@ def table(result_rows: list[dict]) -> list[str]:
         f"H {r0['heads']} D {r0['head_dim']} {r0['dtype']}: ms (packed's speedup)"
     ]
     packed = next((r for r in result_rows if r["provider"] == "ours packed" and "fwd_ms" in r), None)
+
+    def gain(r, mode):
+        if f"{mode}_vs_packed" in r:  # rounds: the median of the within-round ratios
+            return f"{r[f'{mode}_vs_packed']:.2f}x"
+        return f"{r[f'{mode}_ms'] / packed[f'{mode}_ms']:.2f}x"
+
     for r in result_rows:
         if "fwd_ms" not in r:
-            lines.append(f"  {r['provider']:<22} {r['error']}")
-            continue
-        gain = ""
-        if packed:
-            gain = f"  ({r['fwd_ms'] / packed['fwd_ms']:.2f}x / {r['fwd_bwd_ms'] / packed['fwd_bwd_ms']:.2f}x)"
-        lines.append(f"  {r['provider']:<22} fwd {r['fwd_ms']:9.3f}  fwd+bwd {r['fwd_bwd_ms']:9.3f}{gain}")
+            lines.append(f"  {r['provider']:<22} {r.get('error', r.get('fwd_error'))}")
+        elif "fwd_bwd_ms" not in r:
+            ratio = f"  ({gain(r, 'fwd')})" if packed else ""
+            lines.append(f"  {r['provider']:<22} fwd {r['fwd_ms']:9.3f}{ratio}  fwd+bwd: {r.get('fwd_bwd_error')}")
+        else:
+            ratio = f"  ({gain(r, 'fwd')} / {gain(r, 'fwd_bwd')})" if packed and "fwd_bwd_ms" in packed else ""
+            lines.append(f"  {r['provider']:<22} fwd {r['fwd_ms']:9.3f}  fwd+bwd {r['fwd_bwd_ms']:9.3f}{ratio}")
+    if packed and "fwd_vs_packed" in packed:
+        lines.append("  (ratios: the median over the rounds of each round's time over ours packed's)")
     return lines
 
 
 def run(device: str, smoke: bool = False, flex: bool = True) -> list[dict]:
     """The main job's part: the device's workload (the smoke one with ``smoke``)."""
     workload = SMOKE_WORKLOAD if smoke else GPU_WORKLOAD if device == "cuda" else CPU_WORKLOAD
-    return rows(workload, device, flex=flex and device == "cuda")
+    return rows(workload, device, flex=flex)
 
 
 def main(argv=None) -> int:

@@ -376,9 +376,12 @@ def check_sinks(sinks, q_heads: int, device) -> None:
         raise ValueError(f"sinks is on {sinks.device}, q on {device}")
 
 
-def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check_values: bool) -> None:
+def check_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check_values: bool
+) -> tuple[list[int], list[int]] | None:
     """flash_attention_varlen's tensors: everything that costs no device sync (kernels/varlen.py says what is
-    trusted), and the values of ``cu_seqlens`` when ``check_values`` (on the host: free for CPU tensors)."""
+    trusted), and the values of ``cu_seqlens`` when ``check_values`` (on the host: free for CPU tensors), which
+    it then returns, read: ``(starts_q, starts_k)``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -386,8 +389,16 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
             raise ValueError(f"{name} must have rank 3 (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    # The dense checks on (1, H, total, D) views: dtypes, devices, head counts and head dims, same words.
-    check_qkv(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+    # The dense checks' dtypes, devices, head dims and head counts, in the same words.
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+    check_same({"q": q, "k": k, "v": v})
+    D, Dk = q.shape[2], k.shape[2]
+    if D != Dk:
+        raise ValueError(f"head_dim {D} of q does not match {Dk} of k")
+    if D == 0:
+        raise ValueError(f"head_dim must be at least 1, got shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
+    check_heads(q.shape[1], k.shape[1])
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be an int32 torch.Tensor of shape (B + 1,), got {type(cu).__name__}")
@@ -407,9 +418,12 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
             raise TypeError(f"{name} must be an int, got {m!r}")
         if not 0 <= m <= MAX_INT:
             raise ValueError(f"{name} must be >= 0 (and at most {MAX_INT}), got {m}")
-    if check_values:
-        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], max_seqlen_q)
-        check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k.tolist(), k.shape[0], max_seqlen_k)
+    if not check_values:
+        return None
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    check_cu_seqlens_values("cu_seqlens_q", starts_q, q.shape[0], max_seqlen_q)
+    check_cu_seqlens_values("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)
+    return starts_q, starts_k
 
 
 def check_cu_seqlens_values(name: str, values: list[int], total: int, max_seqlen: int) -> None:

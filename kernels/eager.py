@@ -3,9 +3,11 @@
 - ``attention_reference``: readable eager attention, the ground truth (``backend="torch"``). It
   materializes ``(B, Hq, Nq, Nk)``.
 - ``attention_sdpa``: the fastest exact path PyTorch offers off CUDA (``backend="sdpa"``, what ``"auto"``
-  picks where Triton cannot run). Without dropout, PyTorch's fused ``scaled_dot_product_attention``
-  (its flash kernel on a CPU) with our rules: bottom-right causal through ``is_causal`` or
-  ``causal_lower_right``, grouped heads through ``enable_gqa`` (no ``repeat_interleave`` copies), query
+  picks where Triton cannot run). Without dropout, PyTorch's fused attention with our rules: on a CPU its flash
+  kernel called directly (the one ``scaled_dot_product_attention`` dispatches to there: no dispatch, no
+  fallback to the O(N^2) math path, and the log-sum-exp comes with it), elsewhere
+  ``scaled_dot_product_attention``; bottom-right causal through ``is_causal`` or a mask (``causal_lower_right``
+  off a CPU), grouped heads natively (no ``repeat_interleave`` copies), query
   rows that see no key cut off before the call and returned as zeros (zero gradients), a sliding window
   as a small mask per query chunk. With dropout, where no fused CPU kernel exists (SDPA would fall back
   to its math path and hold several ``(B, H, N, N)`` tensors), ``_ChunkedAttention``: query chunks of
@@ -23,7 +25,8 @@ any call with ``spec.softcap`` or ``sinks``, with or without dropout: the same q
 the capped scores ``softcap * tanh(s / softcap)`` (backward: ``dS *= 1 - tanh^2``), the sink's
 ``exp(sink - lse)`` added to each row's denominator (backward: ``dsink = -sum_rows P_sink * delta``), and the
 log-sum-exp returned. ``return_lse`` alone changes nothing of the output (the same kernels, the same dropout
-draws): the log-sum-exp comes from one more chunked pass of ``q k^T``. The semantics of all three:
+draws): on a CPU without dropout the flash kernel returns the log-sum-exp with the output, otherwise it comes from
+one more chunked pass of ``q k^T`` (or from ``_ChunkedAttention``, where that ran). The semantics of all three:
 ``kernels.interface.flash_attention``.
 """
 
@@ -47,6 +50,14 @@ CHUNK_ROWS = 128
 # this bound math wins both; the choice never depends on grad mode, so one seed draws one mask
 # (bench/NOTES.md, "Session 7").
 SMALL_DROPOUT_ELEMENTS = 1 << 19
+
+# The largest (Nq, Nk) additive mask the CPU path builds for bottom-right causal attention with Nq < Nk; above it,
+# query chunks of CHUNK_ROWS rows with a mask each (the sliding window's path).
+MASK_BYTES = 1 << 24
+
+# PyTorch's flash attention for CPUs, the kernel scaled_dot_product_attention runs there, called directly: it also
+# returns the log-sum-exp, takes grouped heads, and has its own backward.
+_CPU_FLASH = torch._scaled_dot_product_flash_attention_for_cpu  # the C binding: no Python dispatch on the way
 
 
 def attention_reference(q, k, v, spec, sinks=None, return_lse: bool = False):
@@ -143,55 +154,70 @@ def may_hide_nonfinite(q, k, spec) -> bool:
     return not math.isfinite((q.sum(dtype=torch.float32) + firsts.sum(dtype=torch.float32)).item())
 
 
-def attention_sdpa(q, k, v, spec, sinks=None, return_lse: bool = False):
+def attention_sdpa(q, k, v, spec, sinks=None, return_lse: bool = False, finite: bool = False):
     """PyTorch's fused attention with our semantics (see the module docstring); ``(out, lse)`` with
-    ``return_lse``."""
+    ``return_lse``. ``finite``: the caller has checked that q and k hold no NaN or Inf (``flash_attention_varlen``
+    checks a packed batch once), so the per-call screen is skipped."""
     N_Q, N_K = q.shape[2], k.shape[2]
     first = _first_seeing_row(N_Q, N_K, spec) if N_K else N_Q
     if spec.softcap or sinks is not None:
         return _attention_chunked(q, k, v, spec, sinks, return_lse, first)
-    if return_lse:
-        # The output as without it (the same kernels, the same dropout draws), the log-sum-exp on the side.
-        return attention_sdpa(q, k, v, spec), _lse_only(q, k, spec, first)
     if first == N_Q or q.numel() == 0 or spec.dropout_p == 1.0:
         # No row sees a key, nothing to compute, or every weight dropped (nn.Dropout(1.0); SDPA's own dropout
         # would scale by 1 / 0): zeros, and zero gradients.
-        return zeros_attention(q, k, v)
+        out = zeros_attention(q, k, v)
+        return (out, _lse_only(q, k, spec, first)) if return_lse else out
     q_seen = q[:, :, first:]  # (B, Hq, Nq - first, D): a view
     mask_left, mask_right, _, right = window_flags(spec.causal, _window(spec))
-    if q.device.type != "cuda" and may_hide_nonfinite(q_seen, k, spec):
+    lse = None  # the log-sum-exp of q_seen's rows, where the branch's kernel gives it
+    if q.device.type != "cuda" and not finite and may_hide_nonfinite(q_seen, k, spec):
         # A NaN or Inf where the fused kernel would return zeros: the exact chunked path, whose arithmetic is the
         # chapter's (a row that sees a NaN is NaN).
         seed = _draw_seed(q.device) if spec.dropout_p > 0 else 0
-        out, _ = _ChunkedAttention.apply(q_seen, k, v, spec, seed, None)
+        out, lse = _ChunkedAttention.apply(q_seen, k, v, spec, seed, None)
     elif spec.dropout_p > 0.0 and q.device.type != "cuda":
         if q_seen.shape[0] * q_seen.shape[1] * q_seen.shape[2] * N_K <= SMALL_DROPOUT_ELEMENTS:
             out = _math_dropout(q_seen, k, v, spec, first, masked=mask_left or mask_right)
         else:
-            out, _ = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device), None)
+            out, lse = _ChunkedAttention.apply(q_seen, k, v, spec, _draw_seed(q.device), None)
     elif mask_left or (mask_right and right > 0):
-        out = _sdpa_window_chunks(q_seen, k, v, spec)
+        out, lse = _sdpa_window_chunks(q_seen, k, v, spec)
     else:
-        out = _sdpa(q_seen, k, v, spec, causal=mask_right)
-    return F.pad(out, (0, 0, first, 0)) if first else out  # (B, Hq, Nq, D)
+        out, lse = _sdpa(q_seen, k, v, spec, causal=mask_right)
+    if first:
+        out = F.pad(out, (0, 0, first, 0))  # (B, Hq, Nq, D)
+    if not return_lse:
+        return out
+    if lse is None:  # the kernel gave none (SDPA's math path, or CUDA): one more chunked pass of q k^T
+        return out, _lse_only(q, k, spec, first)
+    lse = lse.float()
+    return out, F.pad(lse, (first, 0), value=float("-inf")) if first else lse  # (B, Hq, Nq)
 
 
-def _sdpa(q, k, v, spec, *, causal: bool, attn_mask=None) -> torch.Tensor:
-    """One scaled_dot_product_attention call; bottom-right causal when Nq != Nk. On a CPU, only its flash
-    kernel is allowed to run: a case it refuses raises instead of silently taking the O(N^2) math path."""
+def _sdpa(q, k, v, spec, *, causal: bool, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One fused attention call; bottom-right causal when Nq != Nk; ``attn_mask`` bool (Nq, Nk), True where a
+    query sees a key. Returns ``(out, lse)``: on a CPU, PyTorch's flash kernel called directly (the one
+    ``scaled_dot_product_attention`` dispatches to there, without the dispatch: no case can fall to the O(N^2)
+    math path) gives the log-sum-exp too, (B, Hq, Nq) natural log; elsewhere lse is None."""
     n_q, n_k = q.shape[2], k.shape[2]
+    if q.device.type == "cpu":
+        if causal and n_q != n_k:  # bottom-right: a mask, or chunks of rows where a whole one would be large
+            if n_q * n_k * q.element_size() > MASK_BYTES:
+                return _sdpa_window_chunks(q, k, v, spec)
+            attn_mask, causal = visible_mask(n_q, n_k, causal=True, device=q.device), False
+        if attn_mask is not None:  # the kernel takes an additive mask in q's dtype
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
+        return _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=attn_mask, scale=spec.softmax_scale)
     if causal and n_q != n_k:
         from torch.nn.attention.bias import causal_lower_right
 
         attn_mask, causal = causal_lower_right(n_q, n_k), False
-    kwargs = dict(attn_mask=attn_mask, is_causal=causal, scale=spec.softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
     dropout_p = spec.dropout_p if q.device.type == "cuda" else 0.0
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **kwargs)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=spec.softmax_scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )  # fmt: skip
+    return out, None
 
 
 def _math_dropout(q, k, v, spec, first: int, masked: bool) -> torch.Tensor:
@@ -233,17 +259,21 @@ def _chunk_mask(r0: int, r1: int, lo: int, hi: int, n_q: int, n_k: int, spec, de
     return seen
 
 
-def _sdpa_window_chunks(q, k, v, spec) -> torch.Tensor:
+def _sdpa_window_chunks(q, k, v, spec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A sliding window through the fused kernel: per query chunk, only the keys it sees and a small mask
-    (rows here all see at least one key). The cost grows as N * (W + CHUNK_ROWS), not N^2."""
+    (rows here all see at least one key). The cost grows as N * (W + CHUNK_ROWS), not N^2. ``(out, lse)`` as
+    ``_sdpa``."""
     n_q, n_k = q.shape[2], k.shape[2]
-    outs = []
+    outs, lses = [], []
     for r0 in range(0, n_q, CHUNK_ROWS):
         r1 = min(n_q, r0 + CHUNK_ROWS)
         lo, hi = _chunk_keys(r0, r1, n_q, n_k, spec)
         mask = _chunk_mask(r0, r1, lo, hi, n_q, n_k, spec, q.device)
-        outs.append(_sdpa(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], spec, causal=False, attn_mask=mask))
-    return torch.cat(outs, dim=2)  # (B, Hq, Nq, D)
+        out, lse = _sdpa(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], spec, causal=False, attn_mask=mask)
+        outs.append(out)
+        lses.append(lse)
+    lse = None if lses[0] is None else torch.cat(lses, dim=2)  # (B, Hq, Nq)
+    return torch.cat(outs, dim=2), lse  # (B, Hq, Nq, D)
 
 
 def _attention_chunked(q, k, v, spec, sinks, return_lse: bool, first: int):

@@ -256,6 +256,12 @@ def flash_attention(
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     spec = Spec(causal, dropout_p, scale, window[0], window[1], deterministic, softcap)
+    return attention(q, k, v, spec, sinks, return_lse, backend)
+
+
+def attention(q, k, v, spec: Spec, sinks, return_lse: bool, backend: str, finite: bool = False):
+    """``flash_attention`` after its checks (``flash_attention_varlen`` calls it per sequence). ``finite``: q and k
+    are known to hold no NaN or Inf (``eager.attention_sdpa`` then skips its screen)."""
     if q.device.type == "meta":
         out = eager.shape_only(q, k, v)  # shape inference, as scaled_dot_product_attention gives on meta
         return (out, q.new_empty(q.shape[:3], dtype=torch.float32)) if return_lse else out
@@ -271,14 +277,11 @@ def flash_attention(
         if q.numel() == 0 or k.shape[2] == 0:
             return out, q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)  # no key (or query): -inf
         with torch.no_grad():  # dropout 1: the lse does not depend on dropout (and carries no gradient)
-            lse = flash_attention(
-                q, k, v, causal=causal, softmax_scale=scale, window_size=window, backend=path, softcap=softcap,
-                return_lse=True,
-            )[1]  # fmt: skip
+            lse = attention(q, k, v, spec._replace(dropout_p=0.0), None, True, path, finite)[1]
         return out, lse
     if path == "torch":
         return eager.attention_reference(q, k, v, spec, sinks, return_lse)
     if path == "sdpa":
-        return eager.attention_sdpa(q, k, v, spec, sinks, return_lse)
+        return eager.attention_sdpa(q, k, v, spec, sinks, return_lse, finite)
     out, lse = _attention_triton(q, k, v, spec, sinks)
     return (out, natural_lse(lse)) if return_lse else out

@@ -24,17 +24,24 @@ they are trusted, as FlashAttention-2 trusts them (checking needs a device-to-ho
 
 Paths: the PyTorch path (``backend="sdpa"`` / ``"torch"``, what ``"auto"`` takes off CUDA) loops over the
 sequences and runs ``flash_attention``'s path of that name on each: exact, and never a ``(total, total)``
-matrix (the largest is one sequence's chunk, or its ``(Nq, Nk)`` on the ``"torch"`` reference). The Triton path
+matrix (the largest is one sequence's chunk, or its ``(Nq, Nk)`` on the ``"torch"`` reference). Its batch costs
+what its sequences cost alone, less: one NaN screen for the batch instead of one per sequence, the sequences' views
+made by one split per tensor (their gradients joined by one concatenation), and in the common case PyTorch's CPU
+flash kernel called straight (``bench/varlen.py``: on par with SDPA run sequence by sequence forward, faster
+forward and backward). The Triton path
 (``"triton"``, what ``"auto"`` takes on CUDA) is one launch per kernel for the whole batch: programs over (query
 tiles of the longest sequence, heads, sequences), each reading its sequence's bounds from ``cu_seqlens``; a program
 whose tile lies past its own sequence returns at once (an early exit: such programs are launched and cost a few
 loads, as FlashAttention-2's varlen grid does; a precomputed list of real tiles would launch none).
 
 Under ``torch.compile`` the Triton path runs as two custom ops (no graph break, as ``flash_attention``); the
-PyTorch path's loop is a graph break; the values of ``cu_seqlens`` are not checked inside a compiled region.
+PyTorch path's loop is a graph break, which reads the values of ``cu_seqlens`` and checks them; inside a compiled
+region the Triton path does not check them (the trace cannot read data).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -53,6 +60,7 @@ from .checks import (
     check_varlen,
 )
 from .flash_attn import Spec, Varlen
+from .masks import window_flags
 
 
 def flash_attention_varlen(
@@ -89,7 +97,7 @@ def flash_attention_varlen(
         ``(total_q, Hq, D)`` in q's dtype; with ``return_lse`` ``(out, lse)``, lse ``(Hq, total_q)`` float32 with
         ``flash_attention``'s meaning (natural log, sink excluded, -inf for a row that sees no key).
     """
-    check_varlen(
+    starts = check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         # Under torch.compile the values are data the trace cannot read: not checked there (run once eagerly).
         check_values=(isinstance(q, torch.Tensor) and q.device.type == "cpu" or settings.current.check_cu_seqlens)
@@ -106,59 +114,103 @@ def flash_attention_varlen(
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     spec = Spec(causal, dropout_p, scale, window[0], window[1], deterministic, softcap)
-    path = interface.choose_path(_view(q), backend)
+    path = interface.choose_path(q, backend)  # reads the device and the head dim: (total, H, D) as it is
     if path == "triton":
         interface._check_triton_limits(_view(q), _view(k), _view(v))
         n_seq = cu_seqlens_q.shape[0] - 1
         if n_seq > MAX_GRID_YZ:
             raise ValueError(f"{n_seq} sequences: the Triton kernels take at most {MAX_GRID_YZ}")
         return _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse)
-    return _varlen_per_sequence(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse, path
-    )
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse, path, starts)
+    # A loop over host-read offsets: under torch.compile a graph break (the Triton path compiles whole). The
+    # wrapper that makes it one costs a call ~15 us, so it is taken only there.
+    return _varlen_per_sequence_compiled(*args) if torch.compiler.is_compiling() else _varlen_per_sequence(*args)
 
 
-# A loop over host-read offsets: under torch.compile a graph break here (the Triton path compiles whole).
-@torch.compiler.disable
 def _varlen_per_sequence(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec: Spec, sinks, return_lse: bool, path: str
-):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec: Spec, sinks, return_lse: bool, path: str,
+    starts: tuple[list[int], list[int]] | None,
+):  # fmt: skip
     """The PyTorch path: ``flash_attention``'s ``path`` on each sequence as a batch of one. Reads the offsets on
-    the host (free on a CPU; one sync on a device)."""
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    the host (free on a CPU; one sync on a device) unless the checks read them (``starts``).
+
+    NaN and Inf: PyTorch's CPU kernel returns zeros for a row whose scores are all NaN or -inf, where the chapter's
+    softmax gives NaN; ``eager.may_hide_nonfinite`` screens a dense call for it by reading q and the first keys its
+    rows see. Here one such screen covers the batch (q, and each sequence's first key or, under a sliding window,
+    all of k): a finite batch skips each sequence's own, and its common case (no dropout, cap, sink or window)
+    calls PyTorch's CPU flash kernel on each sequence straight.
+    """
     total_q, H = q.shape[0], q.shape[1]
-    if (
-        q.device.type != "cpu" and not settings.current.check_cu_seqlens
-    ):  # read anyway: checked for free (on a CPU: done)
+    if starts is not None:
+        starts_q, starts_k = starts
+    else:  # not checked yet (a device, or under torch.compile): read anyway, and checked for free
+        starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         check_cu_seqlens_values("cu_seqlens_q", starts_q, total_q, max_seqlen_q)
         check_cu_seqlens_values("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)
-    gen = _generator_of(q.device) if spec.dropout_p > 0.0 else None
+    # Each sequence's rows as (1, H, n, D) views, made by one split per tensor: no copies, a few ops for the batch
+    # rather than a few per sequence, and one concatenation of the gradients in the backward.
+    n_q = [z - a for a, z in zip(starts_q, starts_q[1:])]
+    n_k = [z - a for a, z in zip(starts_k, starts_k[1:])]
+    seqs = _view(q).split(n_q, dim=2), _view(k).split(n_k, dim=2), _view(v).split(n_k, dim=2)
+    mask_left, _, _, right = window_flags(spec.causal, (spec.window_left, spec.window_right))
+    firsts = k if mask_left else _first_keys(k, cu_seqlens_k, starts_k)
+    finite = path == "sdpa" and q.device.type == "cpu" and _finite(q, firsts)
+    direct = finite and not (spec.dropout_p or spec.softcap or sinks is not None or mask_left or right > 0)
+    outs, lses = _each_sequence(seqs, n_q, n_k, spec, sinks, return_lse, path, direct, finite)
+    if not outs:  # no sequence has a query: total_q is 0
+        out, lse = eager.zeros_attention(q, k, v, sinks), q.new_empty((H, 0), dtype=torch.float32)
+    else:
+        out = torch.cat(outs, dim=1)[0]  # (total_q, Hq, D), contiguous
+        lse = torch.cat(lses, dim=1).float() if return_lse else None  # (Hq, total_q)
+    return (out, lse) if return_lse else out
+
+
+_varlen_per_sequence_compiled = torch.compiler.disable(_varlen_per_sequence)
+
+
+def _each_sequence(seqs, n_q, n_k, spec, sinks, return_lse: bool, path: str, direct: bool, finite: bool):
+    """Each sequence with a query: ``(outs, lses)``, outs (1, n, Hq, D) views, lses (Hq, n) where asked. ``direct``:
+    PyTorch's CPU flash kernel straight for each sequence whose rows all see a key; ``finite``: q and the first keys
+    are screened. Dropout: every sequence starts from the generator state a call on it alone would start from."""
+    gen = _generator_of(seqs[0][0].device) if spec.dropout_p > 0.0 and seqs[0] else None
     state = gen.get_state() if gen is not None else None
+    causal = window_flags(spec.causal, (spec.window_left, spec.window_right))[1]
     outs, lses = [], []
-    for b in range(len(starts_q) - 1):
-        q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
-        if q1 == q0:
+    for b, (qb, kb, vb) in enumerate(zip(*seqs)):
+        if not n_q[b]:
             continue  # no query: nothing to compute, nothing to draw
         if state is not None:
-            gen.set_state(state)  # the state a call on this sequence alone would start from
-        # (n, H, D) rows of the packed tensors as (1, H, n, D) views: no copies.
-        qb, kb, vb = (t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
-        out = interface.flash_attention(
-            qb, kb, vb, causal=spec.causal, dropout_p=spec.dropout_p, softmax_scale=spec.softmax_scale,
-            window_size=(spec.window_left, spec.window_right), deterministic=spec.deterministic, backend=path,
-            softcap=spec.softcap, sinks=sinks, return_lse=return_lse,
-        )  # fmt: skip
+            gen.set_state(state)
+        if direct and n_k[b] and (not causal or n_q[b] == n_k[b]):  # is_causal is top-left: right when square
+            out, lse = eager._CPU_FLASH(qb, kb, vb, 0.0, causal, scale=spec.softmax_scale)
+        elif direct and n_k[b] and n_q[b] < n_k[b]:  # every row sees a key, bottom-right: a mask
+            out, lse = eager._sdpa(qb, kb, vb, spec, causal=causal)
+        else:  # flash_attention's work after its checks, which the whole batch passed
+            out = interface.attention(qb, kb, vb, spec, sinks, return_lse, path, finite)
+            out, lse = out if return_lse else (out, None)
         if return_lse:
-            out, lse = out
             lses.append(lse[0])  # (Hq, n)
-        outs.append(out[0].transpose(0, 1))  # (n, Hq, D)
-    if not outs:  # no sequence has a query: total_q is 0
-        out = eager.zeros_attention(q, k, v, sinks)
-        lse = q.new_empty((H, total_q), dtype=torch.float32)
-    else:
-        out = torch.cat(outs, dim=0)  # (total_q, Hq, D)
-        lse = torch.cat(lses, dim=1) if return_lse else None  # (Hq, total_q)
-    return (out, lse) if return_lse else out
+        outs.append(out.transpose(1, 2))  # (1, n, Hq, D)
+    return outs, lses
+
+
+def _first_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor, starts_k: list[int]) -> torch.Tensor:
+    """Each sequence's first key row (an empty sequence's is the next one's, or the last row: more than needed)."""
+    if not k.shape[0]:
+        return k
+    firsts = cu_seqlens_k[:-1]
+    if starts_k[-2] == k.shape[0]:  # empty sequences at the end start past the last row
+        firsts = firsts.clamp(max=k.shape[0] - 1)
+    return k.index_select(0, firsts)
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    """No NaN or Inf in any of the tensors: one number read once (a float32 sum is finite exactly when its terms
+    are, barring an overflow, which only sends the call the exact way)."""
+    total = tensors[0].sum(dtype=torch.float32)
+    for t in tensors[1:]:
+        total = total + t.sum(dtype=torch.float32)
+    return math.isfinite(total.item())
 
 
 def _view(t: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,26 @@ def test_windows(window, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [(8, 0), (5, 3), (-1, 4)], ids=["left8", "left5-right3", "right4"])
+def test_lse_alone_with_windows(window, backend):
+    """The lse without softcap or sinks: on a CPU the "sdpa" path takes it from PyTorch's flash kernel, chunk by
+    chunk along a window."""
+    q, k, v = make_qkv(2, 4, 2, 30, 40, 16, torch.float32, scale=2.0)
+    check_features(q, k, v, causal=window[1] == 0, window=window, backend=backend)
+
+
+def test_bottom_right_causal_in_row_chunks_where_one_mask_would_be_large(monkeypatch):
+    """Causal with Nq < Nk on a CPU's "sdpa" path: one (Nq, Nk) mask, or query chunks with a mask each above
+    eager.MASK_BYTES; both give the chapter's answer, and the lse."""
+    q, k, v = make_qkv(2, 4, 2, 37, 45, 16, torch.float32, scale=2.0)
+    whole, lse_whole = check_features(q, k, v, causal=True, backend="sdpa")
+    monkeypatch.setattr(eager, "MASK_BYTES", 0)
+    chunked, lse_chunked = check_features(q, k, v, causal=True, backend="sdpa")
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse_chunked, lse_whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype, backend):
     q, k, v = make_qkv(1, 4, 2, 33, 41, 32, dtype, scale=2.0)

@@ -120,6 +120,37 @@ def test_matches_flash_attention_on_each_sequence(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["q-nan", "q-inf", "first-key-nan", "later-key-inf", "v-nan"])
+def test_nonfinite_input_gives_each_sequence_what_it_gives_alone(where, backend):
+    """A NaN or Inf in one sequence's rows: every sequence's output is flash_attention's on it alone (the
+    chapter's NaN rows, never zeros in their place), and the other sequences stay finite. The PyTorch path screens
+    the packed batch once instead of each sequence; this is what that screen must not miss."""
+    # Sequence 1 is short: PyTorch's CPU kernel takes a row's max without vector lanes below 8 keys, and there a
+    # row of NaN scores comes back as zeros unless the screen sends it the exact way.
+    lengths = [(6, 6), (5, 5), (4, 11), (1, 1), (9, 9)]
+    q, k, v, cu_q, cu_k, mq, mk = packed(lengths, 4, 2, 16)
+    row, value = {"q-nan": (8, "nan"), "q-inf": (7, "inf"), "first-key-nan": (6, "nan"), "later-key-inf": (9, "inf"),
+                  "v-nan": (10, "nan")}[where]  # fmt: skip
+    target = {"q": q, "f": k, "l": k, "v": v}[where[0]]
+    target[row, 1, 3] = float(value)  # sequence 1 (rows 6..10); query heads 2, 3 read key/value head 1
+    out = flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, backend=backend)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(lengths)):
+        qb, kb, vb = (
+            t[a:z].transpose(0, 1)[None]
+            for t, a, z in ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]), (v, ck[b], ck[b + 1]))
+        )
+        alone = flash_attention(qb, kb, vb, causal=True, backend=backend)[0].transpose(0, 1)
+        torch.testing.assert_close(out[cq[b] : cq[b + 1]], alone, atol=2e-6, rtol=2e-6, equal_nan=True)
+        if b != 1:
+            assert torch.isfinite(out[cq[b] : cq[b + 1]]).all(), f"sequence {b} was reached by another's {where}"
+    if where == "first-key-nan":  # the first query sees only that key: the chapter's softmax gives NaN, not 0
+        assert out[6, 2:].isnan().all() and torch.isfinite(out[6, :2]).all()
+    if where == "q-nan":  # the whole row of that query head
+        assert out[8, 1].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_mask_does_not_depend_on_the_other_sequences(backend):
     """Sequence X's output under dropout, packed after A or after B (other lengths, other offsets), is the same,
     and is what flash_attention gives on X alone from the same seed."""
