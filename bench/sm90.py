@@ -226,18 +226,38 @@ def read_cubin(case: str, name: str, kernel) -> Report:
     )
 
 
-def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float, tf32: bool = True, window=(-1, -1)):
-    """Run the forward and both backward launchers on CPU tensors of this shape; returns {kernel: [compiled]}."""
+# A packed batch for --varlen: sequences of 0, 1 and hundreds of tokens, N tokens in all (kernels/varlen.py's layout).
+VARLEN_LENGTHS = (0.5, 0.0, 0.25, None)  # fractions of N, the last takes the rest; one 1-token sequence added
+
+
+def _varlen_batch(H: int, N: int, D: int, dtype: torch.dtype):
+    lengths = [int(f * N) for f in VARLEN_LENGTHS[:-1]] + [1]
+    lengths.append(N - sum(lengths))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.zeros(N, H, D, dtype=dtype).transpose(0, 1)[None] for _ in range(3))  # (1, H, total, D) views
+    return q, k, v, fa.Varlen(cu, cu, max(lengths), max(lengths))
+
+
+def compile_case(
+    B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float, tf32: bool = True, window=(-1, -1), varlen=False
+):
+    """Run the forward and both backward launchers on CPU tensors of this shape; returns {kernel: [compiled]}.
+    ``varlen``: on a packed batch of N tokens instead (the varlen kernels, over their tile list), those only."""
     q, k, v = (torch.zeros(B, H, N, D, dtype=dtype) for _ in range(3))
+    packed = None
+    if varlen:
+        q, k, v, packed = _varlen_batch(H, N, D, dtype)
     found: dict[str, list] = {}
     allowed = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         with compile_only(found):
             spec = fa.Spec(causal, dropout_p, D**-0.5, window[0], window[1])
-            o, lse, seed = fa.forward(q, k, v, spec)
+            o, lse, seed = fa.forward(q, k, v, spec, varlen=packed)
             for one_pass in (False, True):
-                fa.backward(torch.zeros_like(o), q, k, v, o, lse, seed, spec, one_pass=one_pass)
+                fa.backward(torch.zeros_like(o), q, k, v, o, lse, seed, spec, one_pass=one_pass, varlen=packed)
+            if varlen:
+                return found
             for variant in hopper.VARIANTS[1:]:
                 if hopper.supports(q, k, v, spec, variant):
                     hopper.forward(q, k, v, spec, variant)
@@ -254,7 +274,7 @@ def compile_case(B, H, N, D, dtype: torch.dtype, causal: bool, dropout_p: float,
     return found
 
 
-def reports(head_dims, dtypes, dropouts, causal=True, window=(-1, -1)) -> list[Report]:
+def reports(head_dims, dtypes, dropouts, causal=True, window=(-1, -1), varlen=False) -> list[Report]:
     out = []
     for D in head_dims:
         for dname in dtypes:
@@ -262,8 +282,11 @@ def reports(head_dims, dtypes, dropouts, causal=True, window=(-1, -1)) -> list[R
                 case = f"D{D} {dname} p{p}{'' if causal else ' non-causal'}"
                 if window != (-1, -1):
                     case += f" window{window[0]},{window[1]}"
+                if varlen:
+                    case += " varlen"
                 tf32 = dname != "fp32-ieee"
-                for name, compiled in compile_case(1, 2, 256, D, DTYPES[dname], causal, p, tf32, window).items():
+                kernels = compile_case(1, 2, 256, D, DTYPES[dname], causal, p, tf32, window, varlen)
+                for name, compiled in kernels.items():
                     distinct = list({id(kernel): kernel for kernel in compiled}.values())  # one per compiled variant
                     out += [read_cubin(case, name, kernel) for kernel in distinct]
     return out
@@ -298,6 +321,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--non-causal", action="store_true", help="compile the non-causal kernels instead")
     ap.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"), help="sliding window")
+    ap.add_argument("--varlen", action="store_true", help="the varlen kernels on a packed batch instead")
     ap.add_argument("--sass", action="store_true", help="print each kernel's SASS histogram too")
     ap.add_argument("--json", help="write the reports to this file")
     ap.add_argument("--gluon", action="store_true", help="only the Gluon forward (bench/gluon_attention.py)")
@@ -314,7 +338,9 @@ def main(argv=None) -> int:
             return UNSUPPORTED
         found = gluon_reports(args.head_dims, [d for d in args.dtypes if d in ("bf16", "fp16")], not args.non_causal)
     else:
-        found = reports(args.head_dims, args.dtypes, args.dropout, not args.non_causal, tuple(args.window))
+        found = reports(
+            args.head_dims, args.dtypes, args.dropout, not args.non_causal, tuple(args.window), args.varlen
+        )
     bad = []
     for r in found:
         print(r.line())

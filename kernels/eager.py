@@ -167,7 +167,7 @@ def attention_sdpa(q, k, v, spec, sinks=None, return_lse: bool = False, finite: 
         # would scale by 1 / 0): zeros, and zero gradients.
         out = zeros_attention(q, k, v)
         return (out, _lse_only(q, k, spec, first)) if return_lse else out
-    q_seen = q[:, :, first:]  # (B, Hq, Nq - first, D): a view
+    q_seen = q[:, :, first:] if first else q  # (B, Hq, Nq - first, D): a view
     mask_left, mask_right, _, right = window_flags(spec.causal, _window(spec))
     lse = None  # the log-sum-exp of q_seen's rows, where the branch's kernel gives it
     if q.device.type != "cuda" and not finite and may_hide_nonfinite(q_seen, k, spec):

@@ -157,6 +157,21 @@ def _scores(qk, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _varlen_tile(CU, n_seq, pid, BLOCK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
+    """Tile ``pid`` of a packed batch whose tiles are listed sequence after sequence, each sequence's own only
+    (``ceil(n / BLOCK)`` for a sequence of n rows, from ``cu_seqlens`` CU): ``(seq, tile)``, the tile's sequence
+    and its number there; ``seq >= n_seq`` past the last one. Every program reads the ``n_seq + 1`` offsets
+    (SEQ_BLOCK >= n_seq lanes) and scans them: no list to build before the launch."""
+    b = tl.arange(0, SEQ_BLOCK)
+    inside = b < n_seq
+    n = tl.load(CU + b + 1, mask=inside, other=0) - tl.load(CU + b, mask=inside, other=0)
+    ends = tl.cumsum((n + (BLOCK - 1)) // BLOCK, axis=0)  # tiles of sequences 0..b
+    seq = tl.sum((ends <= pid).to(tl.int32), axis=0)  # the first sequence whose tiles end past pid
+    before = tl.sum(tl.where(b + 1 == seq, ends, 0), axis=0)  # tiles of the sequences before it
+    return seq, pid - before
+
+
+@triton.jit
 def _sequence(CU_Q, CU_K, seq):
     """Sequence ``seq`` of a packed (varlen) batch: ``(q_start, k_start, n_q, n_k)`` from ``cu_seqlens``."""
     q_start = tl.load(CU_Q + seq)
@@ -294,6 +309,7 @@ def _attn_fwd(
     GROUP,
     N_Q,
     N_K,
+    N_SEQ,
     left,
     right,
     head_dim,
@@ -310,6 +326,7 @@ def _attn_fwd(
     SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     VARLEN: tl.constexpr,
+    SEQ_BLOCK: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
@@ -317,6 +334,10 @@ def _attn_fwd(
         start_m = tl.num_programs(0) - 1 - start_m
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
+    if SEQ_BLOCK > 0:  # a packed batch's list of real tiles (kernels/varlen.py): program 0 walks it
+        off_z, start_m = _varlen_tile(CU_Q, N_SEQ, start_m, BLOCK_M, SEQ_BLOCK)
+        if off_z >= N_SEQ:
+            return
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
     first_row = start_m * BLOCK_M
@@ -541,6 +562,7 @@ def _attn_bwd_dq(
     GROUP,
     N_Q,
     N_K,
+    N_SEQ,
     left,
     right,
     head_dim,
@@ -555,12 +577,17 @@ def _attn_bwd_dq(
     ROUND_TF32: tl.constexpr,
     SOFTCAP: tl.constexpr,
     VARLEN: tl.constexpr,
+    SEQ_BLOCK: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if MASK_RIGHT:
         start_m = tl.num_programs(0) - 1 - start_m
     off_h = tl.program_id(1)
     off_z = tl.program_id(2)
+    if SEQ_BLOCK > 0:  # as in the forward
+        off_z, start_m = _varlen_tile(CU_Q, N_SEQ, start_m, BLOCK_M, SEQ_BLOCK)
+        if off_z >= N_SEQ:
+            return
     off_zh = off_z * H + off_h
     off_hk = off_h // GROUP
     first_row = start_m * BLOCK_M
@@ -811,6 +838,7 @@ def _attn_bwd_kv(
     GROUP,
     N_Q,
     N_K,
+    N_SEQ,
     left,
     right,
     head_dim,
@@ -827,13 +855,19 @@ def _attn_bwd_kv(
     ROUND_TF32: tl.constexpr,
     SOFTCAP: tl.constexpr,
     VARLEN: tl.constexpr,
+    SEQ_BLOCK: tl.constexpr,
 ):
     """dK and dV of one key/value tile, summed over the query heads of its group in this program. With
     DQ_ATOMIC (the one-pass backward) it also adds each tile's share of dQ (float32, atomics); without,
     the dQ kernel has run before and DQ is unused."""
-    start_n = tl.program_id(0) * BLOCK_N
+    tile_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_z = tl.program_id(2)
+    if SEQ_BLOCK > 0:  # as in the forward, over the key tiles
+        off_z, tile_n = _varlen_tile(CU_K, N_SEQ, tile_n, BLOCK_N, SEQ_BLOCK)
+        if off_z >= N_SEQ:
+            return
+    start_n = tile_n * BLOCK_N
     total_q = N_Q
     if VARLEN:  # as in the forward: a key tile past the sequence's own keys has no work
         q_start, k_start, N_Q, N_K = _sequence(CU_Q, CU_K, off_z)
@@ -845,7 +879,7 @@ def _attn_bwd_kv(
     col_mask = offs_n < N_K
     mask_d = offs_d < head_dim
     kv_mask = col_mask[:, None] & mask_d[None, :]
-    col0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    col0 = tile_n.to(tl.int64) * BLOCK_N
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh + col0 * stride_kn
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh + col0 * stride_vn
     if VARLEN:
@@ -1046,8 +1080,8 @@ def _scales(spec: Spec) -> tuple[float, float]:
 
 class Varlen(NamedTuple):
     """A packed batch (kernels/varlen.py): the launchers then take q, k, v as ``(1, H, total, D)`` views of the
-    ``(total, H, D)`` tensors, run one grid slice per sequence, and lay the log-sum-exp out as ``(1, H, total_q)``
-    (the public ``(H, total_q)``)."""
+    ``(total, H, D)`` tensors, run over the batch's tile list (``_tiles``), and lay the log-sum-exp out as
+    ``(1, H, total_q)`` (the public ``(H, total_q)``)."""
 
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
@@ -1065,6 +1099,25 @@ def _grid_batch(B: int, N_Q: int, N_K: int, varlen: Varlen | None) -> tuple[int,
     if varlen is None:
         return B, N_Q, N_K
     return varlen.cu_seqlens_q.shape[0] - 1, varlen.max_seqlen_q, varlen.max_seqlen_k
+
+
+# A packed batch of up to this many sequences runs over the list of its real tiles: program i of grid axis 0 is the
+# batch's tile i, sequence after sequence (``_varlen_tile``: each program scans the offsets, SEQ_BLOCK lanes), and
+# the grid has at most n_seq - 1 slots more than there are tiles, which exit at once. A larger batch runs over
+# (tiles of the longest sequence, heads, sequences), as FlashAttention-2's varlen grid does: a program whose tile
+# lies past its own sequence exits at once.
+TILE_LIST_MAX_SEQS = 1024
+
+
+def _tiles(B: int, rows: int, block: int, total: int, varlen: Varlen | None) -> tuple[int, int, int, int]:
+    """``(programs on axis 0, programs on axis 2, n_seq, SEQ_BLOCK)`` for tiles of ``block`` rows: ``rows`` per
+    batch entry (the longest sequence's for a packed batch of ``total`` rows); SEQ_BLOCK 0 without a tile list."""
+    if varlen is None or varlen.cu_seqlens_q.shape[0] - 1 > TILE_LIST_MAX_SEQS:
+        return configs.cdiv(rows, block), B, B, 0
+    n_seq = B
+    # sum over sequences of ceil(n / block) <= (total + n_seq * (block - 1)) // block, and <= n_seq * the longest's.
+    slots = min(n_seq * configs.cdiv(rows, block), (total + n_seq * (block - 1)) // block)
+    return slots, 1, n_seq, max(16, triton.next_power_of_2(n_seq))
 
 
 def forward(
@@ -1091,15 +1144,15 @@ def forward(
     if kwargs["ROUND_TF32"]:
         q, k, v = round_tf32(q), round_tf32(k), round_tf32(v)
     programs, rows, _ = _grid_batch(B, N_Q, N_K, varlen)
-    grid = (configs.cdiv(rows, kwargs["BLOCK_M"]), H, programs)
+    tiles, batch, n_seq, seq_block = _tiles(programs, rows, kwargs["BLOCK_M"], N_Q, varlen)
     cu_q, cu_k = (varlen.cu_seqlens_q, varlen.cu_seqlens_k) if varlen is not None else (None, None)
     _attn_fwd_launcher(
-        grid,
+        (tiles, H, batch),
         q, k, v, o, lse, seed, sinks, cu_q, cu_k,
         *_scales(spec), keep_scale(spec.dropout_p), keep_threshold(spec.dropout_p),
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-        H, H // k.shape[1], N_Q, N_K,
-        **kwargs, HAS_SINKS=sinks is not None, VARLEN=varlen is not None,
+        H, H // k.shape[1], N_Q, N_K, n_seq,
+        **kwargs, HAS_SINKS=sinks is not None, VARLEN=varlen is not None, SEQ_BLOCK=seq_block,
     )  # fmt: skip
     return o, lse, seed
 
@@ -1166,13 +1219,14 @@ def backward(
     if not one_pass:
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads.
         dq_kwargs = _launch_kwargs("dq", q, spec, tiles.get("dq"))
+        dq_tiles, batch, n_seq, seq_block = _tiles(programs, rows, dq_kwargs["BLOCK_M"], N_Q, varlen)
         _attn_bwd_dq_launcher(
-            (configs.cdiv(rows, dq_kwargs["BLOCK_M"]), H, programs),
+            (dq_tiles, H, batch),
             q, k, v, o, do, dq, lse, delta, seed, cu_q, cu_k, *scales,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
             *_strides(do, varlen), *_strides(dq, varlen),
-            H, H // H_KV, N_Q, N_K,
-            **dq_kwargs, VARLEN=varlen is not None,
+            H, H // H_KV, N_Q, N_K, n_seq,
+            **dq_kwargs, VARLEN=varlen is not None, SEQ_BLOCK=seq_block,
         )  # fmt: skip
     else:
         # Row by row over (B, H, N_Q): a packed batch's (1, H, total_q) needs no sequence bounds here.
@@ -1181,13 +1235,14 @@ def backward(
             o, do, dq, delta, *o.stride(), *do.stride(), *dq.stride(), H, N_Q, D,
             BLOCK_D=block_d, BLOCK_M=64,
         )  # fmt: skip
+    kv_tiles, batch, n_seq, seq_block = _tiles(programs, keys, kwargs["BLOCK_N"], N_K, varlen)
     _attn_bwd_kv_launcher(
-        (configs.cdiv(keys, kwargs["BLOCK_N"]), H_KV, programs),
+        (kv_tiles, H_KV, batch),
         q, k, v, do, dq, dk, dv, lse, delta, seed, cu_q, cu_k, *scales,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dq, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-        H, H // H_KV, N_Q, N_K,
-        **kwargs, PER_LANE=per_lane, DQ_ATOMIC=one_pass, VARLEN=varlen is not None,
+        H, H // H_KV, N_Q, N_K, n_seq,
+        **kwargs, PER_LANE=per_lane, DQ_ATOMIC=one_pass, VARLEN=varlen is not None, SEQ_BLOCK=seq_block,
     )  # fmt: skip
     dq = dq if dq.dtype == q.dtype else dq.to(q.dtype)
     if sinks is None:

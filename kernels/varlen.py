@@ -29,10 +29,13 @@ what its sequences cost alone, less: one NaN screen for the batch instead of one
 made by one split per tensor (their gradients joined by one concatenation), and in the common case PyTorch's CPU
 flash kernel called straight (``bench/varlen.py``: on par with SDPA run sequence by sequence forward, faster
 forward and backward). The Triton path
-(``"triton"``, what ``"auto"`` takes on CUDA) is one launch per kernel for the whole batch: programs over (query
-tiles of the longest sequence, heads, sequences), each reading its sequence's bounds from ``cu_seqlens``; a program
-whose tile lies past its own sequence returns at once (an early exit: such programs are launched and cost a few
-loads, as FlashAttention-2's varlen grid does; a precomputed list of real tiles would launch none).
+(``"triton"``, what ``"auto"`` takes on CUDA) is one launch per kernel for the whole batch, over the batch's real
+tiles: program i of the grid's first axis is tile i of the list of every sequence's own tiles, sequence after
+sequence, which each program finds by scanning ``cu_seqlens`` (``kernels.flash_attn._varlen_tile``: nothing built
+before the launch, no host sync). No program for padding or for a tile past its sequence's rows; the grid is sized
+from the token count without reading the lengths, so up to B - 1 slots after the last tile exit at once. Batches
+of more than ``flash_attn.TILE_LIST_MAX_SEQS`` sequences run over (tiles of the longest sequence, heads,
+sequences) instead, as FlashAttention-2's varlen grid does: a program whose tile lies past its sequence exits.
 
 Under ``torch.compile`` the Triton path runs as two custom ops (no graph break, as ``flash_attention``); the
 PyTorch path's loop is a graph break, which reads the values of ``cu_seqlens`` and checks them; inside a compiled
@@ -336,8 +339,7 @@ _varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_c
 
 
 def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec, sinks, return_lse):
-    """One launch per kernel for the whole packed batch: programs over (query tiles of the longest sequence, heads,
-    sequences); a program whose tile lies past its sequence's own rows returns at once (kernels/flash_attn.py)."""
+    """One launch per kernel for the whole packed batch, over its list of real tiles (the module docstring)."""
     total_q, H = q.shape[0], q.shape[1]
     if total_q == 0 or k.shape[0] == 0 or max_seqlen_q == 0:
         out = eager.zeros_attention(q, k, v, sinks)  # no query, or no key anywhere: zeros (and zero gradients)

@@ -18,7 +18,9 @@ from chapter3_flash.kernels import (
     unpad_input,
     varlen,
 )
-from helpers import DEVICE, assert_close_to_reference, backward_path, cu_seqlens, varlen_ref
+from chapter3_flash.kernels import flash_attn as fa
+from chapter3_flash.kernels.flash_attn import _varlen_tile
+from helpers import DEVICE, INTERPRETED, ON_GPU, assert_close_to_reference, backward_path, cu_seqlens, varlen_ref
 
 BACKENDS = ["triton", "sdpa", "torch"]
 # Per sequence (queries, keys): empty, one token, Nq < Nk (newest queries), Nq > Nk, equal, keys but no query.
@@ -101,6 +103,64 @@ def test_features(kw, backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype, backend):
     check_varlen(LENGTHS, 4, 2, 32, causal=True, backend=backend, dtype=dtype, sinks=True, softcap=2.0)
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="Triton runs on a GPU or the interpreter")
+def test_triton_runs_a_large_batch_over_the_longest_sequences_grid(monkeypatch):
+    """Above fa.TILE_LIST_MAX_SEQS sequences the kernels run over (tiles of the longest, heads, sequences), tiles
+    past a sequence exiting at once: the same answers, forward and backward, both backward paths."""
+    monkeypatch.setattr(fa, "TILE_LIST_MAX_SEQS", 3)
+    for backward in ("one-pass", "two-kernel"):
+        with backward_path(backward):
+            check_varlen(LENGTHS, 4, 2, 16, causal=True, backend="triton", window=(6, 0))
+
+
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("seed", [*range(4), "tight"])
+def test_tile_list_visits_every_real_tile_once_and_nothing_else(block, seed):
+    """The varlen kernels' program i is the packed batch's tile i (kernels.flash_attn._varlen_tile): every tile of
+    every sequence exactly once, in sequence order, no tile past a sequence's own rows, and the grid
+    (fa._tiles) has fewer than n_seq idle slots after the last tile ("tight": lengths one past a multiple of the
+    tile, where the grid's bound is exact, so a grid one slot short loses a tile)."""
+    if seed == "tight":
+        lengths = [block * i + 1 for i in range(6)]
+        n_seq = len(lengths)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        n_seq = int(torch.randint(1, 40, (1,), generator=gen))
+        lengths = [int(x) for x in torch.randint(0, 200, (n_seq,), generator=gen)]
+        lengths[int(torch.randint(0, n_seq, (1,), generator=gen))] = 0  # an empty sequence somewhere
+    cu = cu_seqlens(lengths)
+    expected = [(b, t) for b, n in enumerate(lengths) for t in range(-(-n // block))]
+    varlen_spec = fa.Varlen(cu, cu, max(lengths), max(lengths))
+    slots, batch, n, seq_block = fa._tiles(n_seq, max(lengths), block, sum(lengths), varlen_spec)
+    assert (batch, n) == (1, n_seq) and seq_block >= n_seq
+    assert len(expected) <= slots <= len(expected) + n_seq - 1
+    if seed == "tight":
+        assert slots == len(expected)
+    got = _tile_map(cu, n_seq, slots, block, seq_block)
+    assert got[: len(expected)] == expected
+    assert all(seq >= n_seq for seq, _ in got[len(expected) :])
+
+
+def _tile_map(cu, n_seq, slots, block, seq_block) -> list[tuple[int, int]]:
+    """(seq, tile) of each program of a grid of ``slots``, from _varlen_tile itself (a GPU, or the interpreter)."""
+    if not (ON_GPU or INTERPRETED):
+        pytest.skip("Triton runs on a GPU or the interpreter")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tile_map(CU, OUT, n_seq, BLOCK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        seq, tile = _varlen_tile(CU, n_seq, pid, BLOCK, SEQ_BLOCK)
+        tl.store(OUT + 2 * pid, seq)
+        tl.store(OUT + 2 * pid + 1, tile)
+
+    out = torch.full((max(slots, 1), 2), -1, dtype=torch.int32, device=cu.device)
+    if slots:
+        tile_map[(slots,)](cu, out, n_seq, BLOCK=block, SEQ_BLOCK=seq_block)
+    return [tuple(row) for row in out[:slots].tolist()]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
