@@ -194,6 +194,13 @@ def attention_sdpa(q, k, v, spec, sinks=None, return_lse: bool = False, finite: 
     return out, F.pad(lse, (first, 0), value=float("-inf")) if first else lse  # (B, Hq, Nq)
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where its last dimension is strided: PyTorch's CPU flash kernel reads a head
+    vector as consecutive elements whatever the stride says (``x[..., ::2]`` gave wrong values without an error,
+    also through ``scaled_dot_product_attention`` restricted to that kernel)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
 def _sdpa(q, k, v, spec, *, causal: bool, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One fused attention call; bottom-right causal when Nq != Nk; ``attn_mask`` bool (Nq, Nk), True where a
     query sees a key. Returns ``(out, lse)``: on a CPU, PyTorch's flash kernel called directly (the one
@@ -207,6 +214,7 @@ def _sdpa(q, k, v, spec, *, causal: bool, attn_mask=None) -> tuple[torch.Tensor,
             attn_mask, causal = visible_mask(n_q, n_k, causal=True, device=q.device), False
         if attn_mask is not None:  # the kernel takes an additive mask in q's dtype
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
+        q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
         return _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=attn_mask, scale=spec.softmax_scale)
     if causal and n_q != n_k:
         from torch.nn.attention.bias import causal_lower_right

@@ -152,6 +152,8 @@ def _varlen_per_sequence(
         check_cu_seqlens_values("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)
     # Each sequence's rows as (1, H, n, D) views, made by one split per tensor: no copies, a few ops for the batch
     # rather than a few per sequence, and one concatenation of the gradients in the backward.
+    if path == "sdpa" and q.device.type == "cpu":  # one copy for the batch where a head vector is strided
+        q, k, v = eager.unit_last_stride(q), eager.unit_last_stride(k), eager.unit_last_stride(v)
     n_q = [z - a for a, z in zip(starts_q, starts_q[1:])]
     n_k = [z - a for a, z in zip(starts_k, starts_k[1:])]
     seqs = _view(q).split(n_q, dim=2), _view(k).split(n_k, dim=2), _view(v).split(n_k, dim=2)

@@ -127,6 +127,20 @@ def test_transposed_inputs_need_no_copy():
     check_against_reference(q, k, v, causal=True, backend="sdpa")
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "torch"])
+def test_head_vectors_with_a_stride(backend):
+    """A last dimension that is not contiguous (every other element of a wider tensor; a (D, N, H, B) tensor
+    permuted): the reference's answer on every path, forward and backward. PyTorch's CPU flash kernel reads a head
+    vector as consecutive elements whatever its stride: wrong values and no error, before the "sdpa" path copied
+    such inputs."""
+    q = torch.randn(2, 3, 21, 64, device=DEVICE)[..., ::2]
+    k = torch.randn(32, 21, 3, 2, device=DEVICE).permute(3, 2, 1, 0)
+    v = torch.randn(2, 3, 21, 96, device=DEVICE)[..., 32:64]
+    assert q.stride(-1) == 2 and k.stride(-1) == 21 * 3 * 2
+    check_against_reference(q, k, v, causal=True, backend=backend)
+    check_against_reference(q, k, v, causal=False, backend=backend, window=(5, 2), return_lse=False)
+
+
 def test_strided_dout():
     # A gradient arriving as a non-contiguous view.
     q, k, v = make_qkv(1, 2, 2, 40, 40, 32, torch.float32)

@@ -211,6 +211,27 @@ def test_nonfinite_input_gives_each_sequence_what_it_gives_alone(where, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_head_vectors(backend):
+    """Packed tensors whose last dimension is strided (every other element of a wider one) give what their
+    contiguous copies give, forward and backward (PyTorch's CPU flash kernel would read them wrong)."""
+    q, k, v, cu_q, cu_k, mq, mk = packed(LENGTHS, 4, 2, 16)
+    wide = [torch.zeros(*t.shape[:2], 32, device=DEVICE) for t in (q, k, v)]
+    for w, t in zip(wide, (q, k, v)):
+        w[..., ::2] = t
+    strided = [w[..., ::2].requires_grad_() for w in (x.requires_grad_() for x in wide)]
+    assert strided[0].stride(-1) == 2
+    dense = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    outs = []
+    for args in (strided, dense):
+        out = flash_attention_varlen(*args, cu_q, cu_k, mq, mk, causal=True, backend=backend)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+    for w, d in zip(wide, dense):
+        torch.testing.assert_close(w.grad[..., ::2], d.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_mask_does_not_depend_on_the_other_sequences(backend):
     """Sequence X's output under dropout, packed after A or after B (other lengths, other offsets), is the same,
     and is what flash_attention gives on X alone from the same seed."""
