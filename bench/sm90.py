@@ -338,9 +338,7 @@ def main(argv=None) -> int:
             return UNSUPPORTED
         found = gluon_reports(args.head_dims, [d for d in args.dtypes if d in ("bf16", "fp16")], not args.non_causal)
     else:
-        found = reports(
-            args.head_dims, args.dtypes, args.dropout, not args.non_causal, tuple(args.window), args.varlen
-        )
+        found = reports(args.head_dims, args.dtypes, args.dropout, not args.non_causal, tuple(args.window), args.varlen)
     bad = []
     for r in found:
         print(r.line())
