@@ -128,6 +128,17 @@ def check_heads(hq: int, hkv: int) -> None:
         raise ValueError(f"query heads {hq} must be a multiple of key/value heads {hkv}")
 
 
+def check_head_dims(q, k) -> None:
+    """Head dims (the last dimension) equal and at least 1, head counts (dimension 1) grouped: (B, H, N, D) and
+    packed (total, H, D) tensors alike."""
+    D, Dk = q.shape[-1], k.shape[-1]
+    if D != Dk:
+        raise ValueError(f"head_dim {D} of q does not match {Dk} of k")
+    if D == 0:
+        raise ValueError(f"head_dim must be at least 1, got shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
+    check_heads(q.shape[1], k.shape[1])
+
+
 def check_qkv(q, k, v) -> None:
     """Types, ranks, dtypes, devices and shapes of q, k, v: a TypeError / ValueError naming the values."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -135,15 +146,9 @@ def check_qkv(q, k, v) -> None:
     check_same({"q": q, "k": k, "v": v})
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, Hq, _, D = q.shape
-    Bk, Hkv, _, Dk = k.shape
-    if B != Bk:
-        raise ValueError(f"batch {B} of q does not match batch {Bk} of k and v")
-    if D != Dk:
-        raise ValueError(f"head_dim {D} of q does not match {Dk} of k")
-    if D == 0:
-        raise ValueError(f"head_dim must be at least 1, got shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
-    check_heads(Hq, Hkv)
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch {q.shape[0]} of q does not match batch {k.shape[0]} of k and v")
+    check_head_dims(q, k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,12 +398,7 @@ def check_varlen(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
     check_same({"q": q, "k": k, "v": v})
-    D, Dk = q.shape[2], k.shape[2]
-    if D != Dk:
-        raise ValueError(f"head_dim {D} of q does not match {Dk} of k")
-    if D == 0:
-        raise ValueError(f"head_dim must be at least 1, got shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
-    check_heads(q.shape[1], k.shape[1])
+    check_head_dims(q, k)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be an int32 torch.Tensor of shape (B + 1,), got {type(cu).__name__}")

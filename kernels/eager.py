@@ -201,6 +201,13 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def cpu_flash(q, k, v, causal: bool, scale: float, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's CPU flash kernel, the one way this package calls it: ``(out, lse)``, top-left ``causal``,
+    ``attn_mask`` additive in q's dtype or None; strided head vectors copied first (``unit_last_stride``)."""
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    return _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale)
+
+
 def _sdpa(q, k, v, spec, *, causal: bool, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One fused attention call; bottom-right causal when Nq != Nk; ``attn_mask`` bool (Nq, Nk), True where a
     query sees a key. Returns ``(out, lse)``: on a CPU, PyTorch's flash kernel called directly (the one
@@ -214,8 +221,7 @@ def _sdpa(q, k, v, spec, *, causal: bool, attn_mask=None) -> tuple[torch.Tensor,
             attn_mask, causal = visible_mask(n_q, n_k, causal=True, device=q.device), False
         if attn_mask is not None:  # the kernel takes an additive mask in q's dtype
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
-        q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-        return _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=attn_mask, scale=spec.softmax_scale)
+        return cpu_flash(q, k, v, causal, spec.softmax_scale, attn_mask)
     if causal and n_q != n_k:
         from torch.nn.attention.bias import causal_lower_right
 

@@ -152,16 +152,17 @@ def _varlen_per_sequence(
         check_cu_seqlens_values("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)
     # Each sequence's rows as (1, H, n, D) views, made by one split per tensor: no copies, a few ops for the batch
     # rather than a few per sequence, and one concatenation of the gradients in the backward.
-    if path == "sdpa" and q.device.type == "cpu":  # one copy for the batch where a head vector is strided
+    if path == "sdpa" and q.device.type == "cpu":  # one copy for the batch, not one per sequence (eager.cpu_flash)
         q, k, v = eager.unit_last_stride(q), eager.unit_last_stride(k), eager.unit_last_stride(v)
     n_q = [z - a for a, z in zip(starts_q, starts_q[1:])]
     n_k = [z - a for a, z in zip(starts_k, starts_k[1:])]
     seqs = _view(q).split(n_q, dim=2), _view(k).split(n_k, dim=2), _view(v).split(n_k, dim=2)
-    mask_left, _, _, right = window_flags(spec.causal, (spec.window_left, spec.window_right))
+    mask_left, causal, _, right = window_flags(spec.causal, (spec.window_left, spec.window_right))
     firsts = k if mask_left else _first_keys(k, cu_seqlens_k, starts_k)
     finite = path == "sdpa" and q.device.type == "cpu" and _finite(q, firsts)
+    # The common case, PyTorch's CPU flash kernel straight: no dropout, cap, sink or window (causal: no right side).
     direct = finite and not (spec.dropout_p or spec.softcap or sinks is not None or mask_left or right > 0)
-    outs, lses = _each_sequence(seqs, n_q, n_k, spec, sinks, return_lse, path, direct, finite)
+    outs, lses = _each_sequence(seqs, n_q, n_k, spec, sinks, return_lse, path, finite, direct, causal)
     if not outs:  # no sequence has a query: total_q is 0
         out, lse = eager.zeros_attention(q, k, v, sinks), q.new_empty((H, 0), dtype=torch.float32)
     else:
@@ -173,13 +174,15 @@ def _varlen_per_sequence(
 _varlen_per_sequence_compiled = torch.compiler.disable(_varlen_per_sequence)
 
 
-def _each_sequence(seqs, n_q, n_k, spec, sinks, return_lse: bool, path: str, direct: bool, finite: bool):
-    """Each sequence with a query: ``(outs, lses)``, outs (1, n, Hq, D) views, lses (Hq, n) where asked. ``direct``:
-    PyTorch's CPU flash kernel straight for each sequence whose rows all see a key; ``finite``: q and the first keys
-    are screened. Dropout: every sequence starts from the generator state a call on it alone would start from."""
+def _each_sequence(
+    seqs, n_q, n_k, spec, sinks, return_lse: bool, path: str, finite: bool, direct: bool, causal: bool
+):  # fmt: skip
+    """Each sequence with a query: ``(outs, lses)``, outs (1, n, Hq, D) views, lses (Hq, n) where asked. ``finite``:
+    q and the first keys are screened. ``direct``: PyTorch's CPU flash kernel straight for each sequence whose rows
+    all see a key (``causal``: the spec's right side is masked). Dropout: every sequence starts from the generator state a call on
+    it alone would start from."""
     gen = _generator_of(seqs[0][0].device) if spec.dropout_p > 0.0 and seqs[0] else None
     state = gen.get_state() if gen is not None else None
-    causal = window_flags(spec.causal, (spec.window_left, spec.window_right))[1]
     outs, lses = [], []
     for b, (qb, kb, vb) in enumerate(zip(*seqs)):
         if not n_q[b]:
@@ -187,7 +190,7 @@ def _each_sequence(seqs, n_q, n_k, spec, sinks, return_lse: bool, path: str, dir
         if state is not None:
             gen.set_state(state)
         if direct and n_k[b] and (not causal or n_q[b] == n_k[b]):  # is_causal is top-left: right when square
-            out, lse = eager._CPU_FLASH(qb, kb, vb, 0.0, causal, scale=spec.softmax_scale)
+            out, lse = eager.cpu_flash(qb, kb, vb, causal, spec.softmax_scale)
         elif direct and n_k[b] and n_q[b] < n_k[b]:  # every row sees a key, bottom-right: a mask
             out, lse = eager._sdpa(qb, kb, vb, spec, causal=causal)
         else:  # flash_attention's work after its checks, which the whole batch passed

@@ -169,14 +169,19 @@ def test_matches_flash_attention_on_each_sequence(backend):
     (it runs exactly that) and to rounding on the Triton one."""
     q, k, v, cu_q, cu_k, mq, mk = packed(LENGTHS, 4, 2, 16)
     out = flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, backend=backend)
+    for rows, alone in each_alone(q, k, v, cu_q, cu_k, backend):
+        torch.testing.assert_close(out[rows], alone, atol=2e-6, rtol=2e-6)
+
+
+def each_alone(q, k, v, cu_q, cu_k, backend):
+    """(rows of the packed output, flash_attention on that sequence alone as (n, Hq, D)) for each sequence."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    for b in range(len(LENGTHS)):
+    for b in range(len(cq) - 1):
         qb, kb, vb = (
             t[a:z].transpose(0, 1)[None]
             for t, a, z in ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]), (v, ck[b], ck[b + 1]))
         )
-        alone = flash_attention(qb, kb, vb, causal=True, backend=backend)[0].transpose(0, 1)
-        torch.testing.assert_close(out[cq[b] : cq[b + 1]], alone, atol=2e-6, rtol=2e-6)
+        yield slice(cq[b], cq[b + 1]), flash_attention(qb, kb, vb, causal=True, backend=backend)[0].transpose(0, 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -194,16 +199,10 @@ def test_nonfinite_input_gives_each_sequence_what_it_gives_alone(where, backend)
     target = {"q": q, "f": k, "l": k, "v": v}[where[0]]
     target[row, 1, 3] = float(value)  # sequence 1 (rows 6..10); query heads 2, 3 read key/value head 1
     out = flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, backend=backend)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    for b in range(len(lengths)):
-        qb, kb, vb = (
-            t[a:z].transpose(0, 1)[None]
-            for t, a, z in ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]), (v, ck[b], ck[b + 1]))
-        )
-        alone = flash_attention(qb, kb, vb, causal=True, backend=backend)[0].transpose(0, 1)
-        torch.testing.assert_close(out[cq[b] : cq[b + 1]], alone, atol=2e-6, rtol=2e-6, equal_nan=True)
+    for b, (rows, alone) in enumerate(each_alone(q, k, v, cu_q, cu_k, backend)):
+        torch.testing.assert_close(out[rows], alone, atol=2e-6, rtol=2e-6, equal_nan=True)
         if b != 1:
-            assert torch.isfinite(out[cq[b] : cq[b + 1]]).all(), f"sequence {b} was reached by another's {where}"
+            assert torch.isfinite(out[rows]).all(), f"sequence {b} was reached by another's {where}"
     if where == "first-key-nan":  # the first query sees only that key: the chapter's softmax gives NaN, not 0
         assert out[6, 2:].isnan().all() and torch.isfinite(out[6, :2]).all()
     if where == "q-nan":  # the whole row of that query head
