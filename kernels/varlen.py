@@ -117,6 +117,9 @@ def flash_attention_varlen(
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     spec = Spec(causal, dropout_p, scale, window[0], window[1], deterministic, softcap)
+    if q.device.type == "meta":  # shape inference, as flash_attention gives on meta (cu_seqlens never read)
+        out = eager.shape_only(q, k, v)
+        return (out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)) if return_lse else out
     path = interface.choose_path(q, backend)  # reads the device and the head dim: (total, H, D) as it is
     if path == "triton":
         interface._check_triton_limits(_view(q), _view(k), _view(v))

@@ -260,6 +260,20 @@ def test_empty_batch_and_all_empty_sequences():
         assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
 
 
+def test_meta_tensors_give_shapes():
+    """Meta tensors: the output (and lse, and gradients) of the right shape, as flash_attention gives, for every
+    backend's request, without reading cu_seqlens (a meta tensor has no values)."""
+    q = torch.empty(8, 4, 16, device="meta", requires_grad=True)
+    kv = torch.empty(11, 2, 16, device="meta", requires_grad=True)
+    cu_q = torch.empty(3, dtype=torch.int32, device="meta")
+    for backend in ("auto", "sdpa", "torch"):
+        out, lse = flash_attention_varlen(q, kv, kv, cu_q, cu_q, 5, 6, causal=True, return_lse=True, backend=backend)
+        assert out.device.type == "meta" and out.shape == (8, 4, 16) and lse.shape == (4, 8)
+        assert lse.dtype == torch.float32
+        (dq,) = torch.autograd.grad(out.sum(), q)
+        assert dq.shape == q.shape and dq.device.type == "meta"
+
+
 def test_no_total_by_total_matrix_on_the_pytorch_path(monkeypatch):
     """The PyTorch path works sequence by sequence: no matmul ever sees more rows than one sequence's."""
     seen = []
